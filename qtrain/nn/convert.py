@@ -1,0 +1,117 @@
+"""Select layers by module-name rules and swap them for quantized versions.
+
+Rules are Python regexes matched with ``re.fullmatch`` against names from
+``model.named_modules()`` (e.g. ``layer1\\.0\\.conv1``, ``.*fc.*``). Every include and
+exclude pattern must match at least one layer of the requested types: a pattern that matches
+nothing is an error (fairseq's iPQ silently ignored such patterns).
+
+First/last-layer policy (common practice since DoReFa / PACT: the first conv and the last
+classifier are the most sensitive): ``'quantize'`` treats them like any other layer,
+``'keep'`` leaves them in float, ``'8bit'`` quantizes them to 8 bits whatever ``bits`` says.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+from torch import nn
+
+FIRST_LAST_POLICIES = ("quantize", "keep", "8bit")
+
+
+class LayerSelectionError(ValueError):
+    pass
+
+
+def _compile(patterns: Iterable[str], key: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise LayerSelectionError(f"{key}: invalid regex {p!r}: {e}") from None
+    return out
+
+
+def select_modules(
+    model: nn.Module,
+    include: Iterable[str] = (".*",),
+    exclude: Iterable[str] = (),
+    types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    key: str = "quant",
+) -> dict[str, nn.Module]:
+    """Modules of ``types`` whose name fully matches an include and no exclude pattern.
+
+    Raises LayerSelectionError (naming ``key`` and the pattern) when a pattern matches no
+    layer of the given types, or when nothing is selected at all.
+    """
+    candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, types)}
+    type_names = "/".join(t.__name__ for t in types)
+    inc, exc = _compile(include, f"{key}.include"), _compile(exclude, f"{key}.exclude")
+    for kind, pats in (("include", inc), ("exclude", exc)):
+        for p in pats:
+            if not any(p.fullmatch(n) for n in candidates):
+                sample = ", ".join(list(candidates)[:6])
+                raise LayerSelectionError(
+                    f"{key}.{kind}: pattern {p.pattern!r} matches no {type_names} layer "
+                    f"(layers are named like: {sample}, ...)"
+                )
+    chosen = {
+        n: m for n, m in candidates.items()
+        if any(p.fullmatch(n) for p in inc) and not any(p.fullmatch(n) for p in exc)
+    }
+    if not chosen:
+        raise LayerSelectionError(f"{key}: the include/exclude rules select no {type_names} layer")
+    return chosen
+
+
+def first_and_last(model: nn.Module, types=(nn.Linear, nn.Conv2d)) -> tuple[str, str]:
+    """Names of the first and last layers of ``types`` in registration order."""
+    names = [n for n, m in model.named_modules() if n and isinstance(m, types)]
+    if not names:
+        raise LayerSelectionError("model has no Linear/Conv2d layer to quantize")
+    return names[0], names[-1]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def match_override(name: str, overrides: Mapping[str, dict], key: str = "quant.overrides") -> dict:
+    """Merged per-layer overrides whose regex fully matches ``name`` (later wins)."""
+    merged: dict = {}
+    for pat, values in overrides.items():
+        if re.fullmatch(pat, name):
+            merged.update(dict(values))
+    return merged
+
+
+def check_overrides_used(model_names: Iterable[str], overrides: Mapping[str, dict], key: str):
+    names = list(model_names)
+    for pat in overrides:
+        if not any(re.fullmatch(pat, n) for n in names):
+            raise LayerSelectionError(f"{key}: pattern {pat!r} matches no selected layer")
+
+
+def convert(
+    model: nn.Module,
+    build: Callable[[str, nn.Module], nn.Module | None],
+    include: Iterable[str] = (".*",),
+    exclude: Iterable[str] = (),
+    types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    key: str = "quant",
+) -> dict[str, nn.Module]:
+    """Replace every selected module ``m`` named ``n`` by ``build(n, m)`` (None: keep).
+
+    Returns {name: new module}. The model is modified in place.
+    """
+    replaced = {}
+    for name, m in select_modules(model, include, exclude, types, key).items():
+        new = build(name, m)
+        if new is not None and new is not m:
+            set_submodule(model, name, new)
+            replaced[name] = new
+    return replaced

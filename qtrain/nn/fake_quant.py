@@ -1,0 +1,117 @@
+"""Fake-quant layers: Linear / Conv2d / Embedding with a weight and an input quantizer.
+
+Each layer is a subclass of its torch counterpart that *shares* the original Parameter
+objects (conversion never copies or overwrites the float master weight) and computes its
+forward with ``weight_quantizer(self.weight)`` and ``act_quantizer(input)``. Any
+:class:`qtrain.nn.quantizer_base.Quantizer` can fill either slot (uniform, binary,
+ternary, PACT, LSQ, FP8, ...); ``None`` means "keep float".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtrain.nn.quantizer_base import Quantizer
+
+
+class _FakeQuantMixin:
+    weight_quantizer: Quantizer | None
+    act_quantizer: Quantizer | None
+
+    def _init_quantizers(self, weight_quantizer, act_quantizer) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        wq = self.weight_quantizer
+        return self.weight if wq is None else wq(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        aq = self.act_quantizer
+        return x if aq is None else aq(x)
+
+    def quantizers(self):
+        return [q for q in (self.weight_quantizer, self.act_quantizer) if q is not None]
+
+    def storage_bits(self) -> int:
+        """Bits to store this layer's own parameters: quantized weight + fp32 bias."""
+        wq = self.weight_quantizer
+        bits = 32 * self.weight.numel() if wq is None else wq.storage_bits(self.weight)
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            bits += 32 * bias.numel()
+        for name, p in self.named_parameters(recurse=True):
+            if name not in ("weight", "bias"):  # learned quantizer parameters (alpha, step)
+                bits += 32 * p.numel()
+        return bits
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Make ``new`` share ``old``'s parameters and buffers (no copies) and train mode."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        setattr(new, name, b)
+    new.train(old.training)
+    return new
+
+
+class QuantLinear(_FakeQuantMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, weight_quantizer=None, act_quantizer=None) -> QuantLinear:
+        with torch.device("meta"):
+            new = cls(m.in_features, m.out_features, bias=m.bias is not None)
+        _adopt(new, m)
+        new._init_quantizers(weight_quantizer, act_quantizer)
+        return new
+
+
+class QuantConv2d(_FakeQuantMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, weight_quantizer=None, act_quantizer=None) -> QuantConv2d:
+        with torch.device("meta"):
+            new = cls(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                m.dilation, m.groups, m.bias is not None, m.padding_mode,
+            )
+        _adopt(new, m)
+        new._init_quantizers(weight_quantizer, act_quantizer)
+        return new
+
+
+class QuantEmbedding(_FakeQuantMixin, nn.Embedding):
+    """Embedding with a quantized table (the input is indices: no activation quantizer)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            idx, self.quantized_weight(), self.padding_idx, self.max_norm,
+            self.norm_type, self.scale_grad_by_freq, self.sparse,
+        )
+
+    @classmethod
+    def from_float(cls, m: nn.Embedding, weight_quantizer=None, act_quantizer=None):
+        if act_quantizer is not None:
+            raise ValueError("QuantEmbedding takes indices as input: act_quantizer must be None")
+        with torch.device("meta"):
+            new = cls(
+                m.num_embeddings, m.embedding_dim, m.padding_idx, m.max_norm, m.norm_type,
+                m.scale_grad_by_freq, m.sparse,
+            )
+        _adopt(new, m)
+        new._init_quantizers(weight_quantizer, None)
+        return new
+
+
+FAKE_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Embedding: QuantEmbedding}
+
+
+def is_fake_quant(m: nn.Module) -> bool:
+    return isinstance(m, _FakeQuantMixin)

@@ -1,0 +1,166 @@
+"""Uniform (integer) quantization: affine or symmetric, per-tensor / per-channel / per-group.
+
+Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", eq. (1): r = S (q - Z), with integer code
+q = clamp(round(r / S) + Z, q_min, q_max). Rounding is round-half-to-even (``torch.round``),
+as in PyTorch's ``fake_quantize_per_*_affine`` ops, whose results these functions equal on
+matching settings (tests/quant/test_uniform.py).
+
+Code ranges:
+* symmetric (signed):  q in [-2^(b-1), 2^(b-1) - 1], Z = 0, S = max|r| / ((q_max - q_min) / 2)
+  (PyTorch's observer convention; 2..8 bits)
+* affine (unsigned):    q in [0, 2^b - 1], S = (max - min) / (2^b - 1),
+  Z = q_min - round(min / S) (1..8 bits); the range is widened to contain 0 so that 0 is
+  exactly representable (zero padding, ReLU outputs).
+
+Gradient: the straight-through estimator clipped to the representable range, identical to
+PyTorch's fake-quant backward: dL/dr = dL/dr_hat where q_min <= round(r/S)+Z <= q_max, else 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range (q_min, q_max) for ``bits`` (see module docstring)."""
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"uniform quantization: bits={bits!r} not supported; allowed 1..8")
+    if symmetric:
+        if bits < 2:
+            raise ValueError(
+                "uniform quantization: symmetric needs bits >= 2 (for 1 bit use the binary "
+                "format, qtrain.quant.binary)"
+            )
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass
+class QParams:
+    """Scale and zero-point of a uniform quantizer (tensors broadcastable to the input)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool, eps: float = 1e-8
+) -> QParams:
+    """Scale / zero-point covering [min_val, max_val] (elementwise over channels or groups)."""
+    qmin, qmax = code_range(bits, symmetric)
+    min_val = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_val = torch.maximum(max_val, torch.zeros_like(max_val))
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = (amax / ((qmax - qmin) / 2)).clamp_min(eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(eps)
+        zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax)
+    return QParams(scale, zero_point, qmin, qmax)
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise a ValueError naming ``what`` if ``x`` holds NaN or inf (calibration input)."""
+    if not torch.isfinite(x).all():
+        bad = x[~torch.isfinite(x)].flatten()[0].item()
+        raise ValueError(f"{what}: tensor to quantize/calibrate contains non-finite value {bad}")
+
+
+def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer codes (as float tensor values) of ``x``; same shape as ``x``."""
+    return torch.clamp(torch.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return (q - qp.zero_point) * qp.scale
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        unclamped = torch.round(x / scale) + zero_point
+        inside = (unclamped >= qmin) & (unclamped <= qmax)
+        ctx.save_for_backward(inside)
+        return (unclamped.clamp(qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inside,) = ctx.saved_tensors
+        return grad_out * inside, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """quantize -> dequantize with the clipped straight-through gradient (w.r.t. ``x``)."""
+    return _FakeQuantSTE.apply(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+def reduce_range(
+    x: torch.Tensor, granularity: str = "tensor", axis: int = 0, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` per tensor, per channel (along ``axis``) or per group.
+
+    Returned tensors broadcast against :func:`grouped` views of ``x`` (per-group) or against
+    ``x`` itself (per-tensor, per-channel).
+    """
+    if granularity == "tensor":
+        return x.min(), x.max()
+    if granularity == "channel":
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+        return x.amin(dim=dims).reshape(shape), x.amax(dim=dims).reshape(shape)
+    if granularity == "group":
+        g = grouped(x, group_size)
+        return g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    raise ValueError(
+        f"granularity={granularity!r} not supported; allowed: 'tensor', 'channel', 'group'"
+    )
+
+
+def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View a weight (out, in, *k) as (out, in*k / g, g): groups of ``g`` along the input dim."""
+    if not group_size or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension {flat.shape[1]} "
+            f"of a tensor of shape {tuple(x.shape)}"
+        )
+    return flat.reshape(x.shape[0], flat.shape[1] // group_size, group_size)
+
+
+def fake_quantize_tensor(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = True,
+    granularity: str = "tensor",
+    axis: int = 0,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with min-max ranges computed from ``x`` itself (weights)."""
+    lo, hi = reduce_range(x.detach(), granularity, axis, group_size)
+    qp = qparams_from_range(lo, hi, bits, symmetric)
+    if granularity == "group":
+        return fake_quantize(grouped(x, group_size), qp).reshape(x.shape)
+    return fake_quantize(x, qp)
+
+
+def storage_bits(
+    numel: int, bits: int, n_params: int, symmetric: bool, param_bits: int = 32
+) -> int:
+    """Exact storage: ``bits`` per code + a scale (and zero-point if affine) per channel/group.
+
+    Scales are stored as fp32 by default (``param_bits``); affine zero-points take ``bits``
+    bits each (they are codes in [q_min, q_max]).
+    """
+    zp_bits = 0 if symmetric else bits
+    return numel * bits + n_params * (param_bits + zp_bits)
