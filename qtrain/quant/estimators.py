@@ -99,7 +99,7 @@ def dorefa_weight(w: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return _SignMeanSTE.apply(w)
     t = torch.tanh(w)
-    t = t / (2 * t.abs().max()) + 0.5
+    t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5  # all-zero w stays finite
     return 2 * dorefa_quantize_k(t, k) - 1
 
 
