@@ -1,0 +1,194 @@
+"""Kernel plumbing: CPU interpreter / GPU dispatch, input checks, per-GPU config cache.
+
+* :class:`DualKernel` keeps one Triton function in two forms: the compiled ``triton.jit``
+  kernel for CUDA tensors and ``InterpretedFunction`` (the same code run by Triton's
+  interpreter, what ``TRITON_INTERPRET=1`` selects) for CPU tensors. So a CPU tensor runs the
+  kernel's real code even on a machine with a GPU, and no environment variable has to be set
+  before import.
+* :class:`ConfigCache`: launch configurations chosen by timing on the real GPU are stored
+  as JSON under ``~/.cache/qtrain/kernels-<gpu name>.json`` (override the folder with
+  ``QTRAIN_CACHE_DIR``), keyed by kernel and problem shape; autotuning is skipped under the
+  interpreter, while a CUDA graph is being captured (a default is used) and when
+  ``QTRAIN_AUTOTUNE=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+from triton import knobs
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_SUBCALLS: dict[int, InterpretedFunction] = {}
+
+
+def _interpreted_subcall(self, *args, **kwargs):
+    """``JITFunction.__call__`` while interpreting: run helpers (``tl.sum``, ``tl.cdiv``, our
+    ``@triton.jit`` device functions) in the interpreter, as ``TRITON_INTERPRET=1`` would."""
+    f = _SUBCALLS.get(id(self))
+    if f is None:
+        f = _SUBCALLS[id(self)] = InterpretedFunction(self.fn)
+    return f(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _interpreter_scope():
+    old_call, old_flag = JITFunction.__call__, knobs.runtime.interpret
+    JITFunction.__call__ = _interpreted_subcall
+    knobs.runtime.interpret = True
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = old_call
+        knobs.runtime.interpret = old_flag
+
+
+class _CpuLauncher:
+    def __init__(self, fn: InterpretedFunction) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            with _interpreter_scope():
+                return self.fn[grid](*args, **kwargs)
+        return launch
+
+
+class DualKernel:
+    """``kernel[device][grid](*args)``: compiled on CUDA, interpreted on CPU.
+
+    Works whether or not ``TRITON_INTERPRET=1`` was set before triton was imported (the
+    lightning stack imports triton early): while the interpreted kernel runs, calls to
+    already-compiled ``@triton.jit`` helpers are routed to the interpreter as well.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._cpu = _CpuLauncher(InterpretedFunction(fn))
+        self._gpu = None
+
+    def __getitem__(self, device: torch.device):
+        if interpreting(device):
+            return self._cpu
+        if self._gpu is None:
+            self._gpu = triton.jit(self.fn)
+        return self._gpu
+
+
+def dual_jit(fn: Callable) -> DualKernel:
+    return DualKernel(fn)
+
+
+def check_tensor(
+    t: torch.Tensor, name: str, dtypes: Sequence[torch.dtype], device: torch.device,
+    shape: tuple | None = None,
+) -> None:
+    """ValueError naming ``name`` if dtype, device or shape (``None`` entries = any) differ."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {list(dtypes)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected {device} (same device as x)")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(e is None or e == s for e, s in zip(shape, t.shape))
+        if not ok:
+            want = tuple("*" if e is None else e for e in shape)
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want}")
+
+
+def as_2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected last dimension K={k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def m_bucket(m: int) -> int:
+    """Round M up to a power of two (capped at 1024) so a tuned config serves nearby M."""
+    b = 1
+    while b < m and b < 1024:
+        b *= 2
+    return b
+
+
+class ConfigCache:
+    """Per-GPU JSON cache of the fastest launch configuration per (kernel, shape) key."""
+
+    def __init__(self) -> None:
+        self._mem: dict[str, dict] = {}
+        self._loaded: set[str] = set()
+
+    @staticmethod
+    def path(gpu_name: str) -> Path:
+        root = Path(os.environ.get("QTRAIN_CACHE_DIR", Path.home() / ".cache" / "qtrain"))
+        return root / f"kernels-{re.sub(r'[^A-Za-z0-9_.-]+', '_', gpu_name)}.json"
+
+    def _file(self, gpu_name: str) -> dict:
+        p = self.path(gpu_name)
+        if gpu_name not in self._loaded:
+            self._loaded.add(gpu_name)
+            if p.exists():
+                try:
+                    self._mem.update({f"{gpu_name}|{k}": v for k, v in json.loads(p.read_text()).items()})
+                except (OSError, ValueError):
+                    pass  # a corrupt cache is rebuilt, never fatal
+        return {k.split("|", 1)[1]: v for k, v in self._mem.items() if k.startswith(gpu_name + "|")}
+
+    def get(self, gpu_name: str, key: str) -> dict | None:
+        return self._file(gpu_name).get(key)
+
+    def put(self, gpu_name: str, key: str, cfg: dict) -> None:
+        entries = self._file(gpu_name)
+        entries[key] = cfg
+        self._mem[f"{gpu_name}|{key}"] = cfg
+        p = self.path(gpu_name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(p)
+
+
+CACHE = ConfigCache()
+
+
+def choose_config(
+    key: str, device: torch.device, candidates: Sequence[dict], default: dict,
+    run: Callable[[dict], None],
+) -> dict:
+    """Fastest of ``candidates`` for ``key`` on this GPU (timed once, then cached)."""
+    if interpreting(device) or os.environ.get("QTRAIN_AUTOTUNE", "1") == "0":
+        return default
+    gpu = torch.cuda.get_device_name(device)
+    hit = CACHE.get(gpu, key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return default  # cannot time inside a graph capture; tune before capturing
+    best, best_t = default, float("inf")
+    for cfg in candidates:
+        try:
+            t = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001, S112 - a config that fails to compile is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    CACHE.put(gpu, key, best)
+    return best
