@@ -2,9 +2,11 @@
 
 Installed from the repository folder ``kernels/`` as the import package ``qtrain_kernels``
 (never ``kernels``, which is an unrelated PyPI package). Imports nothing from ``qtrain``.
-CPU tensors run the same kernels through Triton's interpreter.
+CPU tensors run the same kernels through Triton's interpreter (see ``runtime``).
 """
 
+from .bitserial import bitserial_matmul, bitserial_matmul_reference
+from .codebook_matmul import codebook_linear, codebook_linear_reference
 from .layout import (
     CONTAINERS,
     FORMAT_VERSION,
@@ -18,11 +20,16 @@ from .layout import (
     unpack_codes,
 )
 from .lowbit_matmul import lowbit_linear, lowbit_linear_reference
+from .w8a8 import quantize_rows_int8, w8a8_linear, w8a8_linear_reference
 
 __all__ = [
     "CONTAINERS",
     "FORMAT_VERSION",
     "LAYOUT",
+    "bitserial_matmul",
+    "bitserial_matmul_reference",
+    "codebook_linear",
+    "codebook_linear_reference",
     "container_bits",
     "dequantize_codebook",
     "dequantize_uniform",
@@ -30,6 +37,9 @@ __all__ = [
     "lowbit_linear_reference",
     "pack_bitplanes",
     "pack_codes",
+    "quantize_rows_int8",
     "unpack_bitplanes",
     "unpack_codes",
+    "w8a8_linear",
+    "w8a8_linear_reference",
 ]
