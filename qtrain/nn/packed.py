@@ -1,0 +1,277 @@
+"""Packed low-bit inference layers running on :mod:`qtrain_kernels`.
+
+A packed layer stores only the compressed weight (layout: ``kernels/layout.py``) and
+computes ``y = x W_hat^T + b`` with
+
+* ``backend="triton"``: the fused Triton kernel (CPU tensors run it in Triton's interpreter),
+* ``backend="torch"``: pure PyTorch, ``F.linear(x, dequantize().to(x.dtype), bias)``,
+* ``backend="auto"``: the kernel for CUDA inputs, torch otherwise.
+
+Formats (``fmt``): ``uniform`` (Jacob et al. 2018; int1..8, symmetric or affine, per channel
+or per group), ``ternary`` (TWN, Li & Liu 2016: Delta = 0.7 mean|w|, alpha = mean of |w|
+above Delta, per output row), ``binary`` (XNOR-Net, Rastegari et al. 2016 eq. (4):
+alpha = mean|w| per row, B = sign(w), sign(0) = +1), ``codebook`` (PQ / k-means: uint8 codes
+into a float16 codebook; Stock et al. 2019) and ``w8a8`` (per-channel int8 weights, per-token
+dynamic int8 activations).
+
+An optional ``act_quantizer`` (the trained fake-quant input quantizer) is applied to the
+input first, so an exported model computes what the trained model computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from qtrain_kernels import layout as L
+from qtrain_kernels.codebook_matmul import codebook_linear
+from qtrain_kernels.lowbit_matmul import lowbit_linear
+from qtrain_kernels.w8a8 import w8a8_linear, w8a8_linear_reference
+from torch import nn
+
+from qtrain.quant import uniform as U
+
+BACKENDS = ("auto", "triton", "torch")
+FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8")
+SCALE_DTYPES = (torch.float16, torch.float32)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {BACKENDS}")
+    return backend
+
+
+def _float_weight(linear: nn.Module) -> torch.Tensor:
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        raise ValueError(f"linear must have a 2-D (or conv) weight, got {type(linear).__name__}")
+    return w.detach().reshape(w.shape[0], -1).float()
+
+
+class PackedLinear(nn.Module):
+    """Linear layer with packed weights; build it with one of the ``from_*`` constructors."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bits: int,
+                 group_size: int | None = None, symmetric: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt={fmt!r}; allowed: {FORMATS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.bits, self.group_size, self.symmetric = fmt, bits, group_size, symmetric
+        self.backend = _check_backend(backend)
+        self.act_quantizer: nn.Module | None = None
+        self.register_buffer("bias", None)
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def _new(cls, k, n, fmt, bits, group_size, symmetric, backend, bias, **buffers):
+        m = cls(k, n, fmt, bits, group_size, symmetric, backend)
+        for name, t in buffers.items():
+            m.register_buffer(name, t)
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_qparams(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     bits: int, symmetric: bool, group_size: int | None, in_features: int,
+                     bias: torch.Tensor | None = None, backend: str = "auto",
+                     scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
+        """From integer codes ``(N, K)`` (signed if symmetric) and scale / zero-point
+        broadcastable to ``(N, K // G, 1)`` or ``(N, 1)`` -- ``UniformQuantizer.export_qparams``."""
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={scale_dtype}; allowed: {SCALE_DTYPES}")
+        n = codes.shape[0]
+        k = in_features
+        g = L.check_groups(k, group_size)
+        codes = codes.reshape(n, k).to(torch.int64)
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        zp = torch.as_tensor(zero_point).reshape(-1).to(torch.int64)
+        ng = k // g
+        scale = scale.expand(n * ng) if scale.numel() == 1 else scale
+        zp = zp.expand(n * ng) if zp.numel() == 1 else zp
+        if scale.numel() != n * ng:
+            raise ValueError(f"scale has {scale.numel()} entries; expected 1 or {n * ng}")
+        c = L.container_bits(bits)
+        if symmetric:
+            off = 2 ** (bits - 1)
+            u, zeros = codes + off, None
+        else:
+            u, zeros = codes, zp.reshape(n, ng).to(torch.uint8)
+        bufs = {"packed": L.pack_codes(u, c), "scales": scale.reshape(n, ng).to(scale_dtype)}
+        if zeros is not None:
+            bufs["zeros"] = zeros
+        return cls._new(k, n, "uniform", bits, group_size, symmetric, backend, bias, **bufs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int = 4, group_size: int | None = 128,
+                    symmetric: bool = False, backend: str = "auto",
+                    scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
+        """Min-max uniform quantization of ``linear.weight`` (per group, or per channel if
+        ``group_size`` is None), Jacob et al. 2018 eq. (1) via :mod:`qtrain.quant.uniform`."""
+        w = _float_weight(linear)
+        k = w.shape[1]
+        g = L.check_groups(k, group_size)
+        lo, hi = U.reduce_range(w, "group", group_size=g)
+        qp = U.qparams_from_range(lo, hi, bits, symmetric)
+        codes = U.quantize(U.grouped(w, g), qp).reshape(w.shape)
+        return cls.from_qparams(codes, qp.scale, qp.zero_point, bits, symmetric, group_size, k,
+                                getattr(linear, "bias", None), backend, scale_dtype)
+
+    @classmethod
+    def from_linear_ternary(cls, linear: nn.Module, backend: str = "auto") -> PackedLinear:
+        """TWN (Li & Liu 2016, eq. (9)-(10)) per output row: Delta = 0.7 mean|w|."""
+        w = _float_weight(linear)
+        delta = 0.7 * w.abs().mean(dim=1, keepdim=True)
+        keep = w.abs() > delta
+        alpha = (w.abs() * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+        t = torch.sign(w) * keep
+        return cls.from_ternary(t, alpha, getattr(linear, "bias", None), backend)
+
+    @classmethod
+    def from_ternary(cls, t: torch.Tensor, alpha: torch.Tensor, bias=None,
+                     backend: str = "auto") -> PackedLinear:
+        """From ternary values ``t`` in {-1, 0, 1} (N, K) and alpha (N, 1) or (N, K // G)."""
+        n, k = t.shape
+        alpha = alpha.reshape(n, -1).float()
+        if not torch.isin(t, torch.tensor([-1.0, 0.0, 1.0], device=t.device)).all():
+            raise ValueError("t must hold only -1, 0, +1")
+        bufs = {"packed": L.pack_codes((t + 1).long(), 2), "scales": alpha.half()}
+        g = k // alpha.shape[1] if alpha.shape[1] > 1 else None
+        return cls._new(k, n, "ternary", 2, g, True, backend, bias, **bufs)
+
+    @classmethod
+    def from_linear_binary(cls, linear: nn.Module, backend: str = "auto") -> PackedLinear:
+        """XNOR-Net weights: B = sign(w) (0 -> +1), alpha = mean|w| per output row."""
+        w = _float_weight(linear)
+        alpha = w.abs().mean(dim=1, keepdim=True)
+        sign = torch.where(w >= 0, 1.0, -1.0)
+        return cls.from_binary(sign, alpha, getattr(linear, "bias", None), backend)
+
+    @classmethod
+    def from_binary(cls, sign: torch.Tensor, alpha: torch.Tensor, bias=None,
+                    backend: str = "auto") -> PackedLinear:
+        n, k = sign.shape
+        if not ((sign == 1) | (sign == -1)).all():
+            raise ValueError("sign must hold only -1, +1")
+        alpha = alpha.reshape(n, -1).float()
+        bufs = {"packed": L.pack_codes(((sign + 1) // 2).long(), 1), "scales": alpha.half()}
+        g = k // alpha.shape[1] if alpha.shape[1] > 1 else None
+        return cls._new(k, n, "binary", 1, g, True, backend, bias, **bufs)
+
+    @classmethod
+    def from_codebook(cls, codes: torch.Tensor, centroids: torch.Tensor, bias=None,
+                      backend: str = "auto") -> PackedLinear:
+        """``codes`` (N, K / bs) in [0, n_centroids), ``centroids`` (n_centroids <= 256, bs)."""
+        if centroids.dim() != 2 or centroids.shape[0] > 256:
+            raise ValueError(
+                f"centroids must be (n_centroids <= 256, bs), got {tuple(centroids.shape)}")
+        if codes.dim() != 2 or int(codes.min()) < 0 or int(codes.max()) >= centroids.shape[0]:
+            raise ValueError(f"codes must be 2-D with values in [0, {centroids.shape[0] - 1}]")
+        n, kc = codes.shape
+        bs = centroids.shape[1]
+        bufs = {"codes": codes.to(torch.uint8), "centroids": centroids.detach().half()}
+        return cls._new(kc * bs, n, "codebook", 8, bs, True, backend, bias, **bufs)
+
+    @classmethod
+    def from_linear_w8a8(cls, linear: nn.Module, backend: str = "auto") -> PackedLinear:
+        """Symmetric per-channel int8 weights (q in [-127, 127]); activations at run time."""
+        w = _float_weight(linear)
+        s = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8)
+        q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls._new(w.shape[1], w.shape[0], "w8a8", 8, None, True, backend,
+                        getattr(linear, "bias", None), qweight=q, wscale=s.float())
+
+    # ---------------------------------------------------------------- math
+    def _uniform_args(self) -> dict:
+        if self.fmt == "binary":
+            return {"mode": "binary", "zero": 0.0}
+        if self.fmt == "ternary":
+            return {"mode": "affine", "zero": 1.0}
+        return {"mode": "affine", "zero": float(2 ** (self.bits - 1)) if self.symmetric else 0.0}
+
+    def dequantize(self) -> torch.Tensor:
+        """The reference float32 weight ``(out_features, in_features)``."""
+        if self.fmt == "codebook":
+            return L.dequantize_codebook(self.codes, self.centroids)
+        if self.fmt == "w8a8":
+            return self.qweight.float() * self.wscale[:, None]
+        return L.dequantize_uniform(self.packed, self.scales, getattr(self, "zeros", None),
+                                    L.container_bits(self.bits), self.in_features,
+                                    **self._uniform_args())
+
+    def storage_bits(self) -> int:
+        """Exact bits of everything this layer stores (codes, scales, zeros, codebook, bias)."""
+        return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._use_kernel(x):
+            if self.fmt == "codebook":
+                return codebook_linear(x, self.codes, self.centroids, bias)
+            if self.fmt == "w8a8":
+                return w8a8_linear(x, self.qweight, self.wscale, bias)
+            return lowbit_linear(x, self.packed, self.scales, getattr(self, "zeros", None), bias,
+                                 bits=L.container_bits(self.bits), k=self.in_features,
+                                 **self._uniform_args())
+        if self.fmt == "w8a8":
+            return w8a8_linear_reference(x, self.qweight, self.wscale, bias)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features; this layer expects {self.in_features}")
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return self._linear(x)
+
+    def spec(self) -> dict:
+        """Constructor arguments (stored in a packed file's metadata)."""
+        return {"kind": "linear", "in_features": self.in_features,
+                "out_features": self.out_features, "fmt": self.fmt, "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric,
+                "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, backend={self.backend}")
+
+
+class PackedConv2d(PackedLinear):
+    """Conv2d whose flattened weight ``(out, in/groups * kh * kw)`` is packed like a linear.
+
+    Only the torch backend exists for convolutions (dequantize, then ``F.conv2d``); the
+    point is the true on-disk size and exact outputs after export.
+    """
+
+    conv_args: dict
+
+    @classmethod
+    def wrap(cls, lin: PackedLinear, conv: nn.Conv2d) -> PackedConv2d:
+        new = cls(lin.in_features, lin.out_features, lin.fmt, lin.bits, lin.group_size,
+                  lin.symmetric, lin.backend)
+        for name, b in lin.named_buffers(recurse=False):
+            new.register_buffer(name, b)
+        new.conv_args = {"weight_shape": list(conv.weight.shape), "stride": list(conv.stride),
+                         "padding": list(conv.padding) if not isinstance(conv.padding, str)
+                         else conv.padding, "dilation": list(conv.dilation),
+                         "groups": conv.groups}
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        a = self.conv_args
+        w = self.dequantize().reshape(a["weight_shape"]).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        pad = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
+        return F.conv2d(x, w, bias, tuple(a["stride"]), pad, tuple(a["dilation"]), a["groups"])
+
+    def spec(self) -> dict:
+        return {**super().spec(), "kind": "conv2d", **self.conv_args}
