@@ -70,7 +70,7 @@ def round_ste(
 class _FakeQuantRoundedSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, rounding, generator):
-        unclamped = round_values(x / scale, rounding, generator) + zero_point
+        unclamped = round_values(x * scale.reciprocal(), rounding, generator) + zero_point
         inside = (unclamped >= qmin) & (unclamped <= qmax)
         ctx.save_for_backward(inside)
         return (unclamped.clamp(qmin, qmax) - zero_point) * scale

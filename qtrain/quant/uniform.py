@@ -75,8 +75,13 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """Integer codes (as float tensor values) of ``x``; same shape as ``x``."""
-    return torch.clamp(torch.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+    """Integer codes (as float tensor values) of ``x``; same shape as ``x``.
+
+    ``x * (1 / S)`` rather than ``x / S``: PyTorch's fake-quant kernels multiply by the fp32
+    reciprocal, and the two differ by one ulp often enough to flip exact .5 ties (the
+    symmetric range puts max|x| / S = 2^(b-1) - 0.5 exactly on one).
+    """
+    return torch.clamp(torch.round(x * qp.scale.reciprocal()) + qp.zero_point, qp.qmin, qp.qmax)
 
 
 def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -86,7 +91,7 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
-        unclamped = torch.round(x / scale) + zero_point
+        unclamped = torch.round(x * scale.reciprocal()) + zero_point  # as PyTorch (quantize)
         inside = (unclamped >= qmin) & (unclamped <= qmax)
         ctx.save_for_backward(inside)
         return (unclamped.clamp(qmin, qmax) - zero_point) * scale
