@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from qtrain.quant import uniform as U
 from qtrain.nn.quantizer_base import Quantizer
+from qtrain.quant import uniform as U
 
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")

@@ -1,0 +1,144 @@
+"""Quantization-aware training as a Lightning callback (Jacob et al. 2018 style).
+
+In ``setup`` the callback swaps the selected ``nn.Linear`` / ``nn.Conv2d`` (/ ``nn.Embedding``)
+modules for fake-quant layers (:mod:`qtrain.nn.fake_quant`) that share the original float
+parameters -- no ``forward`` is monkeypatched and the master weights are never overwritten.
+The weight and activation quantizers are built from config factories (``_partial_``
+quantizer classes, bits filled in per layer), so the same callback drives uniform QAT,
+XNOR/TWN/TTQ, PACT, LSQ, DSQ, DoReFa, FP8, ... .
+
+Schedule: quantizers are disabled (float training) for ``start_epoch`` epochs, then enabled;
+the last float validation metric is kept as ``fp32_metric`` for the run summary. Because the
+module structure is fixed from ``setup`` on, checkpoints resume with the same quantizer
+state (observer ranges, learned scales are module buffers/parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+from torch import nn
+
+from qtrain.nn import convert as C
+from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
+
+log = logging.getLogger(__name__)
+LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+OVERRIDE_KEYS = ("bits", "act_bits", "skip")
+
+
+class QATCallback(pl.Callback):
+    """Args:
+        bits: weight bits (per-layer ``overrides`` may change it).
+        weight: factory ``f(bits) -> Quantizer`` for weights (None: float weights).
+        act: factory ``f(bits) -> Quantizer`` for layer inputs (None: float activations).
+        act_bits: activation bits (None: same as ``bits``).
+        include / exclude: module-name regexes (each must match a layer).
+        types: layer types to quantize, among Linear, Conv2d, Embedding.
+        first_last: 'quantize', 'keep' (float) or '8bit'.
+        overrides: {regex: {bits, act_bits, skip}} per-layer settings (later wins).
+        start_epoch: epochs of float training before quantization is enabled.
+    """
+
+    def __init__(
+        self, bits: int = 8, weight: Callable | None = None, act: Callable | None = None,
+        act_bits: int | None = None, include: list[str] = (".*",), exclude: list[str] = (),
+        types: list[str] = ("Linear", "Conv2d"), first_last: str = "keep",
+        overrides: Mapping[str, Mapping] | None = None, start_epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        if first_last not in C.FIRST_LAST_POLICIES:
+            raise ValueError(f"quant.first_last={first_last!r}; allowed: {C.FIRST_LAST_POLICIES}")
+        bad = [t for t in types if t not in LAYER_TYPES]
+        if bad:
+            raise ValueError(f"quant.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
+        for pat, vals in (overrides or {}).items():
+            extra = set(vals) - set(OVERRIDE_KEYS)
+            if extra:
+                raise ValueError(f"quant.overrides[{pat!r}]: keys {sorted(extra)}; allowed: {OVERRIDE_KEYS}")
+        if weight is None and act is None:
+            raise ValueError("quant: both quant.weight and quant.act are null: nothing to quantize")
+        self.bits, self.act_bits = bits, act_bits if act_bits is not None else bits
+        self.weight_factory, self.act_factory = weight, act
+        self.include, self.exclude = list(include), list(exclude)
+        self.types = tuple(LAYER_TYPES[t] for t in types)
+        self.first_last, self.overrides = first_last, dict(overrides or {})
+        self.start_epoch = start_epoch
+        self.layers: dict[str, nn.Module] = {}
+        self.fp32_metric: float | None = None
+        # validate the factories and bit widths now, before any training starts
+        self._make(self.weight_factory, self.bits, "quant.bits")
+        self._make(self.act_factory, self.act_bits, "quant.act_bits")
+
+    @staticmethod
+    def _make(factory, bits, key):
+        if factory is None:
+            return None
+        try:
+            return factory(bits=bits)
+        except ValueError as e:
+            raise ValueError(f"{key}={bits}: {e}") from None
+
+    # -- conversion ----------------------------------------------------------------
+    def convert(self, model: nn.Module) -> dict[str, nn.Module]:
+        first, last = C.first_and_last(model, (nn.Linear, nn.Conv2d))
+        chosen = C.select_modules(model, self.include, self.exclude, self.types)
+        C.check_overrides_used(chosen, self.overrides, "quant.overrides")
+
+        def build(name: str, m: nn.Module):
+            o = C.match_override(name, self.overrides)
+            if o.get("skip"):
+                return None
+            bits, act_bits = o.get("bits", self.bits), o.get("act_bits", self.act_bits)
+            if name in (first, last):
+                if self.first_last == "keep":
+                    return None
+                if self.first_last == "8bit":
+                    bits = act_bits = 8
+            wq = self._make(self.weight_factory, bits, f"quant bits for layer {name}")
+            aq = None if isinstance(m, nn.Embedding) else self._make(
+                self.act_factory, act_bits, f"quant act_bits for layer {name}")
+            return FAKE_QUANT_TYPES[type(m)].from_float(m, wq, aq)
+
+        self.layers = C.convert(model, build, self.include, self.exclude, self.types)
+        if not self.layers:
+            raise C.LayerSelectionError("quant: after the first/last policy and overrides no layer is left")
+        log.info("quantized %d layers: %s", len(self.layers), ", ".join(self.layers))
+        return self.layers
+
+    def set_enabled(self, flag: bool) -> None:
+        for m in self.layers.values():
+            for q in m.quantizers():
+                q.enabled = flag
+
+    # -- Lightning hooks -------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        model = pl_module.model
+        if not any(is_fake_quant(m) for m in model.modules()):
+            self.convert(model)
+        else:
+            self.layers = {n: m for n, m in model.named_modules() if is_fake_quant(m)}
+        self.set_enabled(stage != "fit" or self.start_epoch == 0)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        on = trainer.current_epoch >= self.start_epoch
+        if on and self.start_epoch > 0 and trainer.current_epoch == self.start_epoch:
+            key = f"val_{pl_module.metric}"
+            if key in trainer.callback_metrics:
+                self.fp32_metric = float(trainer.callback_metrics[key])
+        self.set_enabled(on)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self.set_enabled(trainer.current_epoch >= self.start_epoch)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.set_enabled(True)
+
+    def state_dict(self) -> dict:
+        return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fp32_metric = state.get("fp32_metric")

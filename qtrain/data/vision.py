@@ -1,0 +1,194 @@
+"""Image datasets: CIFAR-10/100 (torchvision pickle release or an ImageFolder tree), MNIST
+(torchvision's raw IDX files) and ImageNet (ImageFolder ``train/`` and ``val/``).
+
+Nothing is downloaded unless ``download=true`` and there is network; a missing dataset
+stops the run at once with one line naming ``data.root``. The validation split is the
+official test split (as in the CIFAR/ImageNet papers' reported numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+from PIL import Image
+from torchvision import datasets
+from torchvision import transforms as T
+
+from qtrain.data.base import QDataModule
+from qtrain.offline import require_network
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+FORMATS = ("pickle", "imagefolder")
+
+
+class _UncheckedCIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader without the md5 check (re-encoded copies, smoke data)."""
+
+    def _check_integrity(self) -> bool:
+        return all(os.path.exists(os.path.join(self.root, self.base_folder, f))
+                   for f, _ in self.train_list + self.test_list)
+
+
+class _UncheckedCIFAR100(datasets.CIFAR100):
+    def _check_integrity(self) -> bool:
+        return all(os.path.exists(os.path.join(self.root, self.base_folder, f))
+                   for f, _ in self.train_list + self.test_list)
+
+
+def _fake_images(n: int, size: int, channels: int, num_classes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    base = rng.integers(0, 256, (num_classes, size, size, channels))
+    noise = rng.integers(-40, 40, (n, size, size, channels))
+    imgs = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
+    return imgs, labels
+
+
+def write_image_folder(root: str, split: str, imgs, labels, classes) -> None:
+    for i, (img, y) in enumerate(zip(imgs, labels)):
+        d = os.path.join(root, split, classes[y])
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(img.squeeze()).save(os.path.join(d, f"{i:05d}.png"))
+
+
+class CIFARDataModule(QDataModule):
+    def __init__(
+        self, name: str = "cifar10", root: str | None = None, format: str = "pickle",
+        download: bool = False, verify_checksums: bool = True, augment: bool = True, **kw,
+    ) -> None:
+        super().__init__(root=root, **kw)
+        if name not in CIFAR_STATS:
+            raise ValueError(f"data.name={name!r}; allowed: {sorted(CIFAR_STATS)}")
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}; allowed: {FORMATS}")
+        self.name, self.format, self.download = name, format, download
+        self.verify = verify_checksums and not self.fake
+        self.augment = augment
+        self.num_classes = 10 if name == "cifar10" else 100
+
+    def transforms(self, train: bool):
+        mean, std = CIFAR_STATS[self.name]
+        aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train and self.augment else []
+        return T.Compose(aug + [T.ToTensor(), T.Normalize(mean, std)])
+
+    def write_fake(self, root: str) -> None:
+        classes = [f"class{i}" for i in range(self.num_classes)]
+        tr = _fake_images(64, 32, 3, self.num_classes, self.seed)
+        te = _fake_images(32, 32, 3, self.num_classes, self.seed + 1)
+        if self.format == "imagefolder":
+            write_image_folder(root, "train", *tr, classes)
+            write_image_folder(root, "test", *te, classes)
+            return
+        cls = _UncheckedCIFAR10 if self.name == "cifar10" else _UncheckedCIFAR100
+        folder = os.path.join(root, cls.base_folder)
+        os.makedirs(folder, exist_ok=True)
+        label_key = "labels" if self.name == "cifar10" else "fine_labels"
+
+        def dump(fname, imgs, labels):
+            data = imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1)
+            with open(os.path.join(folder, fname), "wb") as f:
+                pickle.dump({"data": data, label_key: [int(v) for v in labels]}, f)
+
+        train_files = [f for f, _ in cls.train_list]
+        for k, fname in enumerate(train_files):
+            sl = slice(k * len(tr[0]) // len(train_files), (k + 1) * len(tr[0]) // len(train_files))
+            dump(fname, tr[0][sl], tr[1][sl])
+        dump(cls.test_list[0][0], *te)
+        with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
+            pickle.dump({cls.meta["key"]: classes}, f)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.format == "imagefolder":
+            self.require_root("train", "test")
+            self.train_set = datasets.ImageFolder(os.path.join(self.root, "train"), self.transforms(True))
+            self.val_set = datasets.ImageFolder(os.path.join(self.root, "test"), self.transforms(False))
+        else:
+            if self.verify:
+                cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+            else:
+                cls = _UncheckedCIFAR10 if self.name == "cifar10" else _UncheckedCIFAR100
+            folder = os.path.join(self.root or "", cls.base_folder)
+            if self.download and not os.path.isdir(folder):
+                require_network(f"data.download=true for {self.name}", self.root_key,
+                                host="www.cs.toronto.edu")
+            else:
+                self.require_root(cls.base_folder)
+            try:
+                self.train_set = cls(self.root, True, self.transforms(True), download=self.download)
+                self.val_set = cls(self.root, False, self.transforms(False), download=False)
+            except RuntimeError as e:
+                raise FileNotFoundError(
+                    f"{self.root_key}={self.root!r}: {e} (for re-encoded copies set "
+                    "data.verify_checksums=false)"
+                ) from None
+        self.test_set = self.val_set
+
+
+class MNISTDataModule(QDataModule):
+    num_classes = 10
+
+    def __init__(self, root: str | None = None, download: bool = False, **kw) -> None:
+        super().__init__(root=root, **kw)
+        self.download = download
+
+    def write_fake(self, root: str) -> None:
+        raw = os.path.join(root, "MNIST", "raw")
+        os.makedirs(raw, exist_ok=True)
+        for split, n, seed in (("train", 64, self.seed), ("t10k", 32, self.seed + 1)):
+            imgs, labels = _fake_images(n, 28, 1, 10, seed)
+            with open(os.path.join(raw, f"{split}-images-idx3-ubyte"), "wb") as f:
+                f.write(np.array([0x00000803, n, 28, 28], dtype=">i4").tobytes())
+                f.write(imgs.astype(np.uint8).tobytes())
+            with open(os.path.join(raw, f"{split}-labels-idx1-ubyte"), "wb") as f:
+                f.write(np.array([0x00000801, n], dtype=">i4").tobytes())
+                f.write(labels.astype(np.uint8).tobytes())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.download and not os.path.isdir(os.path.join(self.root or "", "MNIST", "raw")):
+            require_network("data.download=true for MNIST", self.root_key, host="ossci-datasets.s3.amazonaws.com")
+        else:
+            self.require_root(os.path.join("MNIST", "raw", "train-images-idx3-ubyte"))
+        tf = T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+        self.train_set = datasets.MNIST(self.root, True, tf, download=self.download)
+        self.val_set = self.test_set = datasets.MNIST(self.root, False, tf, download=False)
+
+
+class ImageNetDataModule(QDataModule):
+    """ImageNet (or any ImageFolder tree) with ``train/`` and ``val/`` class folders."""
+
+    def __init__(self, root: str | None = None, image_size: int = 224, num_classes: int = 1000,
+                 **kw) -> None:
+        super().__init__(root=root, **kw)
+        self.image_size, self.num_classes = image_size, num_classes
+
+    def write_fake(self, root: str) -> None:
+        classes = [f"n{i:08d}" for i in range(self.num_classes)]
+        write_image_folder(root, "train", *_fake_images(32, 64, 3, self.num_classes, self.seed), classes)
+        write_image_folder(root, "val", *_fake_images(16, 64, 3, self.num_classes, self.seed + 1), classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.require_root("train", "val")
+        s = self.image_size
+        norm = T.Normalize(*IMAGENET_STATS)
+        train_tf = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        val_tf = T.Compose([T.Resize(int(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm])
+        self.train_set = datasets.ImageFolder(os.path.join(self.root, "train"), train_tf)
+        self.val_set = datasets.ImageFolder(os.path.join(self.root, "val"), val_tf)
+        if len(self.train_set.classes) != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but {self.root}/train has "
+                f"{len(self.train_set.classes)} class folders"
+            )
+        self.test_set = self.val_set

@@ -1,0 +1,94 @@
+"""Common LightningModule plumbing for every task.
+
+* optimizer / scheduler come from config as ``_partial_`` callables (``torch.optim.SGD`` with
+  lr etc. bound), applied to the trainable parameters that exist when Lightning calls
+  ``configure_optimizers`` (callbacks that add quantizer parameters do so in ``setup``, which
+  runs first; callbacks that swap layers mid-run rebuild the optimizer via
+  ``trainer.strategy.setup_optimizers``).
+* ``regularization()``: the sum of ``regularization()`` of every submodule that has one
+  (e.g. PACT's L2 on alpha) is added to the training loss.
+* ``loss_hook``: an optional callable ``(module, batch, outputs, loss) -> loss`` installed by a
+  callback (distillation) to change the training objective without subclassing.
+* metric keys: ``train_loss``, ``val_loss``, ``val_<metric>``, ``test_<metric>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+
+class TaskModule(pl.LightningModule):
+    metric: str = "acc"
+    higher_is_better: bool = True
+
+    def __init__(
+        self, model: nn.Module, optimizer: Callable | None = None,
+        scheduler: Callable | None = None, scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval={scheduler_interval!r}; allowed: epoch, step")
+        self.scheduler_interval = scheduler_interval
+        self.loss_hook: Callable | None = None
+
+    def forward(self, x):
+        return self.model(x)
+
+    # -- objective ---------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor | float:
+        total = 0.0
+        for m in self.model.modules():
+            reg = getattr(m, "regularization", None)
+            if callable(reg) and m is not self:
+                total = total + reg()
+        return total
+
+    def split_batch(self, batch):
+        return batch[0], batch[1]
+
+    def task_loss(self, outputs, targets) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = self.split_batch(batch)
+        outputs = self(inputs)
+        loss = self.task_loss(outputs, targets)
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self, batch, outputs, loss)
+        loss = loss + self.regularization()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        inputs, targets = self.split_batch(batch)
+        outputs = self(inputs)
+        loss = self.task_loss(outputs, targets)
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
+        self.update_metrics(stage, outputs, targets, loss)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def update_metrics(self, stage, outputs, targets, loss) -> None:
+        raise NotImplementedError
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("optimizer is not configured (set optimizer=sgd|adam|adamw)")
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": self.scheduler_factory(opt), "interval": self.scheduler_interval}}

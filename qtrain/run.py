@@ -1,0 +1,122 @@
+"""``train(cfg)``: instantiate data, model, task module, method callbacks, loggers and trainer
+from the composed Hydra config; fit; evaluate quantized and float; report sizes; export.
+
+Every run directory holds ``.hydra/`` (config, overrides), ``config_resolved.yaml``,
+``checkpoints/``, logger output and, on success only, ``summary.json``; a failed run leaves
+``FAILED`` with the error line instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qtrain import report
+from qtrain.nn.quantizer_base import Quantizer
+
+log = logging.getLogger("qtrain")
+
+
+def _prepare_smoke(cfg: DictConfig) -> None:
+    """Smoke mode for transformers models: write a tiny model + tokenizer of the same family."""
+    m = cfg.model
+    if m.get("tiny") and "name_or_path" in m:
+        from qtrain.models.hf import make_tiny_pretrained
+
+        path = os.path.join(cfg.paths.smoke_root, f"tiny_{m.family}")
+        with open_dict(cfg):
+            cfg.model.name_or_path = make_tiny_pretrained(m.family, path, cfg.seed)
+
+
+def build_datamodule(cfg: DictConfig):
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    with open_dict(cfg):
+        cfg.dataset_info.num_classes = getattr(dm, "num_classes", None)
+        cfg.dataset_info.vocab_size = len(dm.vocab) if getattr(dm, "vocab", None) else None
+    return dm
+
+
+def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], pl.Callback | None]:
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    quant_cb = instantiate(cfg.quant) if cfg.get("quant") else None
+    if quant_cb is not None:
+        callbacks.insert(0, quant_cb)
+    for c in cfg.get("extra_callbacks") or {}:
+        if cfg.extra_callbacks[c] is not None:
+            callbacks.append(instantiate(cfg.extra_callbacks[c]))
+    return callbacks, quant_cb
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+
+
+def set_quantizers_enabled(model, flag: bool) -> list[Quantizer]:
+    qs = [m for m in model.modules() if isinstance(m, Quantizer)]
+    for q in qs:
+        q.enabled = flag
+    return qs
+
+
+def _metric(results: list[dict], key: str) -> float | None:
+    return float(results[0][key]) if results and key in results[0] else None
+
+
+def train(cfg: DictConfig) -> dict:
+    t0 = time.time()
+    run_dir = cfg.paths.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    _prepare_smoke(cfg)
+    dm = build_datamodule(cfg)
+    model = instantiate(cfg.model)
+    fp32_bits = report.model_bits(model)
+    module = instantiate(cfg.task, model=model)
+    callbacks, quant_cb = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          default_root_dir=run_dir)
+    if cfg.fit:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    key = f"test_{module.metric}"
+    quant_metric = _metric(trainer.test(module, datamodule=dm, verbose=False), key)
+    fp32_metric = getattr(quant_cb, "fp32_metric", None)
+    float_metric = None
+    qs = set_quantizers_enabled(module.model, False)
+    if qs:  # the float master weights, evaluated without quantization
+        float_metric = _metric(trainer.test(module, datamodule=dm, verbose=False), key)
+        set_quantizers_enabled(module.model, True)
+    if fp32_metric is None:
+        fp32_metric = float_metric if quant_cb is not None else quant_metric
+    quant_bits = report.model_bits(module.model)
+    summary = {
+        "recipe": cfg.get("recipe_name") or OmegaConf.select(cfg, "hydra_recipe", default=None),
+        "metric": module.metric,
+        "fp32_metric": fp32_metric,
+        "float_weights_metric": float_metric,
+        "quant_metric": quant_metric if quant_cb is not None else None,
+        "fp32_mb": fp32_bits / 8 / 1e6,
+        "quant_mb": quant_bits / 8 / 1e6,
+        "compression": fp32_bits / quant_bits,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "run_dir": os.path.abspath(run_dir),
+    }
+    if cfg.get("export"):
+        from qtrain.export import export_run
+
+        summary.update(export_run(module.model, run_dir, cfg))
+    summary["time_s"] = time.time() - t0
+    if trainer.is_global_zero:
+        report.write_summary(summary, run_dir)
+        print(report.format_summary(summary), flush=True)
+    return summary
