@@ -1,0 +1,256 @@
+"""Export a trained model to packed low-bit layers; save / load them with safetensors.
+
+* :func:`pack_model` returns a copy of the model in which
+  - fake-quant layers (``QuantLinear`` / ``QuantConv2d``) whose weight quantizer has
+    ``export_qparams`` (``UniformQuantizer``) become :class:`PackedLinear` /
+    :class:`PackedConv2d` with exactly the trained integer codes and scales (the trained
+    activation quantizer is kept and applied to the input),
+  - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
+    ``weight_from_codebook()``) become codebook layers,
+  - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
+    given, else left in float.
+  Every other module, parameter and buffer (BatchNorm running statistics included) is kept.
+* :func:`save_packed` writes one ``.safetensors`` file: every tensor of the state dict plus
+  metadata (format version, bit layout, per-layer specs). :func:`load_packed` rebuilds the
+  packed layers in a float model of the same architecture and loads the tensors after
+  validating version, layout, names, shapes and dtypes. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.packed import PackedConv2d, PackedLinear
+from qtrain.nn.uniform_quantizer import UniformQuantizer
+
+
+def _is_pq(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("centroids", "assignments", "block_size",
+                                        "weight_from_codebook"))
+
+
+def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K/bs), centroids) of a PQ layer, in our row-major layout.
+
+    The assignment order is found by matching ``weight_from_codebook()``: row-major
+    (block j of row n at n * K/bs + j) or fairseq's column-major (j * N + n).
+    """
+    c = m.centroids.detach().float()
+    a = m.assignments.detach().long().reshape(-1)
+    w = m.weight_from_codebook().detach().float()
+    n = w.shape[0]
+    wf = w.reshape(n, -1)
+    bs = int(m.block_size)
+    if wf.shape[1] % bs or a.numel() != wf.numel() // bs:
+        raise ValueError(f"{name}: block_size={bs} does not tile weight {tuple(w.shape)}")
+    kc = wf.shape[1] // bs
+    for codes in (a.reshape(n, kc), a.reshape(kc, n).t()):
+        if torch.equal(c[codes].reshape(n, -1), wf):
+            return codes.contiguous(), c
+    raise ValueError(f"{name}: cannot map assignments to weight_from_codebook() (unknown order)")
+
+
+def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, scale_dtype):
+    bias = getattr(m, "bias", None)
+    if _is_pq(m):
+        codes, cents = _pq_codes(m, name)
+        packed = PackedLinear.from_codebook(codes, cents, bias, backend)
+    elif isinstance(m, QuantLinear | QuantConv2d):
+        wq = m.weight_quantizer
+        if wq is None or not getattr(wq, "enabled", True):
+            return None
+        if not hasattr(wq, "export_qparams"):
+            raise ValueError(f"{name}: weight quantizer {type(wq).__name__} has no export_qparams;"
+                             " only uniform quantizers can be packed")
+        q = wq.export_qparams(m.weight)
+        k = m.weight[0].numel()
+        gran = q["granularity"]
+        if gran == "channel" and getattr(wq, "axis", 0) != 0:
+            raise ValueError(f"{name}: per-channel export needs axis=0, got {wq.axis}")
+        g = q["group_size"] if gran == "group" else None
+        packed = PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"], q["bits"],
+                                           q["symmetric"], g, k, bias, backend, scale_dtype)
+        packed.act_quantizer = m.act_quantizer
+    elif type(m) is nn.Linear and bits is not None:
+        k = m.in_features
+        g = group_size if group_size and k % group_size == 0 else None
+        packed = PackedLinear.from_linear(m, bits, g, symmetric, backend, scale_dtype)
+    else:
+        return None
+    if isinstance(m, nn.Conv2d):
+        packed = PackedConv2d.wrap(packed, m)
+        packed.act_quantizer = getattr(m, "act_quantizer", None)
+    return packed
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None = 128,
+               symmetric: bool = False, backend: str = "auto",
+               scale_dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Copy of ``model`` with its quantized layers replaced by packed layers (module doc)."""
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
+        if new is None:
+            continue
+        new.train(m.training)
+        parent = out.get_submodule(name.rpartition(".")[0]) if "." in name else out
+        if name == "":
+            raise ValueError("pack_model: the model itself is a single layer; wrap it")
+        setattr(parent, name.rpartition(".")[2], new)
+    return out
+
+
+_ACT_QUANTIZERS = {"UniformQuantizer": UniformQuantizer}  # allow-list for rebuilding on load
+_UQ_ARGS = ("bits", "symmetric", "granularity", "group_size", "axis", "observer", "ema_decay")
+
+
+def _act_spec(aq: nn.Module | None) -> dict | None:
+    if aq is None:
+        return None
+    if type(aq).__name__ not in _ACT_QUANTIZERS:
+        return {"type": type(aq).__name__}  # rebuilt only from the model passed to load_packed
+    return {"type": type(aq).__name__, "kwargs": {a: getattr(aq, a) for a in _UQ_ARGS},
+            "enabled": bool(aq.enabled)}
+
+
+def packed_specs(model: nn.Module) -> dict:
+    return {n: {**m.spec(), "act_quantizer": _act_spec(m.act_quantizer)}
+            for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def storage_bits(model: nn.Module) -> int:
+    """Bits of every tensor in the state dict (what :func:`save_packed` writes)."""
+    return sum(t.numel() * t.element_size() * 8 for t in model.state_dict().values())
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Write ``model``'s state dict + metadata to ``path``; returns a size report."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format_version": str(FORMAT_VERSION), "layout": LAYOUT,
+            "layers": json.dumps(packed_specs(model), sort_keys=True)}
+    save_file(state, str(path), metadata=meta)
+    size = os.path.getsize(path)
+    bits = storage_bits(model)
+    return {"path": str(path), "file_bytes": size, "storage_bits": bits,
+            "storage_bytes": bits // 8, "n_packed_layers": len(packed_specs(model))}
+
+
+def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
+    """Replace each layer named in ``specs`` by an empty packed layer of the right shapes."""
+    for name, s in specs.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"packed file: layer {name!r} does not exist in the model") from None
+        cls = PackedConv2d if s["kind"] == "conv2d" else PackedLinear
+        new = cls(s["in_features"], s["out_features"], s["fmt"], s["bits"], s["group_size"],
+                  s["symmetric"], backend)
+        if s["kind"] == "conv2d":
+            new.conv_args = {k: s[k] for k in ("weight_shape", "stride", "padding", "dilation",
+                                               "groups")}
+        aq = getattr(old, "act_quantizer", None)
+        a = s.get("act_quantizer")
+        if aq is None and a is not None:
+            if "kwargs" not in a:
+                raise ValueError(f"packed file: layer {name!r} needs its activation quantizer "
+                                 f"{a['type']}; pass the fake-quant model to load_packed")
+            aq = _ACT_QUANTIZERS[a["type"]](**a["kwargs"])
+            aq.enabled = a["enabled"]
+        if aq is not None:
+            new.act_quantizer = aq
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new)
+
+
+def _placeholders(model: nn.Module, names: set[str]) -> None:
+    """Give packed layers buffers named after the file's tensors (shapes set on load)."""
+    for n, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            for t in ("packed", "scales", "zeros", "codes", "centroids", "qweight", "wscale",
+                      "bias"):
+                full = f"{n}.{t}" if n else t
+                if full in names:
+                    m.register_buffer(t, torch.empty(0))
+
+
+def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Load a file from :func:`save_packed` into ``model`` (same architecture; float layers
+    or fake-quant layers where packed layers were). Returns the packed model.
+
+    Raises ValueError for another format version / layout, missing or unexpected tensors,
+    and shape or dtype mismatches against the model's own (non-packed) tensors.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"packed file {path}: format_version={meta.get('format_version')!r};"
+                             f" expected {FORMAT_VERSION!r}")
+        if meta.get("layout") != LAYOUT:
+            raise ValueError(f"packed file {path}: layout={meta.get('layout')!r}; "
+                             f"expected {LAYOUT!r}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    specs = json.loads(meta.get("layers", "{}"))
+    model = copy.deepcopy(model)
+    _rebuild(model, specs, backend)
+    _placeholders(model, set(tensors))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"packed file {path}: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {extra[:5]}")
+    packed_prefixes = tuple(f"{n}." for n in specs)
+    for k, t in tensors.items():
+        ref = own[k]
+        if k.startswith(packed_prefixes) and ref.numel() == 0:
+            continue  # packed buffer: validated below against its spec
+        if ref.shape != t.shape or ref.dtype != t.dtype:
+            raise ValueError(f"packed file {path}: tensor {k!r} is {t.dtype} "
+                             f"{tuple(t.shape)}; the model expects {ref.dtype} {tuple(ref.shape)}")
+    for n, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            for t in list(m._buffers):
+                full = f"{n}.{t}" if n else t
+                if full in tensors:
+                    m._buffers[t] = tensors[full]
+            _validate_layer(m, n, path)
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _validate_layer(m: PackedLinear, name: str, path) -> None:
+    from qtrain_kernels.layout import container_bits, packed_words
+
+    n, k = m.out_features, m.in_features
+
+    def want(buf: str, dtypes, shape) -> None:
+        t = getattr(m, buf, None)
+        if t is None or t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+            got = None if t is None else (t.dtype, tuple(t.shape))
+            raise ValueError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
+                             f"{list(dtypes)} with shape {tuple(shape)}")
+
+    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8") else 0
+    if m.fmt == "codebook":
+        want("codes", (torch.uint8,), (n, k // m.group_size))
+        want("centroids", (torch.float16,), (m.centroids.shape[0], m.group_size))
+    elif m.fmt == "w8a8":
+        want("qweight", (torch.int8,), (n, k))
+        want("wscale", (torch.float32,), (n,))
+    else:
+        want("packed", (torch.int32,), (n, packed_words(k, container_bits(m.bits))))
+        want("scales", (torch.float16, torch.float32), (n, ng))
+        if m.fmt == "uniform" and not m.symmetric:
+            want("zeros", (torch.uint8,), (n, ng))
+    if m.bias is not None:
+        want("bias", (m.bias.dtype,), (n,))
