@@ -346,4 +346,18 @@ def test_quantizer_in_quantlinear_one_sgd_step(name):
     changed = [n for n, p in layer.named_parameters()
                if n in q_before and not torch.equal(p.detach(), q_before[n])]
     assert changed or not q_before, "no learned quantizer parameter was updated"
-    assert layer.storage_bits() > 0
+
+
+def test_storage_bits_and_state_dict_roundtrip():
+    w = torch.randn(8, 6)
+    assert LQ.PACTQuantizer(3).storage_bits(w) == 3 * 48 + 32
+    assert LQ.LSQQuantizer(4).storage_bits(w) == 4 * 48 + 32
+    assert LQ.DSQQuantizer(2).storage_bits(w) == 2 * 48 + 64
+    assert LQ.DoReFaActQuantizer(2).storage_bits(w) == 2 * 48
+    for make in (lambda: LQ.LSQQuantizer(3), lambda: LQ.DSQQuantizer(2),
+                 lambda: LQ.PolinoDifferentiableQuantizer(2),
+                 lambda: LQ.SoftToHardVQ(bits=2, dim=2, sigma=3.0)):
+        a, b = make(), make()
+        ya = a(w)
+        b.load_state_dict(a.state_dict())  # lazily initialised values are restored
+        assert torch.equal(b(w * 3), a(w * 3)) and torch.equal(b(w), ya)
