@@ -1,0 +1,336 @@
+"""Vectorised k-means, scalar k-means codebooks, product and residual quantization.
+
+k-means (Lloyd): alternate an assignment step (nearest centroid, computed with chunked
+distance matmuls ``||x||^2 - 2 x c^T + ||c||^2`` on the tensor's device) and an update step
+(weighted mean of each cluster, one ``index_add_`` for all clusters). Initialisation: K
+distinct rows sampled with a seeded generator. Empty clusters (Stock et al. 2019,
+"And the Bit Goes Down", sec. 3.3 / fairseq ``EM``): the most populated cluster is split,
+its centroid ``c`` becoming ``c + e`` and ``c - e`` (``e`` small seeded noise), and its
+points are re-assigned between the two. The recorded objective (after each assignment
+step) never increases: the mean update and the split followed by the mean update can only
+lower the sum of squared distances.
+
+Activation-aware objective (Stock et al. 2019, eq. (2)-(3)): instead of ``||W - W_hat||^2``
+minimise ``||x (W - W_hat)||^2`` for sampled layer inputs ``x``. As in kill-the-bits, the
+input is reshaped into sub-vectors of the same ``block_size`` as the weight and all
+block positions are pooled, so every sub-vector ``w`` uses the same distance
+``(w - c)^T H (w - c)`` with ``H = sum_j X_j^T X_j`` (``X_j``: the input columns of block
+position j). With ``H = L L^T`` this is plain k-means on ``z = w L``; the update step (the
+least-squares centroid) is still the cluster mean, as in the paper. Simplification: the
+exact objective would need one ``H_j`` per block position (block-diagonal) and a
+``d x d`` solve per centroid; we use the pooled ``H`` of the paper.
+
+Product quantization (Jegou et al. 2011; Stock 2019): a weight reshaped to
+``(out, in_flat)`` (conv: ``in * kh * kw``, so 3x3 blocks of 9 are whole kernels) is cut
+into sub-vectors of ``block_size`` consecutive input columns, one codebook per layer.
+Residual quantization (Chen et al. 2010 / Martinez 2014): M stages, each a k-means
+codebook fitted on the residual left by the previous stages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_CHUNK_ELEMS = 1 << 24  # distance-matrix elements per chunk (64 MB in fp32)
+
+
+def _check_x(x: torch.Tensor, n_centroids: int, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: k-means expects a 2-D (n, d) tensor, got shape {tuple(x.shape)}")
+    if not isinstance(n_centroids, int) or n_centroids < 1:
+        raise ValueError(f"{name}: n_centroids must be a positive int, got {n_centroids!r}")
+    if n_centroids > x.shape[0]:
+        raise ValueError(
+            f"{name}: n_centroids={n_centroids} is larger than the number of sub-vectors "
+            f"{x.shape[0]}; use n_centroids <= {x.shape[0]} or a smaller block_size"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: tensor to cluster contains NaN or inf")
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk_elems: int = _CHUNK_ELEMS,
+           second: bool = False):
+    """Nearest centroid (squared Euclidean) of every row of ``x``.
+
+    Returns (assignments, squared distances) and, with ``second=True``, also the squared
+    distance to the second-nearest centroid. Rows are processed in chunks so that the
+    distance matrix never exceeds ``chunk_elems`` elements.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    c_sq = (centroids * centroids).sum(1)
+    ct = centroids.t().contiguous()
+    rows = max(1, chunk_elems // max(k, 1))
+    idx = torch.empty(n, dtype=torch.long, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device)
+    dist2 = torch.empty(n, dtype=x.dtype, device=x.device) if second else None
+    for s in range(0, n, rows):
+        xs = x[s : s + rows]
+        d = torch.addmm(c_sq.unsqueeze(0), xs, ct, alpha=-2.0)  # ||c||^2 - 2 x.c
+        x_sq = (xs * xs).sum(1)
+        if second and k > 1:
+            vals, inds = d.topk(2, dim=1, largest=False)
+            idx[s : s + rows] = inds[:, 0]
+            dist[s : s + rows] = (vals[:, 0] + x_sq).clamp_min(0)
+            dist2[s : s + rows] = (vals[:, 1] + x_sq).clamp_min(0)
+        else:
+            dmin, amin = d.min(dim=1)
+            idx[s : s + rows] = amin
+            dist[s : s + rows] = (dmin + x_sq).clamp_min(0)
+            if second:
+                dist2[s : s + rows] = float("inf")
+    return (idx, dist, dist2) if second else (idx, dist)
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (K, d)
+    assignments: torch.Tensor  # (n,) long
+    objective: list  # weighted sum of squared distances after each assignment step
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def kmeans(
+    x: torch.Tensor,
+    n_centroids: int = 256,
+    n_iter: int = 20,
+    seed: int = 0,
+    sample_weight: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    name: str = "kmeans",
+    chunk_elems: int = _CHUNK_ELEMS,
+) -> KMeansResult:
+    """Weighted k-means of the rows of ``x`` (n, d) on ``x``'s device.
+
+    Args:
+        n_centroids: K (<= n).
+        n_iter: Lloyd iterations (assignment + update).
+        seed: seeds initialisation and empty-cluster noise (CPU generator: identical results
+            on every rank of a distributed run).
+        sample_weight: optional (n,) non-negative weights: minimises
+            ``sum_i s_i ||x_i - c_{a_i}||^2`` (update = weighted mean).
+        metric: optional (d, d) PSD matrix H: distance ``(x - c)^T H (x - c)``
+            (activation-aware objective, see module docstring).
+        eps: scale of the empty-cluster split noise (relative to the data's std).
+        name: layer name used in error messages.
+    """
+    _check_x(x, n_centroids, name)
+    n, d = x.shape
+    orig_dtype = x.dtype
+    x = x.detach().float()
+    g = _generator(seed)
+    w = None
+    if sample_weight is not None:
+        w = sample_weight.detach().float().to(x.device).reshape(-1)
+        if w.numel() != n or (w < 0).any():
+            raise ValueError(f"{name}: sample_weight must be (n,) = ({n},) and non-negative")
+    lin = None
+    if metric is not None:
+        lin = metric_factor(metric.to(x.device), name)
+        x = x @ lin  # z = x L: Euclidean distance in z == metric distance in x
+    noise_scale = eps * float(x.std()) if n > 1 else eps
+    noise_scale = noise_scale if noise_scale > 0 else eps
+
+    centroids = x[torch.randperm(n, generator=g)[:n_centroids].to(x.device)].clone()
+    history: list[float] = []
+    # Hamerly (2010) bounds: u >= distance to the assigned centroid, l <= distance to the
+    # second nearest. A point whose u <= max(l, half the distance from its centroid to the
+    # nearest other centroid) keeps its assignment without computing its K distances; the
+    # result is the exact Lloyd assignment (``tol`` guards against rounding in the bounds).
+    a, d1, d2 = assign(x, centroids, chunk_elems, second=True)
+    u, low = d1.sqrt(), d2.sqrt()
+    tol = 1e-4 * float((x * x).sum(1).mean().sqrt()) + 1e-12
+    for it in range(max(1, n_iter) + 1):
+        if it > 0:
+            cc = torch.cdist(centroids, centroids)
+            cc.fill_diagonal_(float("inf"))
+            half = 0.5 * cc.min(dim=1).values
+            m = torch.maximum(half[a], low)
+            cand = (u + tol > m).nonzero().flatten()
+            if cand.numel():
+                u[cand] = (x[cand] - centroids[a[cand]]).norm(dim=1)
+                cand = cand[u[cand] + tol > m[cand]]
+            if cand.numel():
+                ac, dc1, dc2 = assign(x[cand], centroids, chunk_elems, second=True)
+                a[cand], u[cand], low[cand] = ac, dc1.sqrt(), dc2.sqrt()
+        sq = ((x - centroids[a]) ** 2).sum(1)
+        history.append(float(sq.sum() if w is None else (sq * w).sum()))
+        if it == max(1, n_iter):
+            break
+        old = centroids.clone()
+        a, moved = _split_empty(x, centroids, a, w, noise_scale, g)
+        if moved is not None:
+            low[moved] = 0.0
+        centroids = _update(x, a, w, centroids)
+        delta = (centroids - old).norm(dim=1)
+        u += delta[a]
+        if delta.numel() > 1:
+            top, arg = delta.topk(2)
+            low -= torch.where(a == arg[0], top[1], top[0])
+        else:
+            low -= delta[0]
+    if lin is not None:
+        centroids = torch.linalg.solve_triangular(lin, centroids, upper=False, left=False)
+    return KMeansResult(centroids.to(orig_dtype), a, history)
+
+
+def _counts(a: torch.Tensor, k: int, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return torch.bincount(a, minlength=k).float()
+    return torch.zeros(k, device=a.device).index_add_(0, a, w)
+
+
+def _update(x, a, w, old):
+    """Weighted mean of each cluster; a cluster with zero total weight keeps its centroid."""
+    k = old.shape[0]
+    sums = torch.zeros_like(old).index_add_(0, a, x if w is None else x * w[:, None])
+    cnt = _counts(a, k, w)
+    return torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1e-30)[:, None], old)
+
+
+def _split_empty(x, centroids, a, w, noise_scale, g):
+    """Split the most populated cluster into every empty one (modifies ``centroids``).
+
+    Returns (assignments, indices of the re-assigned points or None).
+    """
+    k = centroids.shape[0]
+    pop = torch.bincount(a, minlength=k)
+    empty = (pop == 0).nonzero().flatten().tolist()
+    moved = []
+    for e in empty:  # loop over empty clusters only (rare), not over points
+        big = int(pop.argmax())
+        if pop[big] < 2:
+            break
+        noise = (torch.randn(centroids.shape[1], generator=g) * noise_scale).to(x.device)
+        c = centroids[big].clone()
+        centroids[e], centroids[big] = c + noise, c - noise
+        members = (a == big).nonzero().flatten()
+        xm = x[members]
+        to_e = ((xm - centroids[e]) ** 2).sum(1) < ((xm - centroids[big]) ** 2).sum(1)
+        a[members[to_e]] = e
+        pop[e], pop[big] = int(to_e.sum()), int((~to_e).sum())
+        moved.append(members)
+    return a, (torch.cat(moved) if moved else None)
+
+
+def metric_factor(metric: torch.Tensor, name: str = "kmeans") -> torch.Tensor:
+    """Lower-triangular ``C`` with ``H = C C^T``, so that ``x H x^T = ||x C||^2`` (row x).
+
+    H is symmetrised and regularised by 1e-6 * mean diagonal so that it is positive definite.
+    """
+    if metric.dim() != 2 or metric.shape[0] != metric.shape[1]:
+        raise ValueError(f"{name}: metric must be a square (d, d) matrix, got {tuple(metric.shape)}")
+    h = metric.float()
+    h = 0.5 * (h + h.t())
+    reg = 1e-6 * float(h.diagonal().mean().abs()) + 1e-12
+    chol = torch.linalg.cholesky(h + reg * torch.eye(h.shape[0], device=h.device))  # H = C C^T
+    return chol
+
+
+# ----------------------------------------------------------------------------------------
+# codebook formats
+# ----------------------------------------------------------------------------------------
+
+
+def blocks_of(weight: torch.Tensor, block_size: int, name: str = "weight") -> torch.Tensor:
+    """Sub-vectors (out * in_flat / bs, bs) of ``block_size`` consecutive input columns."""
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
+    flat = weight.reshape(weight.shape[0], -1)
+    if flat.shape[1] % block_size:
+        raise ValueError(
+            f"{name}: block_size={block_size} does not divide the input dimension "
+            f"{flat.shape[1]} of weight {tuple(weight.shape)}"
+        )
+    return flat.reshape(-1, block_size)
+
+
+def pooled_input_metric(inputs: torch.Tensor, block_size: int, name: str = "inputs"):
+    """Pooled block covariance ``H = sum_j X_j^T X_j`` (bs, bs) of layer inputs (n, in_flat).
+
+    For a conv layer pass the unfolded patches (``F.unfold``) transposed to (n*L, in*kh*kw).
+    Normalised by the number of rows (scale does not change the k-means solution).
+    """
+    if inputs.dim() != 2 or inputs.shape[1] % block_size:
+        raise ValueError(
+            f"{name}: sample inputs of shape {tuple(inputs.shape)} do not split into blocks "
+            f"of block_size={block_size}"
+        )
+    xb = inputs.detach().float().reshape(inputs.shape[0], -1, block_size)
+    return torch.einsum("njd,nje->de", xb, xb) / inputs.shape[0]
+
+
+def pq_fit(
+    weight: torch.Tensor,
+    block_size: int,
+    n_centroids: int = 256,
+    n_iter: int = 20,
+    seed: int = 0,
+    sample_inputs: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+    name: str = "weight",
+) -> KMeansResult:
+    """Product quantization of a weight: one codebook (K, bs) and one index per block.
+
+    ``sample_inputs`` (n, in_flat): activation-aware objective with the pooled metric.
+    ``row_weight`` (out,): weight of every block of a row (e.g. token frequency for an
+    embedding table). Returns KMeansResult with assignments of shape (out * in_flat / bs,).
+    """
+    x = blocks_of(weight, block_size, name)
+    metric = None if sample_inputs is None else pooled_input_metric(sample_inputs, block_size, name)
+    sw = None
+    if row_weight is not None:
+        sw = row_weight.float().to(x.device).repeat_interleave(x.shape[0] // weight.shape[0])
+    return kmeans(x, n_centroids, n_iter, seed, sample_weight=sw, metric=metric, name=name)
+
+
+def pq_reconstruct(centroids: torch.Tensor, assignments: torch.Tensor, shape) -> torch.Tensor:
+    """The weight of ``shape`` rebuilt from its PQ codebook: ``centroids[assignments]``."""
+    return centroids[assignments].reshape(shape)
+
+
+def pq_storage_bits(n_blocks: int, n_centroids: int, block_size: int) -> int:
+    """ceil(log2 K) bits per block index + K * bs centroids in fp16 (Stock 2019, sec. 4)."""
+    return n_blocks * max(1, math.ceil(math.log2(n_centroids))) + 16 * n_centroids * block_size
+
+
+def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int = 0,
+                  name: str = "weight"):
+    """Scalar k-means codebook (weight sharing, Han et al. 2015 sec. 3): 2^bits shared values.
+
+    Returns (codebook (2^bits,), codes shaped like ``weight`` (long)).
+    """
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"{name}: scalar k-means bits={bits!r} not supported; allowed 1..16")
+    res = kmeans(weight.reshape(-1, 1), 2**bits, n_iter, seed, name=name)
+    return res.centroids.reshape(-1), res.assignments.reshape(weight.shape)
+
+
+def rq_fit(weight: torch.Tensor, block_size: int, n_stages: int = 2, n_centroids: int = 256,
+           n_iter: int = 20, seed: int = 0, name: str = "weight"):
+    """Residual quantization: ``n_stages`` codebooks, stage m fitted on the residual of 1..m-1.
+
+    Returns (list of centroids (K, bs), list of assignments); reconstruct with
+    :func:`rq_reconstruct`.
+    """
+    if not isinstance(n_stages, int) or n_stages < 1:
+        raise ValueError(f"{name}: n_stages must be a positive int, got {n_stages!r}")
+    residual = blocks_of(weight, block_size, name).detach().float()
+    books, codes = [], []
+    for m in range(n_stages):
+        res = kmeans(residual, n_centroids, n_iter, seed + m, name=f"{name}[stage {m}]")
+        books.append(res.centroids)
+        codes.append(res.assignments)
+        residual = residual - res.centroids[res.assignments]
+    return books, codes
+
+
+def rq_reconstruct(books, codes, shape) -> torch.Tensor:
+    out = sum(c[a] for c, a in zip(books, codes))
+    return out.reshape(shape)
