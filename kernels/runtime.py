@@ -110,8 +110,8 @@ def check_tensor(
     if shape is not None:
         ok = t.dim() == len(shape) and all(e is None or e == s for e, s in zip(shape, t.shape))
         if not ok:
-            want = tuple("*" if e is None else e for e in shape)
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want}")
+            want = ", ".join("*" if e is None else str(e) for e in shape)
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({want})")
 
 
 def as_2d(x: torch.Tensor, k: int) -> torch.Tensor:
