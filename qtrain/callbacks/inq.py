@@ -1,0 +1,171 @@
+"""INQ as a Lightning callback (Zhou et al. 2017, "Incremental Network Quantization").
+
+At the start of stage t (``boundaries[t]``, in epochs or optimizer steps) every selected
+layer freezes an accumulated portion ``schedule[t]`` of its weights at the nearest INQ
+power-of-two level (:mod:`qtrain.quant.inq`); the other weights keep training. Frozen
+weights never change afterwards, whatever the optimizer:
+* their gradient is zeroed before the step (``on_before_optimizer_step``, eq. 7), and
+* their frozen value is written back right after every ``optimizer.step()`` by an optimizer
+  step post-hook (so momentum, weight decay and Adam moments cannot move them).
+Masks only grow. Layers are selected by module *type* (Conv2d / Linear weights; BatchNorm
+and biases are never quantized) and optional name regexes (each must match a layer).
+
+Options: ``reset_optimizer`` rebuilds optimizer and LR schedule at each stage after the
+first (the paper retrains every stage with the initial learning-rate policy). Under DDP
+the masks are computed on rank 0 and broadcast. State (stage, masks, frozen values,
+levels) is in ``state_dict`` for resuming.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from qtrain.nn.convert import select_modules
+from qtrain.quant import inq as INQ
+
+LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+UNITS = ("epoch", "step")
+
+
+class INQCallback(pl.Callback):
+    """Args:
+        bits: INQ bit width (2..8; levels per pow2.inq_levels).
+        schedule: accumulated portions (list) or a name in ``qtrain.quant.inq.SCHEDULES``.
+        strategy: 'magnitude' (largest first) or 'random'.
+        include / exclude: module-name regexes; types: among 'Conv2d', 'Linear'.
+        boundaries: start of each stage (len == len(schedule)); default
+            ``[i * stage_length]``. unit: 'epoch' or 'step' (optimizer steps).
+        reset_optimizer: rebuild optimizer + LR scheduler at each later stage.
+        seed: seed of the random partition.
+    """
+
+    def __init__(self, bits: int = 5, schedule="5bit", strategy: str = "magnitude",
+                 include=(".*",), exclude=(), types=("Conv2d", "Linear"),
+                 boundaries=None, stage_length: int = 1, unit: str = "epoch",
+                 reset_optimizer: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.schedule = INQ.check_schedule(schedule)
+        if strategy not in INQ.STRATEGIES:
+            raise ValueError(f"inq.strategy={strategy!r}; allowed: {INQ.STRATEGIES}")
+        if unit not in UNITS:
+            raise ValueError(f"inq.unit={unit!r}; allowed: {UNITS}")
+        bad = [t for t in types if t not in LAYER_TYPES]
+        if bad:
+            raise ValueError(f"inq.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
+        if boundaries is None:
+            boundaries = [i * int(stage_length) for i in range(len(self.schedule))]
+        boundaries = [int(b) for b in boundaries]
+        if len(boundaries) != len(self.schedule) or sorted(boundaries) != boundaries:
+            raise ValueError(f"inq.boundaries={boundaries}: need {len(self.schedule)} "
+                             "non-decreasing stage starts (one per schedule entry)")
+        self.bits, self.strategy, self.unit, self.seed = bits, strategy, unit, seed
+        self.include, self.exclude = list(include), list(exclude)
+        self.types = tuple(LAYER_TYPES[t] for t in types)
+        self.boundaries, self.reset_optimizer = boundaries, reset_optimizer
+        self.stage = 0  # number of stages applied
+        self.masks: dict[str, torch.Tensor] = {}
+        self.frozen: dict[str, torch.Tensor] = {}
+        self.levels: dict[str, torch.Tensor] = {}
+        self._layers: dict[str, nn.Module] = {}
+        self._hooked: dict[int, object] = {}
+
+    # -- selection ------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        self._layers = select_modules(pl_module, self.include, self.exclude, self.types, "inq")
+
+    def _weights(self):
+        return {n: m.weight for n, m in self._layers.items()}
+
+    # -- stages ---------------------------------------------------------------------------
+    def _now(self, trainer) -> int:
+        return trainer.global_step if self.unit == "step" else trainer.current_epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        applied = False
+        while self.stage < len(self.schedule) and self._now(trainer) >= self.boundaries[self.stage]:
+            self._apply_stage(trainer, self.stage)
+            self.stage += 1
+            applied = True
+        if applied and self.reset_optimizer and self.stage > 1:
+            trainer.strategy.setup_optimizers(trainer)
+        self._hook_optimizers(trainer)
+
+    @torch.no_grad()
+    def _apply_stage(self, trainer, t: int) -> None:
+        portion = self.schedule[t]
+        result = None
+        if trainer.global_rank == 0:
+            gen = torch.Generator().manual_seed(self.seed * 1000 + t)
+            masks, frozen, levels = {}, {}, {}
+            for name, w in self._weights().items():
+                lv = self.levels.get(name)
+                lv = INQ.inq_levels(w, self.bits) if lv is None else lv
+                old = self.masks.get(name, torch.zeros_like(w, dtype=torch.bool))
+                new = INQ.grow_mask(w, old.to(w.device), portion, self.strategy, gen)
+                q = INQ.round_to_levels(w, lv)
+                prev = self.frozen.get(name, torch.zeros_like(w)).to(w.device)
+                frozen[name] = torch.where(old.to(w.device), prev, torch.where(new, q, 0.0))
+                masks[name], levels[name] = new, lv
+            result = (masks, frozen, levels)
+        result = trainer.strategy.broadcast(result, src=0)
+        masks, frozen, levels = result
+        for name, w in self._weights().items():
+            self.masks[name] = masks[name].to(w.device)
+            self.frozen[name] = frozen[name].to(w.device, w.dtype)
+            self.levels[name] = levels[name].to(w.device)
+        self._restore_frozen()
+
+    @torch.no_grad()
+    def _restore_frozen(self) -> None:
+        for name, w in self._weights().items():
+            if name in self.masks:
+                w.copy_(torch.where(self.masks[name], self.frozen[name], w))
+
+    # -- enforcement ----------------------------------------------------------------------
+    def _hook_optimizers(self, trainer) -> None:
+        live = {id(o) for o in trainer.optimizers}
+        for key in [k for k in self._hooked if k not in live]:
+            self._hooked.pop(key).remove()
+        for opt in trainer.optimizers:
+            if id(opt) not in self._hooked:
+                self._hooked[id(opt)] = opt.register_step_post_hook(
+                    lambda *_: self._restore_frozen())
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._hook_optimizers(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for name, w in self._weights().items():
+            if name in self.masks and w.grad is not None:
+                w.grad.masked_fill_(self.masks[name], 0.0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self._hooked.values():
+            h.remove()
+        self._hooked.clear()
+
+    def frozen_fraction(self) -> float:
+        tot = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / tot if tot else 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("inq_frozen_fraction", self.frozen_fraction(), sync_dist=False)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        return {"stage": self.stage, "masks": cpu(self.masks), "frozen": cpu(self.frozen),
+                "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("schedule", self.schedule) != self.schedule:
+            raise ValueError(f"inq: checkpoint schedule {state['schedule']} differs from the "
+                             f"configured {self.schedule}")
+        self.stage = int(state["stage"])
+        weights = self._weights() if self._layers else {}
+        dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731
+        self.masks = {n: dev(n, v) for n, v in state["masks"].items()}
+        self.frozen = {n: dev(n, v) for n, v in state["frozen"].items()}
+        self.levels = {n: dev(n, v) for n, v in state["levels"].items()}

@@ -1,0 +1,82 @@
+"""INQ callback with a real pl.Trainer: frozen weights never move, masks grow, BN excluded."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from qtrain.callbacks.inq import INQCallback
+from tests.callbacks.tiny_lightning import TinyCNN, image_loader, trainer
+
+
+class _Probe(pl.Callback):
+    """Records masks and frozen weight values after every optimizer step."""
+
+    def __init__(self, inq):
+        self.inq, self.history = inq, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        snap = {n: (self.inq.masks[n].clone(), m.weight.detach().clone())
+                for n, m in self.inq._layers.items() if n in self.inq.masks}
+        self.history.append(snap)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_frozen_weights_never_change_and_masks_grow(optim):
+    pl.seed_everything(0)
+    model = TinyCNN(optim=optim)
+    bn_before = model.bn1.weight.detach().clone()
+    inq = INQCallback(bits=5, schedule=[0.5, 0.75, 1.0], boundaries=[0, 3, 6], unit="step")
+    probe = _Probe(inq)
+    trainer(max_steps=10, callbacks=[inq, probe]).fit(model, image_loader(n=32, batch=8))
+    assert set(inq.masks) == {"conv1", "conv2", "fc"}  # BN (and biases) excluded by type
+    assert not torch.equal(model.bn1.weight.detach(), bn_before)  # BN still trains
+    prev = None
+    for snap in probe.history:
+        for name, (mask, w) in snap.items():
+            if prev is not None and name in prev:
+                pmask, pw = prev[name]
+                assert (mask | ~pmask).all()  # masks only grow
+                assert torch.equal(w[pmask], pw[pmask])  # frozen values unchanged
+            lv = inq.levels[name]
+            assert torch.isin(w[mask], lv).all()  # frozen weights sit on INQ levels
+        prev = snap
+    fracs = [snap["fc"][0].float().mean().item() for snap in probe.history]
+    assert fracs[0] == pytest.approx(0.5, abs=0.01) and fracs[-1] == 1.0
+    # levels follow the formula of the original weights' range
+    assert inq.levels["fc"].numel() == 2 * 8 + 1
+    # free weights did train between stages (momentum / Adam active)
+    (_, w0), (m2, w2) = probe.history[0]["conv1"], probe.history[2]["conv1"]
+    assert not torch.equal(w0[~m2], w2[~m2])
+
+
+class _OptIds(pl.Callback):
+    def __init__(self):
+        self.ids = []
+
+    def on_train_batch_end(self, trainer, *args):
+        self.ids.append(id(trainer.optimizers[0]))
+
+
+def test_epoch_boundaries_optimizer_reset_and_state_roundtrip():
+    pl.seed_everything(0)
+    inq = INQCallback(schedule="5bit", stage_length=1, unit="epoch", reset_optimizer=True)
+    ids = _OptIds()
+    trainer(max_epochs=3, callbacks=[inq, ids]).fit(TinyCNN(), image_loader(n=16))
+    assert inq.stage == 3 and inq.frozen_fraction() == pytest.approx(0.875, abs=0.01)
+    assert len(set(ids.ids)) == 3  # a fresh optimizer at the start of stages 2 and 3
+    sd = inq.state_dict()
+    fresh = INQCallback(schedule="5bit")
+    fresh.load_state_dict(sd)
+    assert fresh.stage == 3 and all(torch.equal(fresh.masks[k], sd["masks"][k]) for k in sd["masks"])
+    with pytest.raises(ValueError, match="schedule"):
+        INQCallback(schedule="4bit").load_state_dict(sd)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="boundaries"):
+        INQCallback(schedule="5bit", boundaries=[0, 1])
+    with pytest.raises(ValueError, match="unit"):
+        INQCallback(unit="batch")
+    model = TinyCNN()
+    with pytest.raises(ValueError, match="nomatch"):
+        trainer(max_steps=1, callbacks=[INQCallback(include=["nomatch"])]).fit(model, image_loader())
