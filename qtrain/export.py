@@ -34,8 +34,11 @@ from qtrain.nn.uniform_quantizer import UniformQuantizer
 
 
 def _is_pq(m: nn.Module) -> bool:
+    """PQ *linear* layers (PQConv2d / PQEmbedding are kept as they are: not yet packed)."""
     return all(hasattr(m, a) for a in ("centroids", "assignments", "block_size",
-                                        "weight_from_codebook"))
+                                        "weight_from_codebook")) and hasattr(m, "in_features") and not any(
+        hasattr(m, a) for a in ("kernel_size", "num_embeddings"))
+
 
 
 def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
