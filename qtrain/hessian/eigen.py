@@ -70,7 +70,7 @@ def top_eigenvalues(
         v = [torch.randn(p.shape, generator=gen, device=gen.device).to(p) for p in params]
         v = _normalize(_orthogonalize(v, vectors))
         lam, done, it = None, False, 0
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iter + 1):  # noqa: B007 (count used after the loop)
             hv = op.hvp(v, group=group)
             new = float(_dot(hv, v))
             v = _normalize(_orthogonalize(hv, vectors))
