@@ -54,8 +54,8 @@ def format_summary(s: dict) -> str:
     if s.get("packed_file"):
         rows.insert(6, ("packed file (MB)", fmt(s["packed_mb"], 4)))
     w = max(len(k) for k, _ in rows)
-    line = "+" + "-" * (w + 2) + "+" + "-" * 50 + "+"
-    body = [f"| {k.ljust(w)} | {str(v)[:48].ljust(48)} |" for k, v in rows]
+    line = "+" + "-" * (w + 2) + "+" + "-" * 72 + "+"
+    body = [f"| {k.ljust(w)} | {str(v)[-70:].ljust(70)} |" for k, v in rows]
     return "\n".join([line, *body, line])
 
 

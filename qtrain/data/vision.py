@@ -27,18 +27,28 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FORMATS = ("pickle", "imagefolder")
 
 
-class _UncheckedCIFAR10(datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader without the md5 check (re-encoded copies, smoke data)."""
+class _NoChecksum:
+    """torchvision's CIFAR reader without the md5 checks (re-encoded copies, smoke data):
+    same pickle layout and parsing, files must only exist."""
 
     def _check_integrity(self) -> bool:
         return all(os.path.exists(os.path.join(self.root, self.base_folder, f))
                    for f, _ in self.train_list + self.test_list)
 
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+        self.classes = data[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-class _UncheckedCIFAR100(datasets.CIFAR100):
-    def _check_integrity(self) -> bool:
-        return all(os.path.exists(os.path.join(self.root, self.base_folder, f))
-                   for f, _ in self.train_list + self.test_list)
+
+class _UncheckedCIFAR10(_NoChecksum, datasets.CIFAR10):
+    pass
+
+
+class _UncheckedCIFAR100(_NoChecksum, datasets.CIFAR100):
+    pass
 
 
 def _fake_images(n: int, size: int, channels: int, num_classes: int, seed: int):
@@ -170,11 +180,15 @@ class ImageNetDataModule(QDataModule):
                  **kw) -> None:
         super().__init__(root=root, **kw)
         self.image_size, self.num_classes = image_size, num_classes
+        if self.fake:  # smoke: 4 classes of 64x64 images in the same ImageFolder layout
+            self.image_size, self.num_classes = 64, min(num_classes, 4)
 
     def write_fake(self, root: str) -> None:
         classes = [f"n{i:08d}" for i in range(self.num_classes)]
-        write_image_folder(root, "train", *_fake_images(32, 64, 3, self.num_classes, self.seed), classes)
-        write_image_folder(root, "val", *_fake_images(16, 64, 3, self.num_classes, self.seed + 1), classes)
+        tr, va = (_fake_images(n, 72, 3, self.num_classes, self.seed + k) for k, n in ((0, 32), (1, 16)))
+        tr[1][: self.num_classes] = va[1][: self.num_classes] = range(self.num_classes)
+        write_image_folder(root, "train", *tr, classes)
+        write_image_folder(root, "val", *va, classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -43,7 +43,9 @@ class _FakeQuantMixin:
         if bias is not None:
             bits += 32 * bias.numel()
         for name, p in self.named_parameters(recurse=True):
-            if name not in ("weight", "bias"):  # learned quantizer parameters (alpha, step)
+            # learned activation-quantizer parameters (PACT alpha, LSQ step); the weight
+            # quantizer's own parameters are already in its storage_bits()
+            if name not in ("weight", "bias") and not name.startswith("weight_quantizer."):
                 bits += 32 * p.numel()
         return bits
 
