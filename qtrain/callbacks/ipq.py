@@ -1,0 +1,255 @@
+"""Iterative product quantization as a Lightning callback (Stock et al. 2019, "And the Bit
+Goes Down"; staged as in Fan et al. 2020, sec. 4.3).
+
+Layers are quantized in stages (groups given by module-name regexes; each regex must match
+at least one layer). At the start of stage t (``boundaries[t]`` in epochs or optimizer
+steps; no divisibility requirement) every layer of the group gets a k-means codebook
+(K centroids of ``block_size`` sub-vectors, :mod:`qtrain.quant.kmeans`), optionally with
+the activation-aware objective ``||x (W - W_hat)||^2`` on inputs sampled from the current
+batch, and is replaced by a PQ layer (:mod:`qtrain.nn.pq_layers`: trainable centroids,
+frozen assignments, centroid gradient = mean over its blocks). The centroids and every
+not-yet-quantized layer are then finetuned.
+
+After each replacement the optimizer (and LR schedulers) are rebuilt from the module's
+``configure_optimizers`` (``trainer.strategy.setup_optimizers``), so the optimizer holds
+exactly the live trainable parameters; ``lr_schedule='continue'`` fast-forwards the new
+schedulers to the current step/epoch, ``'restart'`` restarts them. Under DDP the codebooks
+are fitted on rank 0 and broadcast, and the model is re-wrapped in DDP.
+
+Resume: the callback registers a ``load_state_dict`` pre-hook on the LightningModule that
+rebuilds PQ layers for every ``<layer>.centroids`` found in the checkpoint before the
+weights are loaded, so a run resumed mid-stage continues with the same modules, optimizer
+state and weights. Defaults (REFERENCES.md): K = 256; block sizes fc 8, attention 4,
+embeddings 8, conv 3x3 9 (kh*kw), 1x1 4; transformer order FFN -> embeddings -> attention.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from qtrain.nn.convert import LayerSelectionError, select_modules, set_submodule
+from qtrain.nn.pq_layers import is_pq, pq_class_for, pq_from_state, rebuild_pq_layers, unfold_inputs
+from qtrain.quant import kmeans as KM
+
+TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
+ATTENTION_RE = r".*(attn|attention|q_proj|k_proj|v_proj|out_proj|query|key|value).*"
+PRESETS = {
+    "fairseq_transformer": [[r".*fc1", r".*fc2"], [r".*embed_tokens"],
+                            [r".*(q_proj|k_proj|v_proj|out_proj)"]],
+    "hf_bert": [[r".*intermediate\.dense", r".*layer\.\d+\.output\.dense"],
+                [r".*embeddings\.(word|position)_embeddings"],
+                [r".*attention\.self\.(query|key|value)", r".*attention\.output\.dense"]],
+}
+DEFAULT_BLOCKS = {"fc": 8, "attention": 4, "embedding": 8, "conv1x1": 4}
+UNITS = ("epoch", "step")
+
+
+def default_block_size(name: str, m: nn.Module, blocks: dict) -> int:
+    if isinstance(m, nn.Embedding):
+        return blocks["embedding"]
+    if isinstance(m, nn.Conv2d):
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        return blocks.get("conv", kk) if kk > 1 else blocks["conv1x1"]
+    return blocks["attention"] if re.fullmatch(ATTENTION_RE, name) else blocks["fc"]
+
+
+def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
+    """CNN preset: one stage per top-level child holding Linear/Conv2d/Embedding layers."""
+    stages = []
+    for child, mod in model.named_children():
+        names = [n for n, m in mod.named_modules() if isinstance(m, TYPES)]
+        names = [f"{child}.{n}" if n else child for n in names]
+        names = [n for n in names if not any(re.fullmatch(p, n) for p in exclude)]
+        if names:
+            stages.append([re.escape(n) for n in names])
+    return stages
+
+
+def _default_forward(pl_module, batch):
+    if isinstance(batch, dict):
+        return pl_module(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
+    if isinstance(batch, (list, tuple)):
+        return pl_module(batch[0])
+    return pl_module(batch)
+
+
+class IterativePQCallback(pl.Callback):
+    """Args:
+        stages: preset name ('fairseq_transformer', 'hf_bert', 'cnn') or a list of stages,
+            each a list of regexes or a dict {include: [...], block_size: int}.
+        exclude: regexes of layers never quantized.
+        n_centroids, n_iter: k-means K and iterations. block_sizes: overrides of
+            DEFAULT_BLOCKS ({fc, attention, embedding, conv1x1, conv}).
+        boundaries / stage_length / unit: stage starts (epochs or steps).
+        activation_aware: fit with sampled inputs of the current batch (max_sample_rows).
+        forward_fn: f(pl_module, batch) running the model (activation sampling).
+        lr_schedule: 'continue' or 'restart' after each optimizer rebuild.
+    """
+
+    def __init__(self, stages="fairseq_transformer", exclude=(), n_centroids: int = 256,
+                 n_iter: int = 20, block_sizes=None, boundaries=None, stage_length: int = 1,
+                 unit: str = "epoch", activation_aware: bool = False,
+                 max_sample_rows: int = 4096, forward_fn=None, lr_schedule: str = "continue",
+                 seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(stages, str) and stages not in (*PRESETS, "cnn"):
+            raise ValueError(f"ipq.stages={stages!r}; allowed presets: {[*PRESETS, 'cnn']} "
+                             "or a list of regex groups")
+        if unit not in UNITS:
+            raise ValueError(f"ipq.unit={unit!r}; allowed: {UNITS}")
+        if lr_schedule not in ("continue", "restart"):
+            raise ValueError(f"ipq.lr_schedule={lr_schedule!r}; allowed: 'continue', 'restart'")
+        self.stages_cfg, self.exclude = stages, list(exclude)
+        self.n_centroids, self.n_iter, self.seed = n_centroids, n_iter, seed
+        self.blocks = {**DEFAULT_BLOCKS, **(block_sizes or {})}
+        self.boundaries_cfg, self.stage_length, self.unit = boundaries, stage_length, unit
+        self.activation_aware, self.max_sample_rows = activation_aware, max_sample_rows
+        self.forward_fn = forward_fn or _default_forward
+        self.lr_schedule = lr_schedule
+        self.stage = 0
+        self.codebooks: dict[str, dict] = {}
+        self.plan: list[dict[str, int]] = []  # per stage: {layer name: block size}
+
+    # -- planning -------------------------------------------------------------------------
+    def _resolve(self, model: nn.Module) -> list[dict]:
+        cfg = self.stages_cfg
+        if isinstance(cfg, str):
+            cfg = network_order_stages(model, self.exclude) if cfg == "cnn" else PRESETS[cfg]
+        out = []
+        for s in cfg:
+            s = dict(s) if isinstance(s, dict) else {"include": list(s)}
+            out.append(s)
+        return out
+
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        specs = self._resolve(pl_module)
+        self.boundaries = self.boundaries_cfg or [i * int(self.stage_length)
+                                                  for i in range(len(specs))]
+        if len(self.boundaries) != len(specs) or sorted(self.boundaries) != list(self.boundaries):
+            raise ValueError(f"ipq.boundaries={self.boundaries}: need {len(specs)} "
+                             "non-decreasing stage starts (one per stage)")
+        seen, self.plan = set(), []
+        for i, s in enumerate(specs):
+            layers = self._select(pl_module, s, i)
+            group = {}
+            for name, m in layers.items():
+                if name in seen:
+                    continue
+                bs = s.get("block_size") or default_block_size(name, m, self.blocks)
+                self._validate(name, m, bs)
+                group[name] = bs
+                seen.add(name)
+            if not group:
+                raise LayerSelectionError(f"ipq.stages[{i}]: all matched layers belong to "
+                                          "earlier stages")
+            self.plan.append(group)
+        pl_module.register_load_state_dict_pre_hook(self._rebuild_before_load)
+
+    def _select(self, model, spec, i):
+        types = TYPES + tuple({type(m) for m in model.modules() if is_pq(m)})
+        return select_modules(model, spec["include"], self.exclude, types, f"ipq.stages[{i}]")
+
+    def _validate(self, name, m, bs) -> None:
+        w = m.weight
+        KM.blocks_of(w, bs, name)  # block size divides the input dimension
+        n_blocks = w.numel() // bs
+        if self.n_centroids > n_blocks:
+            raise ValueError(f"{name}: n_centroids={self.n_centroids} is larger than the number "
+                             f"of sub-vectors {n_blocks} (block_size={bs}); exclude the layer "
+                             "or lower n_centroids")
+
+    def _rebuild_before_load(self, module, state_dict, prefix, *args) -> None:
+        rebuild_pq_layers(module, state_dict, prefix)
+
+    # -- stages ---------------------------------------------------------------------------
+    def _now(self, trainer) -> int:
+        return trainer.global_step if self.unit == "step" else trainer.current_epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        changed = False
+        while self.stage < len(self.plan) and self._now(trainer) >= self.boundaries[self.stage]:
+            self._apply_stage(trainer, pl_module, self.stage, batch)
+            self.stage += 1
+            changed = True
+        if changed:
+            self._rebuild_training(trainer, pl_module)
+
+    def _sample_inputs(self, pl_module, names, batch) -> dict:
+        store, handles = {}, []
+        for n in names:
+            m = pl_module.get_submodule(n)
+
+            def hook(mod, inp, n=n):
+                x = inp[0].detach()
+                if isinstance(mod, nn.Conv2d):
+                    x = unfold_inputs(mod, x, self.max_sample_rows)
+                elif isinstance(mod, nn.Linear):
+                    x = x.reshape(-1, x.shape[-1])
+                    step = max(1, x.shape[0] // self.max_sample_rows)
+                    x = x[::step][: self.max_sample_rows]
+                store[n] = x
+            handles.append(m.register_forward_pre_hook(hook))
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                self.forward_fn(pl_module, batch)
+        finally:
+            pl_module.train(was)
+            for h in handles:
+                h.remove()
+        return store
+
+    def _apply_stage(self, trainer, pl_module, t: int, batch) -> None:
+        group = self.plan[t]
+        fitted = None
+        if trainer.global_rank == 0:
+            samples = self._sample_inputs(pl_module, group, batch) if self.activation_aware else {}
+            fitted = {}
+            for i, (name, bs) in enumerate(group.items()):
+                m = pl_module.get_submodule(name)
+                pq = pq_class_for(m).from_float(m, bs, self.n_centroids, self.n_iter,
+                                                self.seed + 1000 * t + i, samples.get(name),
+                                                name=name)
+                fitted[name] = (pq.centroids.detach().cpu(), pq.assignments.cpu())
+        fitted = trainer.strategy.broadcast(fitted, src=0)
+        for name, (c, a) in fitted.items():
+            old = pl_module.get_submodule(name)
+            new = pq_from_state(old, c.to(old.weight.device, old.weight.dtype),
+                                a.to(old.weight.device))
+            set_submodule(pl_module, name, new)
+            self.codebooks[name] = {"centroids": c, "assignments": a, "stage": t}
+
+    def _rebuild_training(self, trainer, pl_module) -> None:
+        strategy = trainer.strategy
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(strategy.model, DistributedDataParallel):  # new params: re-wrap
+            strategy.model = strategy._setup_model(pl_module)
+            if hasattr(strategy, "_register_ddp_hooks"):
+                strategy._register_ddp_hooks()
+        strategy.setup_optimizers(trainer)
+        if self.lr_schedule == "continue":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for cfg in trainer.lr_scheduler_configs:
+                    done = trainer.global_step if cfg.interval == "step" else trainer.current_epoch
+                    for _ in range(done // max(1, cfg.frequency)):
+                        cfg.scheduler.step()
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "codebooks": self.codebooks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage = int(state["stage"])
+        self.codebooks = dict(state["codebooks"])
+
+    def storage_bits(self, pl_module) -> int:
+        """Bits of all PQ layers (indices + fp16 centroids + fp32 bias)."""
+        return sum(m.storage_bits() for m in pl_module.modules() if is_pq(m))
