@@ -1,0 +1,195 @@
+"""Lightning callback: Hessian sensitivity analysis -> per-layer bits (HAWQ V1/V2, Q-BERT).
+
+When: at ``on_train_start`` (before the first training step; the train dataloader exists
+then) if ``at_epoch`` is None, else at the start of epoch ``at_epoch`` (after an FP32
+phase of that many epochs). It takes the first ``num_batches`` batches of the train
+dataloader as the calibration subset, runs :func:`qtrain.hessian.sensitivity.analyze`
+on the fake-quant layers (QuantLinear/QuantConv2d built earlier by the quantization
+callback) selected by ``include``/``exclude`` regexes, calls
+``layer.weight_quantizer.set_bits(b)`` on each, and writes ``hessian_sensitivity.{csv,json,png}``
+to ``trainer.log_dir`` (or ``default_root_dir``). Every logger gets the table
+(``log_table`` where it exists, e.g. wandb), the chart (``log_image`` or TensorBoard's
+``add_figure``) and ``hessian/avg_bits``.
+
+By default all quantizers are disabled during the analysis (HAWQ analyses the float
+model) and restored afterwards. The analysis runs under ``inference_mode(False)`` and
+``enable_grad`` (:func:`qtrain.hessian.hvp.hessian_mode`), leaves BatchNorm statistics and
+``.grad`` untouched (grads are None afterwards), and rank 0's result is broadcast so all
+DDP ranks apply the same bits. ``state_dict`` holds the bits and table: a resumed run
+re-applies them and does not recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
+
+from qtrain.hessian import report
+from qtrain.hessian.sensitivity import SensitivityConfig, analyze
+from qtrain.nn.convert import select_modules
+from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.quantizer_base import Quantizer
+
+
+def default_loss(module: torch.nn.Module, batch) -> torch.Tensor:
+    """``module.hessian_loss(batch)`` if defined, else cross-entropy of ``module(x)`` vs y."""
+    if hasattr(module, "hessian_loss"):
+        return module.hessian_loss(batch)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        x, y = batch
+        return F.cross_entropy(module(x), y)
+    raise ValueError(
+        "HessianSensitivity: batches are not (inputs, targets) pairs; define "
+        "`hessian_loss(batch)` on the LightningModule or pass loss_fn=callable(module, batch)"
+    )
+
+
+class HessianSensitivity(pl.Callback):
+    """Args: see :class:`qtrain.hessian.sensitivity.SensitivityConfig` for the analysis
+    options (method, bit_choices, budget_bits / average_bits, ties, mode, tol, max_iter, ...),
+    plus ``num_batches``, ``at_epoch``, ``include``/``exclude`` (regexes over module names of
+    the LightningModule), ``ties`` as lists of regexes, ``loss_fn`` and ``analyze_float``."""
+
+    FILE = "hessian_sensitivity"
+
+    def __init__(
+        self,
+        method: str = "hawq_v2",
+        num_batches: int = 4,
+        at_epoch: int | None = None,
+        include: Sequence[str] = (".*",),
+        exclude: Sequence[str] = (),
+        ties: Sequence[Sequence[str]] = (),
+        loss_fn: Callable | None = None,
+        analyze_float: bool = True,
+        **analysis,
+    ) -> None:
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"hessian.num_batches must be an int >= 1, got {num_batches!r}")
+        if at_epoch is not None and (not isinstance(at_epoch, int) or at_epoch < 0):
+            raise ValueError(f"hessian.at_epoch must be None or an int >= 0, got {at_epoch!r}")
+        self.cfg = SensitivityConfig(method=method, **analysis)  # validates early
+        self.num_batches, self.at_epoch = num_batches, at_epoch
+        self.include, self.exclude = list(include), list(exclude)
+        self.tie_patterns = [list(t) for t in ties]
+        self.loss_fn = loss_fn or default_loss
+        self.analyze_float = analyze_float
+        self.bits: dict[str, int] = {}
+        self.rows: list[dict] = []
+        self.done = False
+
+    # ---------------------------------------------------------------- scheduling
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.done:
+            self._apply(pl_module)
+        elif self.at_epoch is None:
+            self.run(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
+            self.run(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"bits": dict(self.bits), "rows": list(self.rows), "done": self.done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.bits = dict(state_dict["bits"])
+        self.rows = list(state_dict["rows"])
+        self.done = bool(state_dict["done"])
+
+    # ---------------------------------------------------------------- analysis
+    def layers(self, pl_module) -> dict[str, torch.nn.Module]:
+        found = select_modules(pl_module, self.include, self.exclude,
+                               types=(QuantLinear, QuantConv2d), key="hessian")
+        return {n: m for n, m in found.items() if m.weight_quantizer is not None}
+
+    def _ties(self, names: list[str]) -> list[list[str]]:
+        ties = []
+        for tie in self.tie_patterns:
+            group = []
+            for pat in tie:
+                hit = [n for n in names if re.fullmatch(pat, n)]
+                if not hit:
+                    raise ValueError(f"hessian.ties: pattern {pat!r} matches no analysed layer")
+                group += hit
+            ties.append(list(dict.fromkeys(group)))
+        return ties
+
+    def _calibration(self, trainer, pl_module) -> list:
+        loader = trainer.train_dataloader
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        elif isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if loader is None:
+            raise ValueError("HessianSensitivity: the trainer has no train dataloader")
+        batches = []
+        for b in loader:
+            batches.append(move_data_to_device(b, pl_module.device))
+            if len(batches) == self.num_batches:
+                break
+        return batches
+
+    def run(self, trainer, pl_module) -> None:
+        layers = self.layers(pl_module)
+        names = list(layers)
+        self.cfg.ties = self._ties(names)
+        batches = self._calibration(trainer, pl_module)
+        quantizers = [m for m in pl_module.modules() if isinstance(m, Quantizer)]
+        flags = [q.enabled for q in quantizers]
+        try:
+            if self.analyze_float:
+                for q in quantizers:
+                    q.enabled = False
+            rows, bits = analyze(pl_module, names, batches, self.loss_fn, self.cfg)
+        finally:
+            for q, f in zip(quantizers, flags):
+                q.enabled = f
+        rows, bits = trainer.strategy.broadcast((rows, bits), src=0)
+        self.rows, self.bits, self.done = rows, bits, True
+        self._apply(pl_module)
+        if trainer.is_global_zero:
+            self._report(trainer)
+
+    def _apply(self, pl_module) -> None:
+        mods = dict(pl_module.named_modules())
+        for name, b in self.bits.items():
+            m = mods.get(name)
+            if m is None or getattr(m, "weight_quantizer", None) is None:
+                raise ValueError(
+                    f"HessianSensitivity: layer {name!r} from the analysis/checkpoint has no "
+                    "weight_quantizer in this model"
+                )
+            m.weight_quantizer.set_bits(int(b))
+
+    # ---------------------------------------------------------------- output
+    def _report(self, trainer) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        total = sum(r["numel"] for r in self.rows)
+        avg = sum(r["numel"] * r["bits"] for r in self.rows) / total
+        meta = {"method": self.cfg.method, "avg_bits": avg, "epoch": trainer.current_epoch,
+                "bit_choices": list(self.cfg.bit_choices)}
+        report.write_csv(self.rows, out / f"{self.FILE}.csv")
+        report.write_json(self.rows, out / f"{self.FILE}.json", meta)
+        png = out / f"{self.FILE}.png"
+        fig = report.plot_png(self.rows, png, f"{self.cfg.method}: sensitivity and bits")
+        cols = report.table_columns(self.rows)
+        data = [[r.get(c) for c in cols] for r in self.rows]
+        for lg in trainer.loggers:
+            with contextlib.suppress(NotImplementedError):
+                lg.log_metrics({"hessian/avg_bits": avg}, step=trainer.global_step)
+            if hasattr(lg, "log_table"):
+                lg.log_table(key="hessian/sensitivity", columns=cols, data=data)
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="hessian/sensitivity_chart", images=[str(png)])
+            elif hasattr(getattr(lg, "experiment", None), "add_figure"):
+                lg.experiment.add_figure("hessian/sensitivity", fig, trainer.global_step)
+        rank_zero_info(f"HessianSensitivity: {self.cfg.method} bits {self.bits} (avg {avg:.2f})")
