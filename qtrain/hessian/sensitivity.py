@@ -5,7 +5,8 @@ Methods (see the modules they call for the equations):
 * ``hawq_v1``  -- lambda_i / n_i from the top eigenvalue of each layer's block H_ii (power
   iteration per block on a shared first-order graph); bits from the exact size-budget
   allocator with Omega_i(b) = lambda_i / n_i * ||Q_b(W_i) - W_i||^2 (:mod:`.hawq`).
-* ``hawq_v2``  -- Tr(H_ii) / n_i from shared-sample Hutchinson (:mod:`.trace`); bits from the
+* ``hawq_v2``  -- Tr(H_ii) / n_i from Hutchinson (:mod:`.trace`; ``trace_estimator`` "shared":
+  all layers from the same products, or "per_layer": one run per block); bits from the
   allocator with HAWQ-V2's Omega_i(b) = Tr(H_ii) / n_i * ||Q_b(W_i) - W_i||^2.
 * ``qbert``    -- per-block Omega = |mean lambda| + std lambda over data subsamples; tiers of
   2/3/4 bits (:mod:`.qbert`). Blocks are given by a regex whose first capture group names
@@ -17,6 +18,7 @@ No Lightning here; :mod:`qtrain.callbacks.hessian_sensitivity` schedules it.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,9 +30,10 @@ from qtrain.hessian.eigen import top_eigenvalues
 from qtrain.hessian.hawq import omega_table
 from qtrain.hessian.hvp import HessianOperator, batch_losses, hessian_mode, layer_groups
 from qtrain.hessian.qbert import assign_tier_bits, block_eigenvalues, qbert_omega
-from qtrain.hessian.trace import hutchinson_traces
+from qtrain.hessian.trace import TraceResult, hutchinson_traces, per_layer_traces
 
 METHODS = ("hawq_v1", "hawq_v2", "qbert")
+ESTIMATORS = ("shared", "per_layer")
 DEFAULT_BITS = {"hawq_v1": (2, 3, 4, 8), "hawq_v2": (2, 3, 4, 8), "qbert": (2, 3, 4)}
 
 
@@ -42,6 +45,7 @@ class SensitivityConfig:
     average_bits: float | None = None  # ... or as average bits per weight
     ties: Sequence[Sequence[str]] = field(default_factory=list)  # layer names sharing bits
     mode: str = "eval"  # model mode during the analysis: eval / train / keep
+    trace_estimator: str = "shared"  # hawq_v2: "shared" products or "per_layer" runs
     tol: float = 0.1  # Hutchinson: relative standard error to reach on every layer
     max_iter: int = 200
     min_iter: int = 10
@@ -56,11 +60,28 @@ class SensitivityConfig:
         if self.method not in METHODS:
             raise ValueError(f"hessian.method={self.method!r}; allowed: {METHODS}")
         self.bit_choices = tuple(self.bit_choices or DEFAULT_BITS[self.method])
+        if self.trace_estimator not in ESTIMATORS:
+            raise ValueError(
+                f"hessian.trace_estimator={self.trace_estimator!r}; allowed: {ESTIMATORS}"
+            )
         if self.method != "qbert" and (self.budget_bits is None) == (self.average_bits is None):
             raise ValueError(
                 f"hessian.method={self.method!r} needs exactly one of budget_bits or "
                 f"average_bits (got {self.budget_bits!r}, {self.average_bits!r})"
             )
+
+
+def _warn_unconverged(runs: dict[str, TraceResult], tol: float) -> None:
+    bad = {n: r.rel_stderr()[n] for n, r in runs.items() if r.rel_stderr()[n] > tol}
+    if bad:
+        worst = sorted(bad.items(), key=lambda kv: -kv[1])[:5]
+        warnings.warn(
+            f"Hutchinson traces did not reach relative standard error {tol} for {len(bad)} "
+            f"layer(s) within max_iter (worst: "
+            + ", ".join(f"{n}={v:.2f}" for n, v in worst)
+            + "); raise max_iter or use trace_estimator='per_layer'",
+            stacklevel=3,
+        )
 
 
 def qbert_block_of(names: Sequence[str], pattern: str | None) -> dict[str, str]:
@@ -113,10 +134,17 @@ def analyze(
         else:
             op = HessianOperator(groups, batch_losses(model, batches, loss),
                                  cache_graph=cfg.cache_graph)
-            if cfg.method == "hawq_v2":
+            if cfg.method == "hawq_v2" and cfg.trace_estimator == "shared":
                 res = hutchinson_traces(op, cfg.tol, cfg.max_iter, cfg.min_iter, cfg.seed)
                 curv, err = res.traces, res.stderr
                 extra = {"iterations": res.iterations, "converged": res.converged}
+                _warn_unconverged({n: res for n in layer_names}, cfg.tol)
+            elif cfg.method == "hawq_v2":
+                runs = per_layer_traces(op, cfg.tol, cfg.max_iter, cfg.min_iter, cfg.seed)
+                curv = {n: r.traces[n] for n, r in runs.items()}
+                err = {n: r.stderr[n] for n, r in runs.items()}
+                extra = {}
+                _warn_unconverged(runs, cfg.tol)
             else:
                 curv, err, extra = {}, {}, {}
                 for n in layer_names:
