@@ -11,7 +11,26 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochSeededRandomSampler(Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch), so a run resumed
+    from a checkpoint sees exactly the batches an uninterrupted run would (Lightning calls
+    ``set_epoch`` every epoch; under DDP it swaps in a DistributedSampler instead)."""
+
+    def __init__(self, data: Dataset, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = len(data), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class QDataModule(pl.LightningDataModule):
@@ -62,10 +81,10 @@ class QDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset | None, train: bool, name: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: {name} split not set up")
-        g = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            num_workers=self.num_workers, generator=g if train else None,
+            ds, batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochSeededRandomSampler(ds, self.seed) if train else None,
+            num_workers=self.num_workers,
             collate_fn=getattr(self, "collate_fn", None), drop_last=False,
             persistent_workers=self.num_workers > 0,
         )

@@ -9,7 +9,6 @@ same ``from_pretrained`` path.
 
 from __future__ import annotations
 
-import json
 import os
 
 from torch import nn
@@ -49,30 +48,23 @@ def _write_bert_tokenizer(out: str) -> None:
     words = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
     words += ["the", "a", "movie", "film", "good", "bad", "is", "was", "not", "very", "and"]
     words += ["##" + chr(c) for c in range(ord("a"), ord("z") + 1)]
-    with open(os.path.join(out, "vocab.txt"), "w") as f:
-        f.write("\n".join(specials + words) + "\n")
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
-    BertTokenizerFast(vocab_file=os.path.join(out, "vocab.txt")).save_pretrained(out)
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    BertTokenizer(vocab=vocab).save_pretrained(out)
 
 
 def _write_roberta_tokenizer(out: str) -> None:
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+    from tokenizers.pre_tokenizers import ByteLevel
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials)}
-    for ch in bytes_to_unicode().values():
+    for ch in sorted(ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     vocab["<mask>"] = len(vocab)
-    with open(os.path.join(out, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(out, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    from transformers import RobertaTokenizerFast
+    from transformers import RobertaTokenizer
 
-    RobertaTokenizerFast(
-        vocab_file=os.path.join(out, "vocab.json"), merges_file=os.path.join(out, "merges.txt")
-    ).save_pretrained(out)
+    RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
 
 
 def make_tiny_pretrained(family: str, out: str, seed: int = 0) -> str:

@@ -1,0 +1,102 @@
+"""QAT callback: conversion by rules, master weights intact, math equal to PyTorch's
+fake-quant ops, first/last policy, clear errors, exact resume from a checkpoint."""
+
+import pytest
+import torch
+from torch import nn
+
+from qtrain.callbacks.qat import QATCallback
+from qtrain.nn.convert import LayerSelectionError
+from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.uniform_quantizer import UniformQuantizer
+from tests.hydra_helpers import run
+
+
+def wq(bits):
+    return UniformQuantizer(bits, symmetric=True, granularity="channel")
+
+
+def aq(bits):
+    return UniformQuantizer(bits, symmetric=False, observer="ema")
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_convert_shares_parameters_and_keeps_master_weights():
+    model = net()
+    w_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    cb = QATCallback(bits=4, weight=wq, act=aq, first_last="quantize")
+    cb.convert(model)
+    assert isinstance(model[0], QuantConv2d) and isinstance(model[6], QuantLinear)
+    assert {n: id(p) for n, p in model.named_parameters() if "quantizer" not in n} == ids
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    for n, p in model.named_parameters():
+        if n in w_before:
+            assert torch.equal(p, w_before[n]), n
+
+
+def test_quant_conv_equals_pytorch_fake_quant_ops():
+    model = net()
+    QATCallback(bits=4, weight=wq, act=aq, first_last="quantize").convert(model)
+    conv = model[2]
+    x = torch.randn(2, 4, 6, 6)
+    y = conv(x)
+    # reference: PyTorch's own ops with the same min-max settings
+    w = conv.weight.detach()
+    amax = w.abs().amax(dim=(1, 2, 3))
+    scale = amax / 7.5  # symmetric 4-bit: (qmax - qmin) / 2 = 7.5
+    w_ref = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(4, dtype=torch.int32), 0, -8, 7)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    s = (hi - lo) / 15
+    zp = int(round(-lo / s))
+    x_ref = torch.fake_quantize_per_tensor_affine(x, s, zp, 0, 15)
+    y_ref = nn.functional.conv2d(x_ref, w_ref, conv.bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_first_last_policies():
+    for policy, expect_first in (("keep", nn.Conv2d), ("8bit", QuantConv2d)):
+        model = net()
+        QATCallback(bits=4, weight=wq, act=aq, first_last=policy).convert(model)
+        assert type(model[0]) is expect_first and isinstance(model[2], QuantConv2d)
+        if policy == "8bit":
+            assert model[0].weight_quantizer.bits == 8 and model[2].weight_quantizer.bits == 4
+
+
+def test_overrides_and_skip():
+    model = net()
+    cb = QATCallback(bits=4, weight=wq, act=None, first_last="quantize",
+                     overrides={"4": {"bits": 2}, "6": {"skip": True}})
+    cb.convert(model)
+    assert model[4].weight_quantizer.bits == 2 and type(model[6]) is nn.Linear
+
+
+def test_errors_name_the_key():
+    with pytest.raises(LayerSelectionError, match="quant.include.*'fc9'"):
+        QATCallback(bits=4, weight=wq, include=["fc9"]).convert(net())
+    with pytest.raises(ValueError, match="quant.bits=9"):
+        QATCallback(bits=9, weight=wq)
+    with pytest.raises(LayerSelectionError, match="quant.overrides"):
+        QATCallback(bits=4, weight=wq, overrides={"nope": {"bits": 2}}).convert(net())
+    with pytest.raises(ValueError, match="allowed"):
+        QATCallback(bits=4, weight=wq, first_last="sometimes")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    common = ["recipe=qat_int4_digits", "debug=smoke", "trainer.max_epochs=3",
+              "quant_start_epoch=1", "callbacks.checkpoint.save_top_k=-1",
+              ]
+    run(common, tmp_path / "a")
+    full = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    mid = sorted((tmp_path / "a" / "checkpoints").glob("epoch001-*.ckpt"))[0]
+    run(common + [f"ckpt_path={mid}"], tmp_path / "b")
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == full["global_step"]
+    assert any("running_max" in k for k in full["state_dict"])
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
