@@ -7,34 +7,17 @@ import os
 
 from torch import nn
 
-from qtrain.nn.quantizer_base import Quantizer
+from qtrain.quant.size import model_huffman_bits, model_storage_bits
 
 
 def model_bits(model: nn.Module) -> int:
-    """Storage bits of ``model``: modules with ``storage_bits()`` report their own parameters
-    (quantized codes + scales/codebooks), every other parameter and buffer counts at its
-    dtype's width. Shared (tied) tensors count once."""
-    seen: set[int] = set()
+    """Exact storage bits of ``model`` (qtrain.quant.size.model_storage_bits)."""
+    return model_storage_bits(model).total_bits
 
-    def visit(m: nn.Module) -> int:
-        own = getattr(m, "storage_bits", None)
-        if callable(own) and not isinstance(m, Quantizer):
-            tensors = list(m.parameters()) + list(m.buffers())
-            fresh = all(id(t) not in seen for t in tensors)
-            seen.update(id(t) for t in tensors)
-            return own() if fresh else 0
-        bits = 0
-        items = list(m.named_parameters(recurse=False)) + [
-            (n, b) for n, b in m.named_buffers(recurse=False)
-            if n not in m._non_persistent_buffers_set
-        ]
-        for _, t in items:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                bits += t.numel() * t.element_size() * 8
-        return bits + sum(visit(c) for c in m.children())
 
-    return visit(model)
+def huffman_bits(model: nn.Module) -> int:
+    """Storage bits with every layer's codes Huffman-coded (Deep Compression's last stage)."""
+    return model_huffman_bits(model).total_bits
 
 
 def format_summary(s: dict) -> str:
@@ -48,6 +31,7 @@ def format_summary(s: dict) -> str:
         ("size FP32 (MB)", fmt(s["fp32_mb"], 4)),
         ("size quantized (MB)", fmt(s["quant_mb"], 4)),
         ("compression", f"{s['compression']:.2f}x"),
+        ("Huffman-coded (MB)", fmt(s.get("huffman_mb"), 4)),
         ("epochs / time", f"{s.get('epochs')} / {s.get('time_s', 0):.1f}s"),
         ("run dir", s["run_dir"]),
     ]

@@ -69,6 +69,19 @@ def _metric(results: list[dict], key: str) -> float | None:
     return float(results[0][key]) if results and key in results[0] else None
 
 
+def export_packed(model, run_dir: str) -> dict:
+    """Pack the trained quantized layers (qtrain.export) and write them with every other
+    tensor (BatchNorm statistics included) to ``<run dir>/model_packed.safetensors``."""
+    from qtrain.export import pack_model, save_packed
+
+    path = os.path.join(run_dir, "model_packed.safetensors")
+    info = save_packed(pack_model(model.eval()), path)
+    log.info("packed model: %s (%d bytes, %d packed layers)", path, info["file_bytes"],
+             info["n_packed_layers"])
+    return {"packed_file": path, "packed_mb": info["file_bytes"] / 1e6,
+            "packed_layers": info["n_packed_layers"]}
+
+
 def train(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = cfg.paths.output_dir
@@ -107,14 +120,13 @@ def train(cfg: DictConfig) -> dict:
         "fp32_mb": fp32_bits / 8 / 1e6,
         "quant_mb": quant_bits / 8 / 1e6,
         "compression": fp32_bits / quant_bits,
+        "huffman_mb": report.huffman_bits(module.model) / 8 / 1e6,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "run_dir": os.path.abspath(run_dir),
     }
     if cfg.get("export"):
-        from qtrain.export import export_run
-
-        summary.update(export_run(module.model, run_dir, cfg))
+        summary.update(export_packed(module.model, run_dir))
     summary["time_s"] = time.time() - t0
     if trainer.is_global_zero:
         report.write_summary(summary, run_dir)
