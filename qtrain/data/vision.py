@@ -27,19 +27,31 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FORMATS = ("pickle", "imagefolder")
 
 
+def _load_pickle(path: str) -> dict:
+    """A CIFAR pickle with str keys (the original Python 2 files, read as latin1) or bytes
+    keys (files written by Python 3 code following the CIFAR page's ``encoding='bytes'``)."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
 class _NoChecksum:
-    """torchvision's CIFAR reader without the md5 checks (re-encoded copies, smoke data):
-    same pickle layout and parsing, files must only exist."""
+    """torchvision's CIFAR dataset (same layout, same __getitem__) without the md5 checks, for
+    re-encoded copies and smoke data; accepts str- or bytes-keyed pickles."""
 
-    def _check_integrity(self) -> bool:
-        return all(os.path.exists(os.path.join(self.root, self.base_folder, f))
-                   for f, _ in self.train_list + self.test_list)
-
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-        self.classes = data[self.meta["key"]]
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+        datasets.VisionDataset.__init__(self, root, transform=transform,
+                                        target_transform=target_transform)
+        self.train = train
+        data, targets = [], []
+        for fname, _ in self.train_list if train else self.test_list:
+            entry = _load_pickle(os.path.join(self.root, self.base_folder, fname))
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = targets
+        meta = _load_pickle(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+        self.classes = [c.decode() if isinstance(c, bytes) else c for c in meta[self.meta["key"]]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 

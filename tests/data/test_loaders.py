@@ -15,7 +15,7 @@ from qtrain.data.text_lm import LMDataModule, Vocabulary, tokenize
 from qtrain.data.vision import CIFARDataModule, ImageNetDataModule, MNISTDataModule
 
 
-def _write_cifar_pickles(root, n_per_batch=4):
+def _write_cifar_pickles(root, n_per_batch=4, key=str):
     """The cifar-10-batches-py layout (str keys, as the original Python 2 pickles load with
     encoding=latin1), written independently of qtrain's smoke writer."""
     d = root / "cifar-10-batches-py"
@@ -26,15 +26,20 @@ def _write_cifar_pickles(root, n_per_batch=4):
         data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n_per_batch).tolist()
         with open(d / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f, protocol=2)
+            pickle.dump({key("data"): data, key("labels"): labels, key("batch_label"): name}, f, protocol=2)
         expected[name] = (data, labels)
     with open(d / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f, protocol=2)
+        pickle.dump({key("label_names"): [key(f"c{i}") for i in range(10)]}, f, protocol=2)
     return expected
 
 
-def test_cifar_pickle_layout(tmp_path):
-    expected = _write_cifar_pickles(tmp_path)
+def _bytes(s):
+    return s.encode()
+
+
+@pytest.mark.parametrize("key", [str, _bytes], ids=["str_keys", "bytes_keys"])
+def test_cifar_pickle_layout(tmp_path, key):
+    expected = _write_cifar_pickles(tmp_path, key=key)
     dm = CIFARDataModule(root=str(tmp_path), verify_checksums=False, augment=False)
     dm.setup()
     assert len(dm.train_set) == 20 and len(dm.val_set) == 4
@@ -45,6 +50,7 @@ def test_cifar_pickle_layout(tmp_path):
     data, labels = expected["test_batch"]
     assert torch.allclose(img.flatten(), torch.tensor(data[0], dtype=torch.float32), atol=0.01)
     assert y == labels[0]
+    assert dm.train_set.classes[3] == "c3"
 
 
 def test_cifar_verified_rejects_reencoded_copy(tmp_path):
