@@ -86,12 +86,16 @@ class QuantNoiseQuantizer(Quantizer):
             self._maybe_fit(w)
             return KM.pq_reconstruct(self.centroids, self.assignments, w.shape).to(w.dtype)
         w = w.detach()
+        qmin, qmax = U.code_range(self.bits, symmetric=True)
+        # one fused PyTorch fake-quant kernel (same rounding/clamping as qtrain.quant.uniform)
         if self.granularity == "tensor":
-            lo, hi = w.min(), w.max()
-        else:
-            lo, hi = U.reduce_range(w, "channel", 0)
-        qp = U.qparams_from_range(lo, hi, self.bits, symmetric=True)
-        return U.dequantize(U.quantize(w, qp), qp)
+            scale = (w.abs().max() / ((qmax - qmin) / 2)).clamp_min(1e-8).reshape(1)
+            zp = torch.zeros(1, dtype=torch.int32, device=w.device)
+            return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
+        flat = w.reshape(w.shape[0], -1)
+        scale = (flat.abs().amax(1) / ((qmax - qmin) / 2)).clamp_min(1e-8)
+        zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+        return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
 
     def _maybe_fit(self, w: torch.Tensor) -> None:
         step = int(self.step)
