@@ -58,9 +58,9 @@ def test_storage_bits_and_bad_input():
 def test_stochastic_rounding_unbiased():
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     q = BucketUniformQuantizer(2, bucket_size=64, rounding="stochastic", seed=0)
-    mean = torch.stack([q(x) for _ in range(4000)]).mean(0)
+    mean = torch.stack([q(x) for _ in range(1000)]).mean(0)
     step = (x.max() - x.min()).item() / 3
-    assert (mean - x).abs().max().item() < 0.05 * step * 3  # ~6 sigma for 4000 draws
+    assert (mean - x).abs().max().item() < 0.12 * step  # std of the mean <= step / 2 / sqrt(1000)
     assert not torch.equal(q(x), q(x))
 
 
