@@ -68,7 +68,7 @@ class UniformQuantizer(Quantizer):
 
     def _ema_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training or not bool(self.initialized):
-            lo, hi = x.detach().min(), x.detach().max()
+            lo, hi = torch.aminmax(x.detach())  # one pass
             if bool(self.initialized):
                 d = self.ema_decay
                 lo = d * self.running_min + (1 - d) * lo

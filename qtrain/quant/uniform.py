@@ -102,8 +102,35 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad_out * inside, None, None, None, None
 
 
+def _channel_axis(x: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """The one axis along which ``scale`` varies (per-channel), or None."""
+    if scale.dim() != x.dim():
+        return None
+    axes = [d for d in range(x.dim()) if scale.shape[d] != 1]
+    if len(axes) == 1 and scale.shape[axes[0]] == x.shape[axes[0]]:
+        return axes[0]
+    return None
+
+
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """quantize -> dequantize with the clipped straight-through gradient (w.r.t. ``x``)."""
+    """quantize -> dequantize with the clipped straight-through gradient (w.r.t. ``x``).
+
+    Per-tensor and per-channel parameters run PyTorch's fused one-pass kernels
+    (``fake_quantize_per_{tensor,channel}_affine``, which compute exactly the same values
+    and gradient mask); other layouts (per-group views) use the equivalent generic
+    autograd function. No gradient flows to ``scale`` / ``zero_point`` either way.
+    """
+    scale, zp = qp.scale.detach(), qp.zero_point.detach()
+    if x.dtype == torch.float32 and scale.dtype == torch.float32:
+        if scale.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(1), zp.reshape(1).to(torch.int32), qp.qmin, qp.qmax
+            )
+        axis = _channel_axis(x, scale)
+        if axis is not None:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale.flatten(), zp.flatten().to(torch.int32), axis, qp.qmin, qp.qmax
+            )
     return _FakeQuantSTE.apply(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
 
 
@@ -116,7 +143,7 @@ def reduce_range(
     ``x`` itself (per-tensor, per-channel).
     """
     if granularity == "tensor":
-        return x.min(), x.max()
+        return torch.aminmax(x)  # one pass
     if granularity == "channel":
         dims = [d for d in range(x.dim()) if d != axis % x.dim()]
         shape = [1] * x.dim()

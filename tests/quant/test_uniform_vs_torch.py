@@ -31,6 +31,17 @@ def test_per_tensor_equals_torch(bits, symmetric):
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     torch.testing.assert_close(gx, gref, rtol=0, atol=0)
     assert (gx == 0).any()  # clipping exercised
+    _generic_path_matches(x, qp, ref, gref, g)
+
+
+def _generic_path_matches(x, qp, ref, gref, g):
+    """fake_quantize dispatches to torch's fused ops; the generic autograd path (used for
+    per-group views and non-fp32 inputs) must give the same values and gradients."""
+    x3 = x.detach().clone().requires_grad_(True)
+    gen = U._FakeQuantSTE.apply(x3, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+    (ggen,) = torch.autograd.grad(gen, x3, g)
+    torch.testing.assert_close(gen, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ggen, gref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -50,6 +61,24 @@ def test_per_channel_equals_torch(bits, symmetric, axis):
     (gref,) = torch.autograd.grad(ref, w2, g)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     torch.testing.assert_close(gx, gref, rtol=0, atol=0)
+    _generic_path_matches(w, qp, ref, gref, g)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_group_equals_torch_per_channel_on_group_rows(symmetric):
+    w = _data((6, 32), 3)
+    q = UniformQuantizer(4, symmetric=symmetric, granularity="group", group_size=8)
+    ours = q(w)
+    g = torch.randn_like(ours)
+    (gx,) = torch.autograd.grad(ours, w, g)
+    qp = q.qparams(w)  # shapes (6, 4, 1): one scale per row group
+    rows = w.detach().reshape(24, 8).clone().requires_grad_(True)
+    ref = torch.fake_quantize_per_channel_affine(
+        rows, qp.scale.flatten(), qp.zero_point.flatten().to(torch.int32), 0, qp.qmin, qp.qmax
+    )
+    (gref,) = torch.autograd.grad(ref, rows, g.reshape(24, 8))
+    torch.testing.assert_close(ours, ref.reshape(6, 32), rtol=0, atol=0)
+    torch.testing.assert_close(gx, gref.reshape(6, 32), rtol=0, atol=0)
 
 
 def test_quantizer_module_per_tensor_matches_torch_observer_convention():
