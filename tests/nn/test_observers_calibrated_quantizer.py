@@ -75,7 +75,8 @@ def test_observer_nan_names_layer():
 @pytest.mark.parametrize("calib", ["minmax", "percentile", "kl", "mse", "aciq"])
 def test_calibrate_then_freeze_flow(calib):
     torch.manual_seed(0)
-    q = CalibratedQuantizer(8, calib, symmetric=False)
+    kw = {"bins": 512, "kl_levels": 64} if calib == "kl" else {}
+    q = CalibratedQuantizer(8, calib, symmetric=False, **kw)
     batches = [torch.relu(torch.randn(64, 100)) for _ in range(3)]
     q.calibrating = True
     for b in batches:
@@ -87,7 +88,7 @@ def test_calibrate_then_freeze_flow(calib):
     x = torch.relu(torch.randn(10, 100))
     torch.testing.assert_close(q(x), U.fake_quantize(x, qp))
     # frozen range survives a state_dict round trip into a fresh quantizer
-    q2 = CalibratedQuantizer(8, calib, symmetric=False)
+    q2 = CalibratedQuantizer(8, calib, symmetric=False, **kw)
     q2.load_state_dict(q.state_dict())
     assert torch.equal(q2(x), q(x))
     assert q.storage_bits(x) == 8 * 1000 + 32 + 8
