@@ -86,6 +86,9 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = cfg.paths.output_dir
     os.makedirs(run_dir, exist_ok=True)
+    for stale in ("FAILED", "summary.json"):  # a rerun into the same directory
+        if os.path.exists(os.path.join(run_dir, stale)):
+            os.remove(os.path.join(run_dir, stale))
     pl.seed_everything(cfg.seed, workers=True)
     _prepare_smoke(cfg)
     dm = build_datamodule(cfg)
