@@ -82,6 +82,18 @@ class TaskModule(pl.LightningModule):
     def update_metrics(self, stage, outputs, targets, loss) -> None:
         raise NotImplementedError
 
+    def batch_metric(self, outputs, targets, loss) -> torch.Tensor:
+        """This task's metric on one batch (for callbacks that run extra evaluations)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_metrics(self, batch) -> dict:
+        """{'loss', <metric>} of one batch (e.g. Quant-Noise's float vs quantized passes)."""
+        inputs, targets = self.split_batch(batch)
+        outputs = self(inputs)
+        loss = self.task_loss(outputs, targets)
+        return {"loss": loss, self.metric: self.batch_metric(outputs, targets, loss)}
+
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
         if self.optimizer_factory is None:

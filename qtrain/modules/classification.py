@@ -20,6 +20,9 @@ class ImageClassifier(TaskModule):
     def task_loss(self, logits, y):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if self.training else 0.0)
 
+    def batch_metric(self, logits, y, loss):
+        return (logits.argmax(-1) == y).float().mean()
+
     def update_metrics(self, stage, logits, y, loss) -> None:
         m = self.val_acc if stage == "val" else self.test_acc
         m(logits, y)

@@ -20,6 +20,9 @@ class CausalLM(TaskModule):
     def task_loss(self, logits, y):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
+    def batch_metric(self, logits, y, loss):
+        return torch.exp(loss)
+
     def update_metrics(self, stage, logits, y, loss) -> None:
         m = self.val_nll if stage == "val" else self.test_nll
         m.update(loss.detach(), weight=y.numel())

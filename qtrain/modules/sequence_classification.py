@@ -39,6 +39,12 @@ class SequenceClassifier(TaskModule):
     def task_loss(self, logits, y):
         return F.cross_entropy(logits, y)
 
+    def batch_metric(self, logits, y, loss):
+        if self.metric == "acc":
+            return (logits.argmax(-1) == y).float().mean()
+        m = self.val_metric.clone()  # MCC / F1 are not means over batches: one-batch value
+        return m(logits.argmax(-1) if self.metric == "f1" else logits, y)
+
     def update_metrics(self, stage, logits, y, loss) -> None:
         m = self.val_metric if stage == "val" else self.test_metric
         preds = logits.argmax(-1) if self.metric == "f1" else logits
