@@ -36,14 +36,15 @@ class INQCallback(pl.Callback):
         strategy: 'magnitude' (largest first) or 'random'.
         include / exclude: module-name regexes; types: among 'Conv2d', 'Linear'.
         boundaries: start of each stage (len == len(schedule)); default
-            ``[i * stage_length]``. unit: 'epoch' or 'step' (optimizer steps).
+            ``[start + i * stage_length]``. unit: 'epoch' or 'step' (optimizer steps).
         reset_optimizer: rebuild optimizer + LR scheduler at each later stage.
         seed: seed of the random partition.
     """
 
     def __init__(self, bits: int = 5, schedule="5bit", strategy: str = "magnitude",
                  include=(".*",), exclude=(), types=("Conv2d", "Linear"),
-                 boundaries=None, stage_length: int = 1, unit: str = "epoch",
+                 boundaries=None, stage_length: int = 1, start: int = 0,
+                 unit: str = "epoch",
                  reset_optimizer: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.schedule = INQ.check_schedule(schedule)
@@ -55,7 +56,9 @@ class INQCallback(pl.Callback):
         if bad:
             raise ValueError(f"inq.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
         if boundaries is None:
-            boundaries = [i * int(stage_length) for i in range(len(self.schedule))]
+            if int(start) < 0:
+                raise ValueError(f"inq.start={start}: must be >= 0")
+            boundaries = [int(start) + i * int(stage_length) for i in range(len(self.schedule))]
         boundaries = [int(b) for b in boundaries]
         if len(boundaries) != len(self.schedule) or sorted(boundaries) != boundaries:
             raise ValueError(f"inq.boundaries={boundaries}: need {len(self.schedule)} "

@@ -26,6 +26,7 @@ embeddings 8, conv 3x3 9 (kh*kw), 1x1 4; transformer order FFN -> embeddings -> 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 import warnings
 
 import pytorch_lightning as pl
@@ -83,9 +84,13 @@ class IterativePQCallback(pl.Callback):
         stages: preset name ('fairseq_transformer', 'hf_bert', 'cnn') or a list of stages,
             each a list of regexes or a dict {include: [...], block_size: int}.
         exclude: regexes of layers never quantized.
-        n_centroids, n_iter: k-means K and iterations. block_sizes: overrides of
+        n_centroids, n_iter: k-means K and iterations. clamp_centroids: a layer with fewer
+            sub-vectors than K gets K = the largest power of two <= sub-vectors / 4 instead of
+            the error (meant for smoke tests' tiny models: ``${model.tiny}``). block_sizes: overrides of
             DEFAULT_BLOCKS ({fc, attention, embedding, conv1x1, conv}).
-        boundaries / stage_length / unit: stage starts (epochs or steps).
+        boundaries / start / stage_length / unit: stage starts (epochs or steps); without
+            ``boundaries`` stage i starts at ``start + i * stage_length`` (``start``: e.g.
+            the end of a preceding Quant-Noise or float phase).
         activation_aware: fit with sampled inputs of the current batch (max_sample_rows).
         forward_fn: f(pl_module, batch) running the model (activation sampling).
         lr_schedule: 'continue' or 'restart' after each optimizer rebuild.
@@ -93,9 +98,9 @@ class IterativePQCallback(pl.Callback):
 
     def __init__(self, stages="fairseq_transformer", exclude=(), n_centroids: int = 256,
                  n_iter: int = 20, block_sizes=None, boundaries=None, stage_length: int = 1,
-                 unit: str = "epoch", activation_aware: bool = False,
+                 start: int = 0, unit: str = "epoch", activation_aware: bool = False,
                  max_sample_rows: int = 4096, forward_fn=None, lr_schedule: str = "continue",
-                 seed: int = 0) -> None:
+                 seed: int = 0, clamp_centroids: bool = False) -> None:
         super().__init__()
         if isinstance(stages, str) and stages not in (*PRESETS, "cnn"):
             raise ValueError(f"ipq.stages={stages!r}; allowed presets: {[*PRESETS, 'cnn']} "
@@ -106,8 +111,13 @@ class IterativePQCallback(pl.Callback):
             raise ValueError(f"ipq.lr_schedule={lr_schedule!r}; allowed: 'continue', 'restart'")
         self.stages_cfg, self.exclude = stages, list(exclude)
         self.n_centroids, self.n_iter, self.seed = n_centroids, n_iter, seed
+        self.clamp_centroids = bool(clamp_centroids)
+        self.k_for: dict[str, int] = {}
         self.blocks = {**DEFAULT_BLOCKS, **(block_sizes or {})}
         self.boundaries_cfg, self.stage_length, self.unit = boundaries, stage_length, unit
+        if int(start) < 0:
+            raise ValueError(f"ipq.start={start}: must be >= 0")
+        self.start = int(start)
         self.activation_aware, self.max_sample_rows = activation_aware, max_sample_rows
         self.forward_fn = forward_fn or _default_forward
         self.lr_schedule = lr_schedule
@@ -122,14 +132,14 @@ class IterativePQCallback(pl.Callback):
             cfg = network_order_stages(model, self.exclude) if cfg == "cnn" else PRESETS[cfg]
         out = []
         for s in cfg:
-            s = dict(s) if isinstance(s, dict) else {"include": list(s)}
+            s = dict(s) if isinstance(s, Mapping) else {"include": list(s)}  # DictConfig too
             out.append(s)
         return out
 
     def setup(self, trainer, pl_module, stage=None) -> None:
         specs = self._resolve(pl_module)
-        self.boundaries = self.boundaries_cfg or [i * int(self.stage_length)
-                                                  for i in range(len(specs))]
+        self.boundaries = list(self.boundaries_cfg or [
+            self.start + i * int(self.stage_length) for i in range(len(specs))])
         if len(self.boundaries) != len(specs) or sorted(self.boundaries) != list(self.boundaries):
             raise ValueError(f"ipq.boundaries={self.boundaries}: need {len(specs)} "
                              "non-decreasing stage starts (one per stage)")
@@ -158,7 +168,11 @@ class IterativePQCallback(pl.Callback):
         w = m.weight
         KM.blocks_of(w, bs, name)  # block size divides the input dimension
         n_blocks = w.numel() // bs
-        if self.n_centroids > n_blocks:
+        k = self.n_centroids
+        if k > n_blocks and self.clamp_centroids:
+            k = 2 ** max(0, (n_blocks // 4).bit_length() - 1)
+        self.k_for[name] = k
+        if k > n_blocks:
             raise ValueError(f"{name}: n_centroids={self.n_centroids} is larger than the number "
                              f"of sub-vectors {n_blocks} (block_size={bs}); exclude the layer "
                              "or lower n_centroids")
@@ -213,7 +227,7 @@ class IterativePQCallback(pl.Callback):
             fitted = {}
             for i, (name, bs) in enumerate(group.items()):
                 m = pl_module.get_submodule(name)
-                pq = pq_class_for(m).from_float(m, bs, self.n_centroids, self.n_iter,
+                pq = pq_class_for(m).from_float(m, bs, self.k_for[name], self.n_iter,
                                                 self.seed + 1000 * t + i, samples.get(name),
                                                 name=name)
                 fitted[name] = (pq.centroids.detach().cpu(), pq.assignments.cpu())

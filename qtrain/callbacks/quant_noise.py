@@ -12,6 +12,11 @@ on the same dataloaders -- float (noise off, ``eval_p = 0``) and fully quantized
 Metrics come from ``metric_fn(pl_module, batch) -> {name: tensor}``; the default uses
 ``pl_module.eval_metrics(batch)`` if the module defines it, else (x, y) classification
 (``loss`` = cross-entropy, ``acc``). ``max_eval_batches`` bounds the extra passes.
+
+``fp32_metric`` (read by the run summary): the module's own validation metric
+(``val_<pl_module.metric>``, noise off = the float weights) of the last validation while
+every noised layer is still in the model; once a later method (iPQ) replaces a layer, it
+keeps the value from before the replacement, i.e. the float Quant-Noise-trained model.
 """
 
 from __future__ import annotations
@@ -46,13 +51,16 @@ class QuantNoiseCallback(pl.Callback):
         include / exclude: module-name regexes; types: among Linear, Conv2d, Embedding.
         compare_eval: log float and fully-quantized metrics after val/test epochs.
         metric_fn, max_eval_batches: see module docstring. seed: base mask seed.
+        clamp_centroids: mode 'pq' only; a layer with fewer blocks than 2^bits gets
+            2^bits' = the largest power of two <= blocks / 4 instead of k-means' error
+            (meant for smoke tests' tiny models: ``${model.tiny}``).
     """
 
     def __init__(self, p=0.1, block_size=8, mode: str = "int8", bits: int | None = None,
                  granularity: str = "tensor", include=(".*",), exclude=(),
                  types=("Linear", "Conv2d", "Embedding"), compare_eval: bool = True,
                  metric_fn=None, max_eval_batches: int | None = None, seed: int = 0,
-                 pq_refresh: int = 1000) -> None:
+                 pq_refresh: int = 1000, clamp_centroids: bool = False) -> None:
         super().__init__()
         bad = [t for t in types if t not in TYPE_KEYS]
         if bad:
@@ -64,8 +72,9 @@ class QuantNoiseCallback(pl.Callback):
         self.include, self.exclude, self.types = list(include), list(exclude), list(types)
         self.compare_eval, self.max_eval_batches, self.seed = compare_eval, max_eval_batches, seed
         self.metric_fn = metric_fn or default_metric_fn
-        self.pq_refresh = pq_refresh
+        self.pq_refresh, self.clamp_centroids = pq_refresh, bool(clamp_centroids)
         self.layers: dict[str, nn.Module] = {}
+        self.fp32_metric: float | None = None
         QuantNoiseQuantizer(bits, 0.0, 8, mode, granularity)  # validate mode/bits early
 
     @staticmethod
@@ -90,10 +99,15 @@ class QuantNoiseCallback(pl.Callback):
             if is_fake_quant(m):
                 raise ValueError(f"quant_noise: layer {name} is already a fake-quant layer")
             key = self._type_key(m)
-            q = QuantNoiseQuantizer(self.bits, self.p[key], self.block_size[key], self.mode,
+            bs = noise_block_size(m.weight, self.block_size[key], name)  # divides input dim
+            bits = self.bits
+            if self.mode == "pq" and self.clamp_centroids:
+                n_blocks = m.weight.numel() // bs
+                if 2 ** (bits or 8) > n_blocks:
+                    bits = max(1, (n_blocks // 4).bit_length() - 1)
+            q = QuantNoiseQuantizer(bits, self.p[key], self.block_size[key], self.mode,
                                     self.granularity, self.seed * 100003 + next(counter),
                                     pq_refresh=self.pq_refresh)
-            noise_block_size(m.weight, self.block_size[key], name)  # divides the input dim
             return FAKE_QUANT_TYPES[type(m)].from_float(m, q)
 
         types = tuple(TYPE_KEYS[t] for t in self.types)
@@ -138,13 +152,25 @@ class QuantNoiseCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._compare(trainer, pl_module, trainer.val_dataloaders, "val")
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.layers:
+            return
+        live = {id(m) for m in pl_module.modules()}
+        if not all(id(m) in live for m in self.layers.values()):
+            return  # a layer was replaced (e.g. by iPQ): keep the float value from before
+        value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
+        if value is not None:
+            self.fp32_metric = float(value)
+
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._compare(trainer, pl_module, trainer.test_dataloaders, "test")
 
     def state_dict(self) -> dict:  # masks/steps/codebooks live in the model's buffers
-        return {"layers": sorted(self.layers), "mode": self.mode, "p": self.p}
+        return {"layers": sorted(self.layers), "mode": self.mode, "p": self.p,
+                "fp32_metric": self.fp32_metric}
 
     def load_state_dict(self, state: dict) -> None:
         if self.layers and sorted(self.layers) != state["layers"]:
             raise ValueError(f"quant_noise: checkpoint layers {state['layers']} differ from the "
                              f"configured selection {sorted(self.layers)}")
+        self.fp32_metric = state.get("fp32_metric", self.fp32_metric)
