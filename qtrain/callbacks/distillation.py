@@ -45,6 +45,10 @@ Teacher slot (exactly one of ``teacher`` / ``teacher_pretrained``):
   prefix is stripped; ``teacher_checkpoint_prefix='teacher.'`` takes a scheme-A teacher).
 * ``teacher_pretrained``: a transformers name/path (through :mod:`qtrain.models.hf`), with
   ``teacher_num_labels`` classes.
+
+A frozen teacher (B, C) built from a factory without ``teacher_checkpoint`` would be a random
+network: that is an error unless ``allow_untrained_teacher=True``. Recipes set it to
+``${model.tiny}``, so only smoke runs (tiny models, a plumbing check) may use a random teacher.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class DistillationCallback(pl.Callback):
         kd_weight: Polino's w (0.7).
         kd_to_teacher: scheme A only: let the gamma term train the teacher too.
         student_checkpoint: float weights loaded into the student in ``setup`` (scheme C).
+        allow_untrained_teacher: let scheme B/C freeze a factory-built teacher that has no
+            ``teacher_checkpoint`` (random weights; for smoke tests only).
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class DistillationCallback(pl.Callback):
         scheme: str = "B", loss: str = "apprentice", alpha: float = 1.0, beta: float = 0.5,
         gamma: float = 0.5, temperature: float | None = None, kd_weight: float = 0.7,
         kd_to_teacher: bool = False, student_checkpoint: str | None = None,
+        allow_untrained_teacher: bool = False,
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
@@ -160,6 +167,14 @@ class DistillationCallback(pl.Callback):
         if teacher_checkpoint is not None and teacher is None:
             raise ValueError("distillation.teacher_checkpoint needs distillation.teacher (the "
                              "model to load it into)")
+        if (scheme != "A" and teacher is not None and not isinstance(teacher, nn.Module)
+                and teacher_checkpoint is None and not allow_untrained_teacher):
+            raise ValueError(
+                f"distillation.scheme={scheme} freezes the teacher, but distillation.teacher is "
+                "built from a config and distillation.teacher_checkpoint is null: the teacher "
+                "would be untrained. Set distillation.teacher_checkpoint=/path/to/teacher.ckpt "
+                "(a state dict or a Lightning checkpoint, e.g. a scheme-A or float run of the "
+                "teacher) or use scheme=A (teacher trained jointly)")
         if temperature is None:
             temperature = 1.0 if loss == "apprentice" else 2.0
         if not temperature > 0:
