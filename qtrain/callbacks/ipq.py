@@ -26,8 +26,8 @@ embeddings 8, conv 3x3 9 (kh*kw), 1x1 4; transformer order FFN -> embeddings -> 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 import warnings
+from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -60,11 +60,19 @@ def default_block_size(name: str, m: nn.Module, blocks: dict) -> int:
 
 
 def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
-    """CNN preset: one stage per top-level child holding Linear/Conv2d/Embedding layers."""
+    """CNN preset: one stage per top-level child holding Linear/Conv2d/Embedding layers.
+    Wrappers with a single such child (a LightningModule holding ``model``) are descended."""
+    prefix = ""
+    while True:
+        holders = [(n, c) for n, c in model.named_children()
+                   if any(isinstance(m, TYPES) for m in c.modules())]
+        if len(holders) != 1 or isinstance(holders[0][1], TYPES):
+            break
+        prefix, model = f"{prefix}{holders[0][0]}.", holders[0][1]
     stages = []
     for child, mod in model.named_children():
         names = [n for n, m in mod.named_modules() if isinstance(m, TYPES)]
-        names = [f"{child}.{n}" if n else child for n in names]
+        names = [f"{prefix}{child}.{n}" if n else f"{prefix}{child}" for n in names]
         names = [n for n in names if not any(re.fullmatch(p, n) for p in exclude)]
         if names:
             stages.append([re.escape(n) for n in names])

@@ -9,6 +9,9 @@ kxk conv kernels are whole blocks). Each layer gets its own mask seed.
 Evaluation: after each validation (and test) epoch the callback evaluates the model twice
 on the same dataloaders -- float (noise off, ``eval_p = 0``) and fully quantized
 (``eval_p = 1``) -- and logs ``<prefix>_<metric>_float`` and ``<prefix>_<metric>_quant``.
+The trainer's own test pass runs at ``test_eval_p`` (default 1: the fully quantized
+model), so the run summary's quantized metric is the compressed model and its
+float-weights metric (quantizers disabled) the float one; validation runs at p = 0.
 Metrics come from ``metric_fn(pl_module, batch) -> {name: tensor}``; the default uses
 ``pl_module.eval_metrics(batch)`` if the module defines it, else (x, y) classification
 (``loss`` = cross-entropy, ``acc``). ``max_eval_batches`` bounds the extra passes.
@@ -60,7 +63,8 @@ class QuantNoiseCallback(pl.Callback):
                  granularity: str = "tensor", include=(".*",), exclude=(),
                  types=("Linear", "Conv2d", "Embedding"), compare_eval: bool = True,
                  metric_fn=None, max_eval_batches: int | None = None, seed: int = 0,
-                 pq_refresh: int = 1000, clamp_centroids: bool = False) -> None:
+                 pq_refresh: int = 1000, clamp_centroids: bool = False,
+                 test_eval_p: float = 1.0) -> None:
         super().__init__()
         bad = [t for t in types if t not in TYPE_KEYS]
         if bad:
@@ -73,6 +77,9 @@ class QuantNoiseCallback(pl.Callback):
         self.compare_eval, self.max_eval_batches, self.seed = compare_eval, max_eval_batches, seed
         self.metric_fn = metric_fn or default_metric_fn
         self.pq_refresh, self.clamp_centroids = pq_refresh, bool(clamp_centroids)
+        if not 0.0 <= float(test_eval_p) <= 1.0:
+            raise ValueError(f"quant_noise.test_eval_p={test_eval_p} must be in [0, 1]")
+        self.test_eval_p = float(test_eval_p)
         self.layers: dict[str, nn.Module] = {}
         self.fp32_metric: float | None = None
         QuantNoiseQuantizer(bits, 0.0, 8, mode, granularity)  # validate mode/bits early
@@ -161,6 +168,12 @@ class QuantNoiseCallback(pl.Callback):
         value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
         if value is not None:
             self.fp32_metric = float(value)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.set_eval_p(self.test_eval_p)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.set_eval_p(0.0)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._compare(trainer, pl_module, trainer.test_dataloaders, "test")
