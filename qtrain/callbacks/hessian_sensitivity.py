@@ -14,9 +14,15 @@ to ``trainer.log_dir`` (or ``default_root_dir``). Every logger gets the table
 By default all quantizers are disabled during the analysis (HAWQ analyses the float
 model) and restored afterwards. The analysis runs under ``inference_mode(False)`` and
 ``enable_grad`` (:func:`qtrain.hessian.hvp.hessian_mode`), leaves BatchNorm statistics and
-``.grad`` untouched (grads are None afterwards), and rank 0's result is broadcast so all
+``.grad`` untouched (grads are None afterwards), uses the math attention kernel (the fused
+SDPA kernels have no double backward), and rank 0's result is broadcast so all
 DDP ranks apply the same bits. ``state_dict`` holds the bits and table: a resumed run
 re-applies them and does not recompute.
+
+``smoke=True`` (recipes pass ``${model.tiny}``) caps the estimators at 2 Hutchinson
+iterations (min_iter = max_iter = 2, the least allowed) and one power iteration, and the
+calibration subset at ``qbert_subsamples`` batches of ``SMOKE_SAMPLES`` samples, so a smoke
+run exercises the whole code path in seconds; its sensitivities are not meaningful.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qtrain.hessian import report
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
@@ -39,9 +47,14 @@ from qtrain.nn.quantizer_base import Quantizer
 
 
 def default_loss(module: torch.nn.Module, batch) -> torch.Tensor:
-    """``module.hessian_loss(batch)`` if defined, else cross-entropy of ``module(x)`` vs y."""
+    """``module.hessian_loss(batch)`` if defined; else a TaskModule's own objective
+    ``task_loss(module(inputs), targets)`` with ``split_batch`` (any batch layout, e.g. the
+    dict batches of transformers models); else cross-entropy of ``module(x)`` vs y."""
     if hasattr(module, "hessian_loss"):
         return module.hessian_loss(batch)
+    if hasattr(module, "split_batch") and hasattr(module, "task_loss"):
+        inputs, targets = module.split_batch(batch)
+        return module.task_loss(module(inputs), targets)
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         x, y = batch
         return F.cross_entropy(module(x), y)
@@ -55,9 +68,11 @@ class HessianSensitivity(pl.Callback):
     """Args: see :class:`qtrain.hessian.sensitivity.SensitivityConfig` for the analysis
     options (method, bit_choices, budget_bits / average_bits, ties, mode, tol, max_iter, ...),
     plus ``num_batches``, ``at_epoch``, ``include``/``exclude`` (regexes over module names of
-    the LightningModule), ``ties`` as lists of regexes, ``loss_fn`` and ``analyze_float``."""
+    the LightningModule), ``ties`` as lists of regexes, ``loss_fn``, ``analyze_float`` and
+    ``smoke`` (see the module docstring)."""
 
     FILE = "hessian_sensitivity"
+    SMOKE_SAMPLES = 4
 
     def __init__(
         self,
@@ -69,6 +84,7 @@ class HessianSensitivity(pl.Callback):
         ties: Sequence[Sequence[str]] = (),
         loss_fn: Callable | None = None,
         analyze_float: bool = True,
+        smoke: bool = False,
         **analysis,
     ) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
@@ -76,6 +92,11 @@ class HessianSensitivity(pl.Callback):
         if at_epoch is not None and (not isinstance(at_epoch, int) or at_epoch < 0):
             raise ValueError(f"hessian.at_epoch must be None or an int >= 0, got {at_epoch!r}")
         self.cfg = SensitivityConfig(method=method, **analysis)  # validates early
+        if smoke:
+            self.cfg.min_iter = self.cfg.max_iter = 2
+            self.cfg.eig_max_iter = 1
+            num_batches = min(num_batches, max(self.cfg.qbert_subsamples, 1))
+        self.smoke = smoke
         self.num_batches, self.at_epoch = num_batches, at_epoch
         self.include, self.exclude = list(include), list(exclude)
         self.tie_patterns = [list(t) for t in ties]
@@ -132,6 +153,8 @@ class HessianSensitivity(pl.Callback):
             raise ValueError("HessianSensitivity: the trainer has no train dataloader")
         batches = []
         for b in loader:
+            if self.smoke:
+                b = apply_to_collection(b, torch.Tensor, lambda t: t[: self.SMOKE_SAMPLES])
             batches.append(move_data_to_device(b, pl_module.device))
             if len(batches) == self.num_batches:
                 break
@@ -148,7 +171,9 @@ class HessianSensitivity(pl.Callback):
             if self.analyze_float:
                 for q in quantizers:
                     q.enabled = False
-            rows, bits = analyze(pl_module, names, batches, self.loss_fn, self.cfg)
+            # the fused SDPA kernels (flash / memory-efficient) have no double backward
+            with sdpa_kernel(SDPBackend.MATH):
+                rows, bits = analyze(pl_module, names, batches, self.loss_fn, self.cfg)
         finally:
             for q, f in zip(quantizers, flags):
                 q.enabled = f
