@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import tile_offsets
 from .layout import unpack_bitplanes
 from .runtime import check_tensor, dual_jit, interpreting
 
@@ -41,12 +42,7 @@ def popcount32(v):
 def _bitserial_body(xp_ptr, wp_ptr, y_ptr, M, N, Kw, K, sx, zx, sw, zw,
                     ABITS: tl.constexpr, WBITS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    rm = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     sa = tl.zeros((BLOCK_M,), dtype=tl.int32)
     su = tl.zeros((BLOCK_N,), dtype=tl.int32)

@@ -13,18 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import split_k_bounds, store_split_k, tile_offsets
 from .layout import dequantize_codebook
-from .runtime import (
-    ACT_DTYPES,
-    as_2d,
-    check_tensor,
-    choose_config,
-    dual_jit,
-    interpreting,
-    m_bucket,
-)
-
-GEMV_MAX_M = 8
+from .runtime import ACT_DTYPES, as_2d, check_tensor, dual_jit, splitk_linear
 
 
 @triton.jit
@@ -41,53 +32,33 @@ def _cb_gemv_body(x_ptr, c_ptr, cb_ptr, b_ptr, y_ptr, M, N, K, Kc, stride_xm,
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_chunk
+    k_lo, k_hi = split_k_bounds(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         xv = tl.load(x_ptr + row * stride_xm + rk, mask=k_ok, other=0.0).to(tl.float32)
         w = _gather(c_ptr, cb_ptr, rk[None, :], rn[:, None], Kc, n_ok[:, None] & k_ok[None, :], BS)
         acc += tl.sum(w * xv[None, :], axis=1)
-    if HAS_BIAS:  # noqa: SIM102 - constexpr branch, then runtime branch
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + row * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(y_ptr + row * N + rn, acc, mask=n_ok)
+    store_split_k(acc, y_ptr, row * N + rn, n_ok, b_ptr, rn, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _cb_gemm_body(x_ptr, c_ptr, cb_ptr, b_ptr, y_ptr, M, N, K, Kc, stride_xm,
                   BS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid = tl.program_id(0)
+    rm, rn, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    rm = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_chunk
+    k_lo, k_hi = split_k_bounds(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = _gather(c_ptr, cb_ptr, rk[:, None], rn[None, :], Kc, k_ok[:, None] & n_ok[None, :], BS)
         acc += tl.dot(xt, w.to(xt.dtype), input_precision="ieee")
-    if HAS_BIAS:  # noqa: SIM102 - constexpr branch, then runtime branch
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    offs = rm[:, None] * N + rn[None, :]
-    omask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(y_ptr + offs, acc, mask=omask)
+    store_split_k(acc, y_ptr, rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :],
+                  b_ptr, rn, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 _cb_gemv = dual_jit(_cb_gemv_body)
@@ -118,39 +89,13 @@ def codebook_linear(
     bs = centroids.shape[1]
     k = kc * bs
     x2 = as_2d(x, k)
-    if bias is not None:
-        check_tensor(bias, "bias", ACT_DTYPES, dev, (n,))
-    m = x2.shape[0]
-    interp = interpreting(dev)
-    xin = x2.float() if (interp and x2.dtype == torch.bfloat16) else x2
-    small = m <= GEMV_MAX_M
-
-    def launch(cfg: dict) -> torch.Tensor:
-        split = cfg["SPLIT_K"]
-        y = (torch.zeros if split > 1 else torch.empty)(
-            m, n, device=dev, dtype=torch.float32 if split > 1 else xin.dtype)
-        args = (xin, codes, centroids, bias if bias is not None else centroids, y, m, n, k, kc,
-                xin.stride(0))
-        if small:
-            _cb_gemv[dev][(triton.cdiv(n, cfg["BLOCK_N"]), m, split)](
-                *args, BS=bs, HAS_BIAS=bias is not None, **cfg)
-        else:
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-            _cb_gemm[dev][grid](*args, BS=bs, HAS_BIAS=bias is not None, **cfg)
-        return y
-
-    if config is None:
-        if small:
-            default = ({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp else
-                       {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4})
-        else:
-            default = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp else
-                       {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
-                        "num_warps": 4, "num_stages": 3})
-        key = f"codebook|{'gemv' if small else 'gemm'}|M{m_bucket(m)}|N{n}|K{k}|bs{bs}|{x.dtype}"
-        config = choose_config(key, dev, _GEMV_CANDIDATES if small else _GEMM_CANDIDATES,
-                               default, launch)
-    return launch(config).to(x.dtype).reshape(*x.shape[:-1], n)
+    return splitk_linear(
+        x, x2, (codes, centroids), (kc,), n, k, bias, gemv=_cb_gemv, gemm=_cb_gemm,
+        flags={"BS": bs}, name="codebook", key_extra=f"bs{bs}",
+        candidates=(_GEMV_CANDIDATES, _GEMM_CANDIDATES),
+        gemm_default={"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
+                      "num_warps": 4, "num_stages": 3},
+        config=config)
 
 
 def codebook_linear_reference(x, codes, centroids, bias=None) -> torch.Tensor:

@@ -24,18 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import split_k_bounds, store_split_k, tile_offsets
 from .layout import check_groups, container_bits, dequantize_uniform
-from .runtime import (
-    ACT_DTYPES,
-    as_2d,
-    check_tensor,
-    choose_config,
-    dual_jit,
-    interpreting,
-    m_bucket,
-)
+from .runtime import ACT_DTYPES, as_2d, check_tensor, dual_jit, splitk_linear
 
-GEMV_MAX_M = 8
 MODES = {"affine": 0, "binary": 1}
 
 
@@ -68,10 +60,9 @@ def _gemv_body(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, n_groups, 
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_chunk
+    k_lo, k_hi = split_k_bounds(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         xv = tl.load(x_ptr + row * stride_xm + rk, mask=k_ok, other=0.0).to(tl.float32)
@@ -80,13 +71,7 @@ def _gemv_body(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, n_groups, 
         w = _dequant(word, rk[None, :], rn[:, None], s_ptr, z_ptr, n_groups, wmask,
                      BITS, GROUP, MODE, HAS_Z, ZERO)
         acc += tl.sum(w * xv[None, :], axis=1)
-    if HAS_BIAS:  # noqa: SIM102 - constexpr branch, then runtime branch
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + row * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(y_ptr + row * N + rn, acc, mask=n_ok)
+    store_split_k(acc, y_ptr, row * N + rn, n_ok, b_ptr, rn, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _gemm_body(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, n_groups, stride_xm,
@@ -95,19 +80,11 @@ def _gemm_body(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, n_groups, 
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                SPLIT_K: tl.constexpr):
     E: tl.constexpr = 32 // BITS
-    pid = tl.program_id(0)
+    rm, rn, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_chunk
+    k_lo, k_hi = split_k_bounds(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
@@ -117,15 +94,8 @@ def _gemm_body(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, Kw, n_groups, 
         w = _dequant(word, rk[:, None], rn[None, :], s_ptr, z_ptr, n_groups, wmask,
                      BITS, GROUP, MODE, HAS_Z, ZERO)
         acc += tl.dot(xt, w.to(xt.dtype), input_precision="ieee")
-    if HAS_BIAS:  # noqa: SIM102 - constexpr branch, then runtime branch
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    offs = rm[:, None] * N + rn[None, :]
-    omask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(y_ptr + offs, acc, mask=omask)
+    store_split_k(acc, y_ptr, rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :],
+                  b_ptr, rn, n_ok, pid_k, HAS_BIAS, SPLIT_K)
 
 
 _gemv_kernel = dual_jit(_gemv_body)
@@ -144,16 +114,6 @@ _GEMM_CANDIDATES = [
     )
     for sk in (1, 2, 4)
 ]
-
-
-def _default(m: int, interp: bool) -> dict:
-    if m <= GEMV_MAX_M:
-        return {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp else {
-            "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4}
-    if interp:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
-    return {"BLOCK_M": 64 if m <= 64 else 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
-                "num_warps": 8 if m > 64 else 4, "num_stages": 3}
 
 
 def lowbit_linear(
@@ -190,38 +150,17 @@ def lowbit_linear(
     g = check_groups(k, k // n_groups)
     if zeros is not None:
         check_tensor(zeros, "zeros", (torch.uint8,), dev, tuple(scales.shape))
-    if bias is not None:
-        check_tensor(bias, "bias", ACT_DTYPES, dev, (n,))
     m = x2.shape[0]
-    interp = interpreting(dev)
-    xin = x2.float() if (interp and x2.dtype == torch.bfloat16) else x2  # interp: no bf16 dot
-    out_dtype = x.dtype
-
-    def launch(cfg: dict) -> torch.Tensor:
-        cfg = dict(cfg)
-        split = cfg["SPLIT_K"]
-        y = (torch.zeros if split > 1 else torch.empty)(
-            m, n, device=dev, dtype=torch.float32 if split > 1 else xin.dtype)
-        common = (xin, packed, scales, zeros if zeros is not None else scales,
-                  bias if bias is not None else scales, y, m, n, k, packed.shape[1],
-                  scales.shape[1], xin.stride(0))
-        flags = {"BITS": c, "GROUP": g, "MODE": MODES[mode], "HAS_Z": zeros is not None,
-                     "ZERO": float(zero), "HAS_BIAS": bias is not None}
-        if m <= GEMV_MAX_M:
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split)
-            _gemv_kernel[dev][grid](*common, **flags, **cfg)
-        else:
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-            _gemm_kernel[dev][grid](*common, **flags, **cfg)
-        return y
-
-    if config is None:
-        small = m <= GEMV_MAX_M
-        key = f"lowbit|{'gemv' if small else 'gemm'}|M{m_bucket(m)}|N{n}|K{k}|b{c}|g{g}|{x.dtype}"
-        config = choose_config(key, dev, _GEMV_CANDIDATES if small else _GEMM_CANDIDATES,
-                               _default(m, interp), launch)
-    y = launch(config)
-    return y.to(out_dtype).reshape(*x.shape[:-1], n)
+    return splitk_linear(
+        x, x2, (packed, scales, zeros if zeros is not None else scales),
+        (packed.shape[1], scales.shape[1]), n, k, bias, gemv=_gemv_kernel, gemm=_gemm_kernel,
+        flags={"BITS": c, "GROUP": g, "MODE": MODES[mode], "HAS_Z": zeros is not None,
+               "ZERO": float(zero)},
+        name="lowbit", key_extra=f"b{c}|g{g}",
+        candidates=(_GEMV_CANDIDATES, _GEMM_CANDIDATES),
+        gemm_default={"BLOCK_M": 64 if m <= 64 else 128, "BLOCK_N": 128, "BLOCK_K": 64,
+                      "SPLIT_K": 1, "num_warps": 8 if m > 64 else 4, "num_stages": 3},
+        config=config)
 
 
 def lowbit_linear_reference(x, packed, scales, zeros=None, bias=None, *, bits, k,

@@ -192,3 +192,60 @@ def choose_config(
             best, best_t = cfg, t
     CACHE.put(gpu, key, best)
     return best
+
+
+GEMV_MAX_M = 8
+
+
+def splitk_linear(
+    x: torch.Tensor, x2: torch.Tensor, weights: Sequence, sizes: Sequence[int], n: int, k: int,
+    bias: torch.Tensor | None, *, gemv: DualKernel, gemm: DualKernel, flags: dict, name: str,
+    key_extra: str, candidates: tuple[Sequence[dict], Sequence[dict]], gemm_default: dict,
+    config: dict | None,
+) -> torch.Tensor:
+    """Host side of a weight-only ``y = x @ W^T (+ bias)`` with a split-K GEMV / GEMM pair.
+
+    ``x2`` is ``x`` as (M, K) (:func:`as_2d`). Both kernels take ``(x, *weights, bias, y, M,
+    N, K, *sizes, stride_xm)`` (``weights[1]`` stands in for an absent bias; it is never read)
+    plus ``HAS_BIAS``, ``flags`` and the launch configuration:
+    the GEMV kernel (M <= ``GEMV_MAX_M``) on grid ``(cdiv(N, BLOCK_N), M, SPLIT_K)``, the GEMM
+    kernel on ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``. With ``SPLIT_K > 1`` the
+    output is a zeroed fp32 workspace the splits ``atomic_add`` into. ``config=None`` picks
+    the launch configuration by :func:`choose_config` over ``candidates`` (GEMV, GEMM) under
+    the cache key ``{name}|gemv|M..|N..|K..|{key_extra}|{x.dtype}`` (``gemm_default`` is the
+    GPU default for the GEMM; the interpreter uses small blocks).
+    """
+    dev = x.device
+    if bias is not None:
+        check_tensor(bias, "bias", ACT_DTYPES, dev, (n,))
+    m = x2.shape[0]
+    interp = interpreting(dev)
+    xin = x2.float() if (interp and x2.dtype == torch.bfloat16) else x2  # interp: no bf16 dot
+    small = m <= GEMV_MAX_M
+
+    def launch(cfg: dict) -> torch.Tensor:
+        split = cfg["SPLIT_K"]
+        y = (torch.zeros if split > 1 else torch.empty)(
+            m, n, device=dev, dtype=torch.float32 if split > 1 else xin.dtype)
+        args = (xin, *weights, bias if bias is not None else weights[1], y, m, n, k, *sizes,
+                xin.stride(0))
+        if small:
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split)
+            gemv[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **cfg)
+        else:
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+            gemm[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **cfg)
+        return y
+
+    if config is None:
+        if small:
+            default = ({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp else
+                       {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4})
+        else:
+            default = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp
+                       else gemm_default)
+        kind = "gemv" if small else "gemm"
+        key = f"{name}|{kind}|M{m_bucket(m)}|N{n}|K{k}|{key_extra}|{x.dtype}"
+        config = choose_config(key, dev, candidates[0] if small else candidates[1],
+                               default, launch)
+    return launch(config).to(x.dtype).reshape(*x.shape[:-1], n)

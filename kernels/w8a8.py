@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import store_split_k, tile_offsets
 from .runtime import (
     ACT_DTYPES,
     as_2d,
@@ -45,12 +46,7 @@ def _quant_rows_body(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
 def _w8a8_body(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K,
                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    rm = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -63,10 +59,8 @@ def _w8a8_body(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K,
     sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_split_k(y, y_ptr, rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :],
+                  b_ptr, rn, n_ok, 0, HAS_BIAS, 1)
 
 
 _quant_rows = dual_jit(_quant_rows_body)
