@@ -17,14 +17,7 @@ from qtrain.callbacks.hessian_sensitivity import HessianSensitivity
 from qtrain.nn.convert import convert
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES
 from qtrain.nn.uniform_quantizer import UniformQuantizer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.torch_threads import one_thread  # noqa: F401 - autouse fixture
 
 
 class Tiny(pl.LightningModule):

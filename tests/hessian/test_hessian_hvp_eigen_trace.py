@@ -11,17 +11,9 @@ from torch.func import functional_call
 from qtrain.hessian.eigen import top_eigenvalues
 from qtrain.hessian.hvp import HessianOperator, batch_losses, hessian_mode, layer_groups
 from qtrain.hessian.trace import hutchinson_traces, per_layer_traces
+from tests.torch_threads import one_thread  # noqa: F401 - autouse fixture
 
 NAMES = ("fc1.weight", "fc2.weight")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs: intra-op threads only add spin-wait overhead on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_model(seed=0):

@@ -11,14 +11,7 @@ from torch.func import functional_call
 from qtrain.hessian.allocation import allocate_bits
 from qtrain.hessian.hawq import omega_table
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.torch_threads import one_thread  # noqa: F401 - autouse fixture
 
 
 def setup():
