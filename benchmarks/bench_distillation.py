@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
-import statistics
-import time
 
 import torch
+from timing import interleaved_times, medians, write_json
 
 from qtrain.callbacks.distillation import DistillationCallback
 from qtrain.models.resnet_cifar import cifar_resnet, resnet20
@@ -87,15 +85,9 @@ def main() -> None:
 
     runs = {"student": functools.partial(step, None), "distill": functools.partial(step, cb.loss_hook),
             "teacher_fwd": teacher_fwd, "naive": naive}
-    times = {k: [] for k in runs}
-    for r in range(args.warmup + args.rounds):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= args.warmup:
-                times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(runs, args.warmup, args.rounds)
     step(cb.loss_hook)  # last call inspected below
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(times)
     overhead = med["distill"] - med["student"]
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
@@ -116,8 +108,7 @@ def main() -> None:
           f"= {res['overhead_over_teacher_fwd']:.2f} x teacher forward; "
           f"distill / (student + teacher_fwd) = {res['distill_over_student_plus_teacher_fwd']:.3f}; "
           f"naive (teacher with backward) / distill = {res['naive_over_distill']:.2f}")
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(args.out, res, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed, write_json
 from torch import nn
 
 from qtrain.hessian.hvp import HessianOperator, batch_losses, hessian_mode, layer_groups
@@ -145,20 +145,15 @@ def main() -> None:
         def op():
             return HessianOperator(layer_groups(model, names), batch_losses(model, [(x, y)], ce))
 
-        t = time.perf_counter()
-        ref = per_layer_traces(op(), a.ref_tol, a.max_iter * 4, 10, seed=100)
-        timings["reference"] = time.perf_counter() - t
-        t = time.perf_counter()
-        shared = hutchinson_traces(op(), a.tol, a.shared_max_iter, 10, seed=1)
-        timings["shared"] = time.perf_counter() - t
-        t = time.perf_counter()
-        loop = per_layer_traces(op(), a.tol, a.max_iter, 10, seed=2)
-        timings["loop"] = time.perf_counter() - t
+        ref, timings["reference"] = timed(
+            lambda: per_layer_traces(op(), a.ref_tol, a.max_iter * 4, 10, seed=100))
+        shared, timings["shared"] = timed(
+            lambda: hutchinson_traces(op(), a.tol, a.shared_max_iter, 10, seed=1))
+        loop, timings["loop"] = timed(lambda: per_layer_traces(op(), a.tol, a.max_iter, 10, seed=2))
     iters = {n: loop[n].iterations for n in names}
     if not a.no_pyhessian:
-        t = time.perf_counter()
-        ph, ph_err = pyhessian_loop(model, x, y, names, iters)
-        timings["pyhessian"] = time.perf_counter() - t if ph is not None else None
+        (ph, ph_err), t = timed(pyhessian_loop, model, x, y, names, iters)
+        timings["pyhessian"] = t if ph is not None else None
     else:
         ph, ph_err = None, "skipped"
     reft = {n: ref[n].traces[n] for n in names}
@@ -199,7 +194,7 @@ def main() -> None:
     if timings.get("pyhessian"):
         res["ratio_pyhessian_over_loop"] = timings["pyhessian"] / timings["loop"]
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    write_json(a.out, res, indent=1)
 
 
 if __name__ == "__main__":

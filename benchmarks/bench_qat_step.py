@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_times, medians, write_json
 from torch import nn
 
 from qtrain.models.resnet_cifar import resnet20
@@ -70,15 +68,8 @@ def main() -> None:
     for name, m in (("fp32", fp32), ("qat", qat)):
         m.train()
         steps[name] = step_fn(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
-    times = {"fp32": [], "qat": []}
-    for i in range(args.warmup + args.iters):
-        for name in (("fp32", "qat") if i % 2 == 0 else ("qat", "fp32")):
-            t0 = time.perf_counter()
-            steps[name]()
-            dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                times[name].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = interleaved_times(steps, args.warmup, args.iters, alternate=True)
+    med = medians(times)
     row = {
         "bench": "qat_step_resnet20", "batch": args.batch, "bits": args.bits,
         "acts_quantized": args.acts, "threads": torch.get_num_threads(),
@@ -90,8 +81,7 @@ def main() -> None:
           f"fp32 {med['fp32'] * 1e3:.1f} ms/step, W{args.bits}"
           f"{'A' + str(args.bits) if args.acts else ''} per-channel QAT "
           f"{med['qat'] * 1e3:.1f} ms/step, ratio {row['ratio']:.3f} (goal <= 1.3)")
-    with open(args.out, "w") as f:
-        json.dump(row, f, indent=1)
+    write_json(args.out, row, indent=1)
 
 
 if __name__ == "__main__":
