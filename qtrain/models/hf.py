@@ -103,6 +103,9 @@ class HFSequenceClassifier(nn.Module):
         self.hf = AutoModelForSequenceClassification.from_pretrained(
             self.name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
         )
+        # from_pretrained returns eval mode and Lightning keeps modes as they are: without
+        # this, finetuning would run with dropout off
+        self.hf.train()
 
     def forward(self, batch: dict):
         keys = ("input_ids", "attention_mask", "token_type_ids")
