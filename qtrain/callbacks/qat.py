@@ -115,6 +115,8 @@ class QATCallback(pl.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.layers:  # a later fit/validate/test of the same run: keep the current state
+            return
         model = pl_module.model
         if not any(is_fake_quant(m) for m in model.modules()):
             self.convert(model)
@@ -134,8 +136,8 @@ class QATCallback(pl.Callback):
         if trainer.state.fn == "fit":
             self.set_enabled(trainer.current_epoch >= self.start_epoch)
 
-    def on_test_start(self, trainer, pl_module) -> None:
-        self.set_enabled(True)
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.set_enabled(True)  # what follows fit (test, export) sees the quantized model
 
     def state_dict(self) -> dict:
         return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers)}

@@ -100,3 +100,31 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert any("running_max" in k for k in full["state_dict"])
     for k, v in full["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_float_evaluation_after_quantized_one_really_is_float(tmp_path):
+    """run.py evaluates quantized, then with every quantizer disabled: the second pass must
+    equal the plain float model (a callback must not re-enable quantization in test)."""
+    import copy
+
+    import pytorch_lightning as pl
+
+    from qtrain.data.digits import DigitsDataModule
+    from qtrain.modules.classification import ImageClassifier
+    from qtrain.run import set_quantizers_enabled
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    float_copy = copy.deepcopy(model)
+    dm = DigitsDataModule(batch_size=64, fake=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[QATCallback(bits=2, weight=wq, act=aq, first_last="quantize")])
+    q = trainer.test(ImageClassifier(model), datamodule=dm, verbose=False)[0]["test_loss"]
+    set_quantizers_enabled(model, False)
+    f = trainer.test(ImageClassifier(model), datamodule=dm, verbose=False)[0]["test_loss"]
+    ref = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path)
+    f_ref = ref.test(ImageClassifier(float_copy), datamodule=dm, verbose=False)[0]["test_loss"]
+    assert f == pytest.approx(f_ref, rel=1e-6)
+    assert abs(q - f) > 1e-3
