@@ -45,8 +45,10 @@ class INQCallback(pl.Callback):
                  include=(".*",), exclude=(), types=("Conv2d", "Linear"),
                  boundaries=None, stage_length: int = 1, start: int = 0,
                  unit: str = "epoch",
-                 reset_optimizer: bool = False, seed: int = 0) -> None:
+                 reset_optimizer: bool = False, seed: int = 0,
+                 convert_at_end: bool = True) -> None:
         super().__init__()
+        self.convert_at_end = convert_at_end
         self.schedule = INQ.check_schedule(schedule)
         if strategy not in INQ.STRATEGIES:
             raise ValueError(f"inq.strategy={strategy!r}; allowed: {INQ.STRATEGIES}")
@@ -148,6 +150,23 @@ class INQCallback(pl.Callback):
         for h in self._hooked.values():
             h.remove()
         self._hooked.clear()
+        if self.convert_at_end:
+            self.to_power_of_two_layers(pl_module)
+
+    def to_power_of_two_layers(self, pl_module) -> None:
+        """Swap every INQ layer for a fake-quant layer with a ``bits``-bit power-of-two weight
+        quantizer (sharing the parameters): the evaluated model is the fully quantized one
+        even if training stopped before the last stage, and its storage is counted as
+        ``bits`` per weight + one exponent per layer (run summary, Huffman estimate)."""
+        from qtrain.nn.convert import set_submodule
+        from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
+        from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
+
+        for name, m in self._layers.items():
+            if not is_fake_quant(m):
+                new = FAKE_QUANT_TYPES[type(m)].from_float(m, PowerOfTwoQuantizer(self.bits), None)
+                set_submodule(pl_module, name, new)
+                self._layers[name] = new
 
     def frozen_fraction(self) -> float:
         tot = sum(m.numel() for m in self.masks.values())

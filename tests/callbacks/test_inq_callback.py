@@ -80,3 +80,22 @@ def test_bad_config():
     model = TinyCNN()
     with pytest.raises(ValueError, match="nomatch"):
         trainer(max_steps=1, callbacks=[INQCallback(include=["nomatch"])]).fit(model, image_loader())
+
+
+def test_layers_end_as_power_of_two_quantized_with_bits_storage():
+    from qtrain.nn.fake_quant import is_fake_quant
+    from qtrain.quant.size import model_storage_bits
+
+    pl.seed_everything(0)
+    model = TinyCNN()
+    fp32_bits = model_storage_bits(model).total_bits
+    inq = INQCallback(bits=5, schedule=[0.5, 1.0], boundaries=[0, 2], unit="step")
+    trainer(max_steps=4, callbacks=[inq]).fit(model, image_loader(n=32, batch=8))
+    for name in ("conv1", "conv2", "fc"):
+        layer = model.get_submodule(name)
+        assert is_fake_quant(layer) and layer.weight_quantizer.bits == 5
+        w = layer.weight.detach()
+        assert torch.equal(layer.weight_quantizer(w), w)  # already on the INQ levels
+    n_w = sum(model.get_submodule(n).weight.numel() for n in ("conv1", "conv2", "fc"))
+    saved = fp32_bits - model_storage_bits(model).total_bits
+    assert saved == n_w * (32 - 5) - 3 * 8  # 5 bits per weight + an int8 exponent per layer
