@@ -18,12 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- recipes-table:begin -->", "<!-- recipes-table:end -->"
 
 
+KEY = re.compile(r"^(Paper|Measured|Schedule|Simplified)\b[^:]{0,120}?:")
+
+
 def _paragraph(lines: list[str], key: str) -> str:
+    """The header paragraph that starts with ``key`` (e.g. ``Paper (...): text``)."""
     out, on = [], False
     for ln in lines:
-        if ln.startswith(f"{key}:"):
-            on, ln = True, ln[len(key) + 1:]
-        elif on and (re.match(r"^[A-Z][A-Za-z ]+:", ln) or not ln):
+        m = KEY.match(ln)
+        if m and m.group(1) == key:
+            on, ln = True, ln if "(" in ln[: m.end()] else ln[m.end():]
+        elif on and (m or not ln):
             break
         if on:
             out.append(ln.strip())
