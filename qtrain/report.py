@@ -26,8 +26,11 @@ def format_summary(s: dict) -> str:
 
     rows = [
         ("recipe", s.get("recipe")),
-        (f"FP32 {s['metric']}", fmt(s.get("fp32_metric"))),
-        (f"quantized {s['metric']}", fmt(s.get("quant_metric"))),
+        (f"FP32 {s['metric']} (val, before quant.)", fmt(s.get("fp32_val_metric"))),
+        (f"quantized {s['metric']} (val)", fmt(s.get("quant_val_metric"))),
+        (f"FP32 {s['metric']} (test)", fmt(s.get("fp32_metric"))),
+        (f"quantized {s['metric']} (test)", fmt(s.get("quant_metric"))),
+        (f"float master weights {s['metric']} (test)", fmt(s.get("float_weights_metric"))),
         ("size FP32 (MB)", fmt(s["fp32_mb"], 4)),
         ("size quantized (MB)", fmt(s["quant_mb"], 4)),
         ("compression", f"{s['compression']:.2f}x"),

@@ -104,20 +104,27 @@ def train(cfg: DictConfig) -> dict:
     if cfg.fit:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     key = f"test_{module.metric}"
+    val = trainer.callback_metrics.get(f"val_{module.metric}") if cfg.fit else None
+    quant_val_metric = float(val) if val is not None else None
     quant_metric = _metric(trainer.test(module, datamodule=dm, verbose=False), key)
-    fp32_metric = getattr(quant_cb, "fp32_metric", None)
+    fp32_val_metric = getattr(quant_cb, "fp32_metric", None)  # validation before quantizing
+    fp32_metric = None
     float_metric = None
     qs = set_quantizers_enabled(module.model, False)
     if qs:  # the float master weights, evaluated without quantization
         float_metric = _metric(trainer.test(module, datamodule=dm, verbose=False), key)
         set_quantizers_enabled(module.model, True)
-    if fp32_metric is None:
-        fp32_metric = float_metric if quant_cb is not None else quant_metric
+    if quant_cb is None:
+        fp32_metric = quant_metric
+    elif fp32_val_metric is None:  # quantized from the start (or PTQ): same weights in float
+        fp32_metric = float_metric
     quant_bits = report.model_bits(module.model)
     summary = {
         "recipe": cfg.get("recipe_name") or OmegaConf.select(cfg, "hydra_recipe", default=None),
         "metric": module.metric,
         "fp32_metric": fp32_metric,
+        "fp32_val_metric": fp32_val_metric,
+        "quant_val_metric": quant_val_metric if quant_cb is not None else None,
         "float_weights_metric": float_metric,
         "quant_metric": quant_metric if quant_cb is not None else None,
         "fp32_mb": fp32_bits / 8 / 1e6,
