@@ -80,7 +80,18 @@ class GLUEDataModule(QDataModule):
         self.tokenizer = None
 
     def dev_file(self) -> str:
+        if self.task == "cola" and self._cola_public():
+            return "in_domain_dev.tsv"
         return "dev_matched.tsv" if self.task == "mnli" else "dev.tsv"
+
+    def train_file(self) -> str:
+        return "in_domain_train.tsv" if self.task == "cola" and self._cola_public() else "train.tsv"
+
+    def _cola_public(self) -> bool:
+        """CoLA's public release (cola_public/raw) names its files in_domain_{train,dev}.tsv."""
+        root = self.root or ""
+        return (not os.path.exists(os.path.join(root, "train.tsv"))
+                and os.path.exists(os.path.join(root, "in_domain_train.tsv")))
 
     def write_fake(self, root: str) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -124,9 +135,9 @@ class GLUEDataModule(QDataModule):
             dev = "validation_matched" if self.task == "mnli" else "validation"
             return [([tuple(r[c] for c in cols) for r in ds[s]], list(ds[s]["label"]))
                     for s in ("train", dev)]
-        self.require_root("train.tsv", self.dev_file())
+        self.require_root(self.train_file(), self.dev_file())
         return [parse_glue_tsv(self.task, os.path.join(self.root, f))
-                for f in ("train.tsv", self.dev_file())]
+                for f in (self.train_file(), self.dev_file())]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

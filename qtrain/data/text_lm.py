@@ -37,12 +37,13 @@ def read_lines(path: str) -> list[str]:
 
 
 def tokenize(lines: list[str]) -> list[str]:
+    """Whitespace tokens with ``<eos>`` after every line, blank lines included (the
+    convention of Mikolov's PTB setup and PyTorch's word_language_model / AWD-LSTM, which
+    gives the published counts: WikiText-2 valid 217,646 tokens)."""
     out: list[str] = []
     for line in lines:
-        words = line.split()
-        if words:
-            out.extend(words)
-            out.append("<eos>")
+        out.extend(line.split())
+        out.append("<eos>")
     return out
 
 
