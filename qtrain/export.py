@@ -33,10 +33,15 @@ from qtrain.nn.packed import PackedConv2d, PackedLinear
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 
 
+def _has_codebook(m: nn.Module) -> bool:
+    """Any PQ layer (duck-typed: centroids, assignments, block_size, weight_from_codebook)."""
+    return all(hasattr(m, a) for a in ("centroids", "assignments", "block_size",
+                                        "weight_from_codebook"))
+
+
 def _is_pq(m: nn.Module) -> bool:
     """PQ *linear* layers (PQConv2d / PQEmbedding are kept as they are: not yet packed)."""
-    return all(hasattr(m, a) for a in ("centroids", "assignments", "block_size",
-                                        "weight_from_codebook")) and hasattr(m, "in_features") and not any(
+    return _has_codebook(m) and hasattr(m, "in_features") and not any(
         hasattr(m, a) for a in ("kernel_size", "num_embeddings"))
 
 
@@ -132,15 +137,29 @@ def packed_specs(model: nn.Module) -> dict:
 
 
 def storage_bits(model: nn.Module) -> int:
-    """Bits of every tensor in the state dict (what :func:`save_packed` writes)."""
-    return sum(t.numel() * t.element_size() * 8 for t in model.state_dict().values())
+    """Bits of every tensor :func:`save_packed` writes (uint8 PQ indices: 8 bits each)."""
+    compact = set(_compact_index_keys(model))
+    return sum(t.numel() * (8 if k in compact else t.element_size() * 8)
+               for k, t in model.state_dict().items())
+
+
+def _compact_index_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of PQ layers left unpacked (e.g. PQEmbedding, PQConv2d) whose int64
+    assignments fit in uint8 (K <= 256): they are written as uint8 and widened on load."""
+    return sorted(f"{n}.assignments" if n else "assignments" for n, m in model.named_modules()
+                  if _has_codebook(m) and m.centroids.shape[0] <= 256
+                  and m.assignments.dtype == torch.int64)
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
     """Write ``model``'s state dict + metadata to ``path``; returns a size report."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    compact = _compact_index_keys(model)
+    for k in compact:
+        state[k] = state[k].to(torch.uint8)
     meta = {"format_version": str(FORMAT_VERSION), "layout": LAYOUT,
-            "layers": json.dumps(packed_specs(model), sort_keys=True)}
+            "layers": json.dumps(packed_specs(model), sort_keys=True),
+            "uint8_indices": json.dumps(compact)}
     save_file(state, str(path), metadata=meta)
     size = os.path.getsize(path)
     bits = storage_bits(model)
@@ -202,6 +221,10 @@ def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto"
             raise ValueError(f"packed file {path}: layout={meta.get('layout')!r}; "
                              f"expected {LAYOUT!r}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    for k in json.loads(meta.get("uint8_indices", "[]")):
+        if k not in tensors or tensors[k].dtype != torch.uint8:
+            raise ValueError(f"packed file {path}: {k!r} should be a uint8 index tensor")
+        tensors[k] = tensors[k].to(torch.int64)
     specs = json.loads(meta.get("layers", "{}"))
     model = copy.deepcopy(model)
     _rebuild(model, specs, backend)

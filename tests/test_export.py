@@ -139,3 +139,41 @@ def test_real_pq_linear_export():
     assert isinstance(p[0], PackedLinear) and p[0].fmt == "codebook"
     x = torch.randn(3, 32)
     torch.testing.assert_close(p(x), model(x), rtol=1e-3, atol=1e-3)  # fp16 codebook
+
+
+class _EmbedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(600, 16)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, idx):
+        h = self.emb(idx)  # (b, t, 16)
+        return self.conv(h.transpose(1, 2).unsqueeze(-1)).sum()
+
+
+def test_unpacked_pq_layers_store_uint8_indices(tmp_path):
+    """PQEmbedding / PQConv2d stay PQ layers in the file; their indices are written as uint8
+    (K <= 256), the file matches the storage formula, and loading restores identical outputs."""
+    from qtrain.export import storage_bits
+    from qtrain.nn.pq_layers import PQConv2d, PQEmbedding
+
+    torch.manual_seed(0)
+    model = _EmbedConvNet()
+    model.emb = PQEmbedding.from_float(model.emb, block_size=8, n_centroids=64, n_iter=5)
+    model.conv = PQConv2d.from_float(model.conv, block_size=9, n_centroids=32, n_iter=5)
+    idx = torch.randint(0, 600, (2, 5))
+    ref = model(idx)
+    p = pack_model(model)
+    info = save_packed(p, tmp_path / "pq.safetensors")
+    n_idx = model.emb.assignments.numel() + model.conv.assignments.numel()
+    # 8 bits per index instead of 64: the file holds n_idx bytes of indices
+    assert storage_bits(p) == sum(t.numel() * t.element_size() * 8
+                                  for t in p.state_dict().values()) - 56 * n_idx
+    assert 0 <= info["file_bytes"] - info["storage_bits"] // 8 < 4096  # header + metadata only
+    skeleton = _EmbedConvNet()
+    skeleton.emb = PQEmbedding.from_float(skeleton.emb, block_size=8, n_centroids=64, n_iter=1)
+    skeleton.conv = PQConv2d.from_float(skeleton.conv, block_size=9, n_centroids=32, n_iter=1)
+    q = load_packed(tmp_path / "pq.safetensors", skeleton, backend="torch")
+    assert q.emb.assignments.dtype == torch.int64
+    assert torch.equal(q(idx), ref)
