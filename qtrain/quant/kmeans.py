@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.quant import uniform as U
+
 _CHUNK_ELEMS = 1 << 24  # distance-matrix elements per chunk (64 MB in fp32)
 
 
@@ -240,15 +242,7 @@ def metric_factor(metric: torch.Tensor, name: str = "kmeans") -> torch.Tensor:
 
 def blocks_of(weight: torch.Tensor, block_size: int, name: str = "weight") -> torch.Tensor:
     """Sub-vectors (out * in_flat / bs, bs) of ``block_size`` consecutive input columns."""
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
-    flat = weight.reshape(weight.shape[0], -1)
-    if flat.shape[1] % block_size:
-        raise ValueError(
-            f"{name}: block_size={block_size} does not divide the input dimension "
-            f"{flat.shape[1]} of weight {tuple(weight.shape)}"
-        )
-    return flat.reshape(-1, block_size)
+    return U.grouped(weight, block_size, name, "block_size").reshape(-1, block_size)
 
 
 def pooled_input_metric(inputs: torch.Tensor, block_size: int, name: str = "inputs"):

@@ -157,14 +157,17 @@ def reduce_range(
     )
 
 
-def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """View a weight (out, in, *k) as (out, in*k / g, g): groups of ``g`` along the input dim."""
-    if not group_size or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+def grouped(x: torch.Tensor, group_size: int | None, name: str = "tensor",
+            key: str = "group_size") -> torch.Tensor:
+    """View a weight (out, in, *k) as (out, in*k / g, g): groups of ``g`` along the input dim.
+
+    ``name`` (the layer) and ``key`` (the option, e.g. ``block_size``) go into the error."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"{name}: {key} must be a positive int, got {group_size!r}")
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] % group_size:
         raise ValueError(
-            f"group_size={group_size} does not divide the input dimension {flat.shape[1]} "
+            f"{name}: {key}={group_size} does not divide the input dimension {flat.shape[1]} "
             f"of a tensor of shape {tuple(x.shape)}"
         )
     return flat.reshape(x.shape[0], flat.shape[1] // group_size, group_size)
