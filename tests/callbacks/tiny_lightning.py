@@ -7,7 +7,23 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class TinyCNN(pl.LightningModule):
+class _TinyClassifier(pl.LightningModule):
+    """Shared cross-entropy training/validation steps of the tiny test models."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+
+class TinyCNN(_TinyClassifier):
     def __init__(self, optim: str = "sgd", lr: float = 0.05):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
@@ -21,23 +37,13 @@ class TinyCNN(pl.LightningModule):
         x = F.relu(self.conv2(x))
         return self.fc(x.flatten(1))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
     def configure_optimizers(self):
         if self.optim == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=1e-2)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
 
 
-class TinyTransformerish(pl.LightningModule):
+class TinyTransformerish(_TinyClassifier):
     """Embedding -> attention-like projections -> FFN -> head (names like fairseq)."""
 
     def __init__(self, vocab: int = 64, dim: int = 16, lr: float = 0.05):
@@ -55,18 +61,6 @@ class TinyTransformerish(pl.LightningModule):
         h = h + self.out_proj(torch.tanh(self.q_proj(h)))
         h = h + self.fc2(F.relu(self.fc1(h)))
         return self.head(h.mean(1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
