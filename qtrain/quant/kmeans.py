@@ -36,7 +36,7 @@ import torch
 
 from qtrain.quant import uniform as U
 
-_CHUNK_ELEMS = 1 << 24  # distance-matrix elements per chunk (64 MB in fp32)
+_CHUNK_ELEMS = 1 << 21  # distance-matrix elements per chunk (8 MB in fp32: cache-sized)
 
 
 def _check_x(x: torch.Tensor, n_centroids: int, name: str) -> None:
@@ -59,30 +59,37 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk_elems: int = _CHUNK_E
 
     Returns (assignments, squared distances) and, with ``second=True``, also the squared
     distance to the second-nearest centroid. Rows are processed in chunks so that the
-    distance matrix never exceeds ``chunk_elems`` elements.
+    distance matrix never exceeds ``chunk_elems`` elements; one chunk buffer is reused
+    (written by ``addmm(out=)``, reduced by ``min(out=)``), which keeps it cache-resident
+    and avoids a fresh allocation (page faults) per chunk: 2-3x faster on CPU than
+    allocating the distance matrix.
     """
     n, k = x.shape[0], centroids.shape[0]
-    c_sq = (centroids * centroids).sum(1)
+    c_sq = (centroids * centroids).sum(1).unsqueeze(0)
     ct = centroids.t().contiguous()
-    rows = max(1, chunk_elems // max(k, 1))
+    rows = min(n, max(1, chunk_elems // max(k, 1)))
+    buf = torch.empty(rows, k, dtype=x.dtype, device=x.device)
     idx = torch.empty(n, dtype=torch.long, device=x.device)
     dist = torch.empty(n, dtype=x.dtype, device=x.device)
     dist2 = torch.empty(n, dtype=x.dtype, device=x.device) if second else None
     for s in range(0, n, rows):
         xs = x[s : s + rows]
-        d = torch.addmm(c_sq.unsqueeze(0), xs, ct, alpha=-2.0)  # ||c||^2 - 2 x.c
-        x_sq = (xs * xs).sum(1)
+        m = xs.shape[0]
+        d = buf[:m]
+        torch.addmm(c_sq, xs, ct, alpha=-2.0, out=d)  # ||c||^2 - 2 x.c
         if second and k > 1:
             vals, inds = d.topk(2, dim=1, largest=False)
-            idx[s : s + rows] = inds[:, 0]
-            dist[s : s + rows] = (vals[:, 0] + x_sq).clamp_min(0)
-            dist2[s : s + rows] = (vals[:, 1] + x_sq).clamp_min(0)
+            idx[s : s + m] = inds[:, 0]
+            dist[s : s + m] = vals[:, 0]
+            dist2[s : s + m] = vals[:, 1]
         else:
-            dmin, amin = d.min(dim=1)
-            idx[s : s + rows] = amin
-            dist[s : s + rows] = (dmin + x_sq).clamp_min(0)
+            torch.min(d, dim=1, out=(dist[s : s + m], idx[s : s + m]))
             if second:
-                dist2[s : s + rows] = float("inf")
+                dist2[s : s + m] = float("inf")
+    x_sq = (x * x).sum(1)
+    dist.add_(x_sq).clamp_min_(0)
+    if second:
+        dist2.add_(x_sq).clamp_min_(0)
     return (idx, dist, dist2) if second else (idx, dist)
 
 
@@ -141,42 +148,17 @@ def kmeans(
 
     centroids = x[torch.randperm(n, generator=g)[:n_centroids].to(x.device)].clone()
     history: list[float] = []
-    # Hamerly (2010) bounds: u >= distance to the assigned centroid, l <= distance to the
-    # second nearest. A point whose u <= max(l, half the distance from its centroid to the
-    # nearest other centroid) keeps its assignment without computing its K distances; the
-    # result is the exact Lloyd assignment (``tol`` guards against rounding in the bounds).
-    a, d1, d2 = assign(x, centroids, chunk_elems, second=True)
-    u, low = d1.sqrt(), d2.sqrt()
-    tol = 1e-4 * float((x * x).sum(1).mean().sqrt()) + 1e-12
     for it in range(max(1, n_iter) + 1):
-        if it > 0:
-            cc = torch.cdist(centroids, centroids)
-            cc.fill_diagonal_(float("inf"))
-            half = 0.5 * cc.min(dim=1).values
-            m = torch.maximum(half[a], low)
-            cand = (u + tol > m).nonzero().flatten()
-            if cand.numel():
-                u[cand] = (x[cand] - centroids[a[cand]]).norm(dim=1)
-                cand = cand[u[cand] + tol > m[cand]]
-            if cand.numel():
-                ac, dc1, dc2 = assign(x[cand], centroids, chunk_elems, second=True)
-                a[cand], u[cand], low[cand] = ac, dc1.sqrt(), dc2.sqrt()
-        sq = ((x - centroids[a]) ** 2).sum(1)
+        # Plain Lloyd: one full chunked assignment per iteration. Bound-based pruning
+        # (Hamerly 2010) was measured slower here: it needs the second-nearest distance
+        # (top-2, ~2.5x the cost of min on CPU) and for K=256 in 8-D ~40% of the points stay
+        # candidates after 20 iterations.
+        a, sq = assign(x, centroids, chunk_elems)
         history.append(float(sq.sum() if w is None else (sq * w).sum()))
         if it == max(1, n_iter):
             break
-        old = centroids.clone()
-        a, moved = _split_empty(x, centroids, a, w, noise_scale, g)
-        if moved is not None:
-            low[moved] = 0.0
+        a, _ = _split_empty(x, centroids, a, w, noise_scale, g)
         centroids = _update(x, a, w, centroids)
-        delta = (centroids - old).norm(dim=1)
-        u += delta[a]
-        if delta.numel() > 1:
-            top, arg = delta.topk(2)
-            low -= torch.where(a == arg[0], top[1], top[0])
-        else:
-            low -= delta[0]
     if lin is not None:
         centroids = torch.linalg.solve_triangular(lin, centroids, upper=False, left=False)
     return KMeansResult(centroids.to(orig_dtype), a, history)
