@@ -87,15 +87,16 @@ class QuantNoiseQuantizer(Quantizer):
             return KM.pq_reconstruct(self.centroids, self.assignments, w.shape).to(w.dtype)
         w = w.detach()
         qmin, qmax = U.code_range(self.bits, symmetric=True)
-        # one fused PyTorch fake-quant kernel (same rounding/clamping as qtrain.quant.uniform)
+        # symmetric min-max (as qtrain.quant.uniform): round(w / S) clamped, times S, in
+        # three in-place passes (the fused fake-quant op is not vectorised on CPU)
         if self.granularity == "tensor":
-            scale = (w.abs().max() / ((qmax - qmin) / 2)).clamp_min(1e-8).reshape(1)
-            zp = torch.zeros(1, dtype=torch.int32, device=w.device)
-            return torch.fake_quantize_per_tensor_affine(w, scale, zp, qmin, qmax)
-        flat = w.reshape(w.shape[0], -1)
-        scale = (flat.abs().amax(1) / ((qmax - qmin) / 2)).clamp_min(1e-8)
-        zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-        return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
+            lo, hi = torch.aminmax(w)
+        else:
+            lo, hi = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(1e-8)
+        return torch.mul(w, scale.reciprocal()).round_().clamp_(qmin, qmax).mul_(scale)
 
     def _maybe_fit(self, w: torch.Tensor) -> None:
         step = int(self.step)
