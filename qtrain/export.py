@@ -5,6 +5,12 @@
     ``export_qparams`` (``UniformQuantizer``) become :class:`PackedLinear` /
     :class:`PackedConv2d` with exactly the trained integer codes and scales (the trained
     activation quantizer is kept and applied to the input),
+  - fake-quant layers whose weight quantizer is a ``PowerOfTwoQuantizer`` (what
+    :class:`qtrain.callbacks.inq.INQCallback` leaves) become ``fmt="pow2"`` packed layers:
+    ``b`` bits per weight (sign + exponent index incl. zero, INQ eq. (2)-(3)) as bit planes
+    plus the int8 exponent n1 of the layer -- the ``b * numel + 8`` bits the run summary
+    reports, up to < 32 bits of padding per plane. They run by dequantizing to a float
+    weight (pure torch; no Triton kernel for this format),
   - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
     ``weight_from_codebook()``) become codebook layers,
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
@@ -29,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedLinear
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 
@@ -76,17 +83,21 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
         wq = m.weight_quantizer
         if wq is None or not getattr(wq, "enabled", True):
             return None
-        if not hasattr(wq, "export_qparams"):
+        if isinstance(wq, PowerOfTwoQuantizer):
+            packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
+        elif not hasattr(wq, "export_qparams"):
             raise ValueError(f"{name}: weight quantizer {type(wq).__name__} has no export_qparams;"
-                             " only uniform quantizers can be packed")
-        q = wq.export_qparams(m.weight)
-        k = m.weight[0].numel()
-        gran = q["granularity"]
-        if gran == "channel" and getattr(wq, "axis", 0) != 0:
-            raise ValueError(f"{name}: per-channel export needs axis=0, got {wq.axis}")
-        g = q["group_size"] if gran == "group" else None
-        packed = PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"], q["bits"],
-                                           q["symmetric"], g, k, bias, backend, scale_dtype)
+                             " only uniform and power-of-two (INQ) quantizers can be packed")
+        else:
+            q = wq.export_qparams(m.weight)
+            k = m.weight[0].numel()
+            gran = q["granularity"]
+            if gran == "channel" and getattr(wq, "axis", 0) != 0:
+                raise ValueError(f"{name}: per-channel export needs axis=0, got {wq.axis}")
+            g = q["group_size"] if gran == "group" else None
+            packed = PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"],
+                                               q["bits"], q["symmetric"], g, k, bias, backend,
+                                               scale_dtype)
         packed.act_quantizer = m.act_quantizer
     elif type(m) is nn.Linear and bits is not None:
         k = m.in_features
@@ -174,6 +185,12 @@ def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"packed file: layer {name!r} does not exist in the model") from None
+        w = getattr(old, "weight", None)
+        want = tuple(s["weight_shape"]) if s["kind"] == "conv2d" else (
+            s["out_features"], s["in_features"])
+        if isinstance(w, torch.Tensor) and tuple(w.shape) != want:
+            raise ValueError(f"packed file: layer {name!r} has weight shape {want}; the model "
+                             f"has {tuple(w.shape)}")
         cls = PackedConv2d if s["kind"] == "conv2d" else PackedLinear
         new = cls(s["in_features"], s["out_features"], s["fmt"], s["bits"], s["group_size"],
                   s["symmetric"], backend)
@@ -199,7 +216,7 @@ def _placeholders(model: nn.Module, names: set[str]) -> None:
     for n, m in model.named_modules():
         if isinstance(m, PackedLinear):
             for t in ("packed", "scales", "zeros", "codes", "centroids", "qweight", "wscale",
-                      "bias"):
+                      "planes", "n1", "bias"):
                 full = f"{n}.{t}" if n else t
                 if full in names:
                     m.register_buffer(t, torch.empty(0))
@@ -266,8 +283,17 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
             raise ValueError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
-    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8") else 0
-    if m.fmt == "codebook":
+    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2") else 0
+    if m.fmt == "pow2":
+        if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:
+            raise ValueError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")
+        want("planes", (torch.int32,), (m.bits, 1, -(-(n * k) // 32)))
+        want("n1", (torch.int8,), (1,))
+        e_max = int((m.pow2_codes() & (2 ** (m.bits - 1) - 1)).max()) if n * k else 0
+        if e_max > 2 ** (m.bits - 2):
+            raise ValueError(f"packed file {path}: {name} has power-of-two exponent index "
+                             f"{e_max}; {m.bits}-bit INQ codes allow 0..{2 ** (m.bits - 2)}")
+    elif m.fmt == "codebook":
         want("codes", (torch.uint8,), (n, k // m.group_size))
         want("centroids", (torch.float16,), (m.centroids.shape[0], m.group_size))
     elif m.fmt == "w8a8":

@@ -11,8 +11,10 @@ Formats (``fmt``): ``uniform`` (Jacob et al. 2018; int1..8, symmetric or affine,
 or per group), ``ternary`` (TWN, Li & Liu 2016: Delta = 0.7 mean|w|, alpha = mean of |w|
 above Delta, per output row), ``binary`` (XNOR-Net, Rastegari et al. 2016 eq. (4):
 alpha = mean|w| per row, B = sign(w), sign(0) = +1), ``codebook`` (PQ / k-means: uint8 codes
-into a float16 codebook; Stock et al. 2019) and ``w8a8`` (per-channel int8 weights, per-token
-dynamic int8 activations).
+into a float16 codebook; Stock et al. 2019), ``w8a8`` (per-channel int8 weights, per-token
+dynamic int8 activations) and ``pow2`` (INQ power-of-two weights, Zhou et al. 2017 eq. (2)-(3):
+b-bit codes, see :func:`pow2_codes`; pure-torch path only: the weight is dequantized to float
+at run time, there is no Triton kernel for it).
 
 An optional ``act_quantizer`` (the trained fake-quant input quantizer) is applied to the
 input first, so an exported model computes what the trained model computed.
@@ -31,7 +33,7 @@ from torch import nn
 from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
-FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8")
+FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2")
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -46,6 +48,35 @@ def _float_weight(linear: nn.Module) -> torch.Tensor:
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         raise ValueError(f"linear must have a 2-D (or conv) weight, got {type(linear).__name__}")
     return w.detach().reshape(w.shape[0], -1).float()
+
+
+def pow2_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """INQ weight -> (b-bit unsigned codes, n1) (Zhou et al. 2017, eq. (2)-(4)).
+
+    The layer's level set is P = {0} U {+-2^k : n2 <= k <= n1}, n2 = n1 + 1 - 2^(b-2)
+    (:func:`qtrain.quant.pow2.inq_levels`). A value is coded as
+    ``u = sign << (b - 1) | e`` with sign 1 for negative values and the exponent index
+    ``e = 0`` for 0, ``e = 1 + n1 - k`` for +-2^k (so ``e`` is in [0, 2^(b-2)] and fits in
+    the b - 1 low bits). The weight is first rounded to the levels exactly as
+    :class:`qtrain.nn.format_quantizers.PowerOfTwoQuantizer` does in its forward.
+    """
+    from qtrain.quant import pow2
+
+    n1, _ = pow2.inq_exponent_range(weight, bits)
+    w = weight.detach()
+    q = pow2.round_to_levels(w, pow2.inq_levels(w, bits)).float()
+    mag = q.abs()
+    e = torch.where(mag > 0, 1 + n1 - torch.log2(mag.clamp_min(2.0**-126)).round().long(), 0)
+    u = torch.where(q < 0, 2 ** (bits - 1), 0) | e
+    return u.reshape(w.shape[0], -1).to(torch.int64), n1
+
+
+def pow2_values(codes: torch.Tensor, n1: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pow2_codes`: float32 weights (exact powers of two and zeros)."""
+    e = codes & (2 ** (bits - 1) - 1)
+    sign = torch.where(codes >= 2 ** (bits - 1), -1.0, 1.0)
+    mag = torch.where(e > 0, torch.exp2((n1 + 1 - e).float()), 0.0)
+    return sign * mag
 
 
 class PackedLinear(nn.Module):
@@ -183,6 +214,27 @@ class PackedLinear(nn.Module):
         return cls._new(w.shape[1], w.shape[0], "w8a8", 8, None, True, backend,
                         getattr(linear, "bias", None), qweight=q, wscale=s.float())
 
+    @classmethod
+    def from_pow2(cls, weight: torch.Tensor, bits: int, bias=None,
+                  backend: str = "auto") -> PackedLinear:
+        """INQ / power-of-two weight (Zhou et al. 2017) as exactly ``bits`` bits per weight.
+
+        Codes (:func:`pow2_codes`) of the whole flattened weight are stored as ``bits`` bit
+        planes (``qtrain_kernels.layout.pack_bitplanes`` of one row, so padding is < 32 bits
+        per plane) in ``planes`` (bits, 1, ceil(numel / 32)) int32, plus ``n1`` (1,) int8.
+        Inference dequantizes to a float weight (pure torch; no Triton kernel).
+        """
+        w = weight.detach()
+        if w.dim() < 2:
+            raise ValueError(f"from_pow2: weight must be 2-D (or conv), got {tuple(w.shape)}")
+        codes, n1 = pow2_codes(w, bits)
+        if not -128 <= n1 <= 127:
+            raise ValueError(f"from_pow2: exponent n1={n1} does not fit in int8")
+        n, k = codes.shape
+        bufs = {"planes": L.pack_bitplanes(codes.reshape(1, -1), bits),
+                "n1": torch.tensor([n1], dtype=torch.int8)}
+        return cls._new(k, n, "pow2", bits, None, True, backend, bias, **bufs)
+
     # ---------------------------------------------------------------- math
     def _uniform_args(self) -> dict:
         if self.fmt == "binary":
@@ -197,15 +249,24 @@ class PackedLinear(nn.Module):
             return L.dequantize_codebook(self.codes, self.centroids)
         if self.fmt == "w8a8":
             return self.qweight.float() * self.wscale[:, None]
+        if self.fmt == "pow2":
+            return pow2_values(self.pow2_codes(), int(self.n1[0]), self.bits)
         return L.dequantize_uniform(self.packed, self.scales, getattr(self, "zeros", None),
                                     L.container_bits(self.bits), self.in_features,
                                     **self._uniform_args())
+
+    def pow2_codes(self) -> torch.Tensor:
+        """The (out, in) unsigned codes of a ``pow2`` layer (unpacked bit planes)."""
+        n, k = self.out_features, self.in_features
+        return L.unpack_bitplanes(self.planes, n * k).reshape(n, k)
 
     def storage_bits(self) -> int:
         """Exact bits of everything this layer stores (codes, scales, zeros, codebook, bias)."""
         return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.fmt == "pow2":  # no kernel: dequantize + F.linear
+            return False
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
