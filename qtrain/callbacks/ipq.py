@@ -16,6 +16,12 @@ exactly the live trainable parameters; ``lr_schedule='continue'`` fast-forwards 
 schedulers to the current step/epoch, ``'restart'`` restarts them. Under DDP the codebooks
 are fitted on rank 0 and broadcast, and the model is re-wrapped in DDP.
 
+Tied weights (an LM's embedding and output projection sharing one Parameter): the layer
+of the stage is fitted once and every other layer using the same weight Parameter becomes a
+PQ layer sharing its ``centroids`` and ``assignments`` (:func:`qtrain.nn.pq_layers.pq_tied`),
+so the tie survives iPQ, the shared centroids are trained by both uses and the size is
+counted once. A tied layer named in a later stage is already quantized and is skipped.
+
 Resume: the callback registers a ``load_state_dict`` pre-hook on the LightningModule that
 rebuilds PQ layers for every ``<layer>.centroids`` found in the checkpoint before the
 weights are loaded, so a run resumed mid-stage continues with the same modules, optimizer
@@ -34,7 +40,15 @@ import torch
 from torch import nn
 
 from qtrain.nn.convert import LayerSelectionError, select_modules, set_submodule
-from qtrain.nn.pq_layers import is_pq, pq_class_for, pq_from_state, rebuild_pq_layers, unfold_inputs
+from qtrain.nn.pq_layers import (
+    is_pq,
+    pq_class_for,
+    pq_from_state,
+    pq_tied,
+    rebuild_pq_layers,
+    tied_partners,
+    unfold_inputs,
+)
 from qtrain.quant import kmeans as KM
 
 TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
@@ -227,8 +241,21 @@ class IterativePQCallback(pl.Callback):
                 h.remove()
         return store
 
+    def _fit_group(self, pl_module, t: int) -> dict[str, int]:
+        """Layers of stage t to fit: not yet PQ (a tie may have quantized them already),
+        one per shared weight Parameter."""
+        group, seen = {}, set()
+        for name, bs in self.plan[t].items():
+            m = pl_module.get_submodule(name)
+            w = m._parameters.get("weight")
+            if is_pq(m) or (w is not None and id(w) in seen):
+                continue
+            seen.add(id(w))
+            group[name] = bs
+        return group
+
     def _apply_stage(self, trainer, pl_module, t: int, batch) -> None:
-        group = self.plan[t]
+        group = self._fit_group(pl_module, t)
         fitted = None
         if trainer.global_rank == 0:
             samples = self._sample_inputs(pl_module, group, batch) if self.activation_aware else {}
@@ -244,8 +271,12 @@ class IterativePQCallback(pl.Callback):
             old = pl_module.get_submodule(name)
             new = pq_from_state(old, c.to(old.weight.device, old.weight.dtype),
                                 a.to(old.weight.device))
+            partners = tied_partners(pl_module, old)
             set_submodule(pl_module, name, new)
             self.codebooks[name] = {"centroids": c, "assignments": a, "stage": t}
+            for p in partners:
+                set_submodule(pl_module, p, pq_tied(pl_module.get_submodule(p), new))
+                self.codebooks[p] = {"tied_to": name, "stage": t}
 
     def _rebuild_training(self, trainer, pl_module) -> None:
         strategy = trainer.strategy
@@ -273,5 +304,16 @@ class IterativePQCallback(pl.Callback):
         self.codebooks = dict(state["codebooks"])
 
     def storage_bits(self, pl_module) -> int:
-        """Bits of all PQ layers (indices + fp16 centroids + fp32 bias)."""
-        return sum(m.storage_bits() for m in pl_module.modules() if is_pq(m))
+        """Bits of all PQ layers (indices + fp16 centroids + fp32 bias); a codebook shared by
+        tied layers counts once (the tied layer adds only its own bias)."""
+        total, seen = 0, set()
+        for m in pl_module.modules():
+            if not is_pq(m):
+                continue
+            if id(m.centroids) in seen:
+                b = getattr(m, "bias", None)
+                total += 32 * b.numel() if b is not None else 0
+                continue
+            seen.add(id(m.centroids))
+            total += m.storage_bits()
+        return total

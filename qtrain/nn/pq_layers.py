@@ -11,6 +11,13 @@ centroid is the *average* of the gradients of the blocks assigned to it (autogra
 give the sum). fairseq applied the averaging in its conv layer only; here every PQ layer
 type (Linear, Conv2d, Embedding) uses the same averaging gather (:class:`_AvgGather`).
 
+Tied weights (an LM's embedding and output projection sharing one Parameter, fairseq's
+``share_decoder_input_output_embed`` / HF ``tie_word_embeddings``): :func:`pq_tied` builds
+the PQ layer of the second user from the *same* ``centroids`` Parameter and ``assignments``
+buffer as the first, so both uses reconstruct the same weight and the shared centroids get
+the gradient of both (the sum of the two per-use block averages, as a tied float weight gets
+the sum of both uses' gradients). :func:`tied_partners` finds the other users of a weight.
+
 Common duck-typed interface (used by the export code): ``centroids``, ``assignments``,
 ``block_size``, ``n_centroids``, ``weight_from_codebook()``, ``storage_bits()``.
 """
@@ -227,21 +234,62 @@ def pq_from_state(module: nn.Module, centroids: torch.Tensor, assignments: torch
     return pq_class_for(module)(module, centroids, assignments, block_size)
 
 
+def _weight_param(module: nn.Module):
+    return module._parameters.get("weight")
+
+
+def tied_partners(model: nn.Module, module: nn.Module) -> list[str]:
+    """Names of the other (non-PQ) layers of ``model`` whose ``weight`` Parameter is the
+    very Parameter of ``module`` (weight tying)."""
+    w = _weight_param(module)
+    if w is None:
+        return []
+    return [n for n, m in model.named_modules()
+            if m is not module and not is_pq(m) and _weight_param(m) is w]
+
+
+def pq_tied(module: nn.Module, source: nn.Module) -> nn.Module:
+    """PQ layer for ``module`` (Linear / Embedding / Conv2d) tied to the PQ layer ``source``:
+    it holds the same ``centroids`` Parameter and ``assignments`` buffer (no copy)."""
+    shape = tuple(module.weight.shape)
+    if not is_pq(source) or shape != tuple(source.weight_shape):
+        raise ValueError(f"pq_tied: cannot tie a {type(module).__name__} of weight shape {shape} "
+                         f"to {type(source).__name__} "
+                         f"{tuple(getattr(source, 'weight_shape', ()))}")
+    new = pq_class_for(module)(module, source.centroids.detach(), source.assignments,
+                               source.block_size)
+    new.centroids = source.centroids
+    new.assignments = source.assignments
+    return new
+
+
 def rebuild_pq_layers(model: nn.Module, state_dict, prefix: str = "") -> list[str]:
     """Replace every float layer of ``model`` whose entry in ``state_dict`` holds
     ``<name>.centroids``/``<name>.assignments`` by the matching PQ layer (in place).
 
     Lets a checkpoint of a (partly) product-quantized model load back into the float
-    architecture. Returns the names of the rebuilt layers.
+    architecture. Layers tied in ``model`` (same weight Parameter) whose saved codebooks are
+    equal are rebuilt tied (:func:`pq_tied`); saved codebooks that differ stay separate.
+    Returns the names of the rebuilt layers.
     """
     from qtrain.nn.convert import set_submodule
 
-    rebuilt = []
+    rebuilt, by_weight = [], {}
     for name, m in list(model.named_modules()):
         key = f"{prefix}{name}." if name else prefix
         if is_pq(m) or f"{key}centroids" not in state_dict:
             continue
-        new = pq_from_state(m, state_dict[f"{key}centroids"], state_dict[f"{key}assignments"])
+        c, a = state_dict[f"{key}centroids"], state_dict[f"{key}assignments"]
+        w = _weight_param(m)
+        src = by_weight.get(id(w)) if w is not None else None
+        if (src is not None and src.centroids.shape == c.shape
+                and torch.equal(src.centroids.detach().cpu(), c.detach().cpu())
+                and torch.equal(src.assignments.cpu(), a.reshape(-1).to(torch.long).cpu())):
+            new = pq_tied(m, src)
+        else:
+            new = pq_from_state(m, c, a)
+            if w is not None:
+                by_weight.setdefault(id(w), new)
         set_submodule(model, name, new)
         rebuilt.append(name)
     return rebuilt

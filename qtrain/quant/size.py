@@ -7,6 +7,13 @@ convention) and its whole subtree is then skipped. Every other parameter and buf
 ``numel * element_size * 8`` (its dtype's width; bool = 8 bits); shared tensors count once.
 Quantizer modules (``storage_bits(weight)`` takes the weight) are reported by their layer.
 
+Tied weights (e.g. an LM's embedding and output projection sharing one Parameter) count
+once: a self-reporting layer whose stored weight -- the ``centroids`` of a PQ layer, else its
+``weight`` Parameter -- was already counted by an earlier layer *with the same quantization*
+(same codebook and assignments; or same weight-quantizer type, bits, mode and block size)
+adds only its own tensors not yet counted (e.g. its bias), weight-quantizer state excluded.
+Two layers that quantize one float Parameter differently store two tensors and both count.
+
 Huffman estimate (Han et al. 2016, "Deep Compression", Sec. 4): the dense ``b``-bit codes
 of a layer are replaced by a Huffman code built from the code histogram
 (:func:`huffman_code_lengths`, heapq); the side information (scales, codebooks, bias)
@@ -73,9 +80,26 @@ def _reports_itself(m: nn.Module) -> bool:
     return callable(getattr(m, "storage_bits", None)) and not isinstance(m, Quantizer)
 
 
+def _stored_weight(m: nn.Module):
+    """(tensor that holds the layer's stored weight, how it is quantized) or (None, None)."""
+    c = getattr(m, "centroids", None)
+    if isinstance(c, torch.Tensor):
+        a = getattr(m, "assignments", None)
+        return c, ("pq", id(a))
+    w = m._parameters.get("weight")
+    if w is None:
+        return None, None
+    wq = getattr(m, "weight_quantizer", None)
+    sig = None if wq is None else (type(wq).__name__, getattr(wq, "bits", None),
+                                   getattr(wq, "enabled", True), getattr(wq, "mode", None),
+                                   getattr(wq, "block_size", None))
+    return w, sig
+
+
 def _walk(model: nn.Module, layer_bits):
     """Shared walk: ``layer_bits(name, module) -> int`` for self-reporting modules."""
     rows, seen, skip = [], set(), []
+    counted: dict[int, object] = {}  # id(stored weight) -> quantization it was counted with
     f32 = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
@@ -86,10 +110,19 @@ def _walk(model: nn.Module, layer_bits):
         if any(s == "" or name == s or name.startswith(s + ".") for s in skip):
             continue
         if _reports_itself(m):
-            tensors = list(m.parameters()) + list(m.buffers())
-            seen.update(id(t) for t in tensors)
-            rows.append(LayerBits(name or "<model>", type(m).__name__,
-                                  sum(t.numel() for t in m.parameters()), int(layer_bits(name, m))))
+            named = list(m.named_parameters()) + list(m.named_buffers())
+            key, sig = _stored_weight(m)
+            if key is not None and id(key) in counted and counted[id(key)] == sig:
+                own = [t for n, t in named if id(t) not in seen
+                       and not n.startswith("weight_quantizer.")]
+                bits, kind = sum(tensor_bits(t) for t in own), type(m).__name__ + " (tied)"
+            else:
+                bits, kind = int(layer_bits(name, m)), type(m).__name__
+                if key is not None:
+                    counted[id(key)] = sig
+            seen.update(id(t) for _, t in named)
+            rows.append(LayerBits(name or "<model>", kind,
+                                  sum(t.numel() for t in m.parameters()), bits))
             skip.append(name)
             continue
         own = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
