@@ -94,7 +94,19 @@ def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
 
 
 def _default_forward(pl_module, batch):
-    if isinstance(batch, dict):
+    """Run the model on a training batch to sample layer inputs (activation-aware iPQ).
+
+    A task module's own ``split_batch`` gives the model input (a qtrain ``TaskModule``:
+    ``(x, y)`` tuples, or an HF dict batch whose inputs stay a dict for
+    ``HFSequenceClassifier``). Otherwise: a dict batch is passed as keyword arguments without
+    its labels (``model(**batch)``, the HF convention), a tuple/list batch as its first
+    element, anything else as is.
+    """
+    split = getattr(pl_module, "split_batch", None)
+    if callable(split):
+        inputs, _ = split(batch)
+        return pl_module(inputs)
+    if isinstance(batch, Mapping):
         return pl_module(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
     if isinstance(batch, (list, tuple)):
         return pl_module(batch[0])
