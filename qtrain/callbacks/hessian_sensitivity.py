@@ -15,8 +15,9 @@ By default all quantizers are disabled during the analysis (HAWQ analyses the fl
 model) and restored afterwards. The analysis runs under ``inference_mode(False)`` and
 ``enable_grad`` (:func:`qtrain.hessian.hvp.hessian_mode`), leaves BatchNorm statistics and
 ``.grad`` untouched (grads are None afterwards), uses the math attention kernel (the fused
-SDPA kernels have no double backward), and rank 0's result is broadcast so all
-DDP ranks apply the same bits. ``state_dict`` holds the bits and table: a resumed run
+SDPA kernels have no double backward). Under DDP only global rank 0 runs the analysis
+(on its own shard of the train dataloader); its table and bits are broadcast and every
+rank applies the same bits; only rank 0 writes the report and logs. ``state_dict`` holds the bits and table: a resumed run
 re-applies them and does not recompute.
 
 ``smoke=True`` (recipes pass ``${model.tiny}``) caps the estimators at 2 Hutchinson
@@ -161,9 +162,47 @@ class HessianSensitivity(pl.Callback):
         return batches
 
     def run(self, trainer, pl_module) -> None:
-        layers = self.layers(pl_module)
-        names = list(layers)
+        """Analyse on global rank 0 only, broadcast ``(rows, bits)``, apply on every rank.
+
+        Under DDP each rank's train dataloader holds a different shard, so ranks analysing
+        their own batches would choose different bits; here rank 0 analyses its shard and
+        the other ranks wait at the broadcast (they run no forward/backward). Validation
+        that depends only on the config and model (layer selection, ties, SyncBatchNorm)
+        runs on every rank, so a bad config fails everywhere; an error raised inside the
+        analysis on rank 0 is broadcast too, so no rank hangs at the broadcast.
+        """
+        names = list(self.layers(pl_module))
         self.cfg.ties = self._ties(names)
+        self._check_sync_bn(trainer, pl_module)
+        payload, error = None, None
+        if trainer.is_global_zero:
+            try:
+                payload = ("ok", self._analyze(trainer, pl_module, names))
+            except Exception as e:  # re-raised below after the other ranks are told
+                error, payload = e, ("error", f"{type(e).__name__}: {e}")
+        status, result = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise error
+        if status == "error":
+            raise RuntimeError(f"HessianSensitivity: the analysis on rank 0 failed: {result}")
+        self.rows, self.bits = result
+        self.done = True
+        self._apply(pl_module)
+        # Trainer.log_dir is itself a broadcast: every rank must read it, not rank 0 alone
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._report(trainer, out)
+
+    def _check_sync_bn(self, trainer, pl_module) -> None:
+        if self.cfg.mode != "eval" and trainer.world_size > 1 and any(
+                isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
+            raise ValueError(
+                f"HessianSensitivity: mode={self.cfg.mode!r} with SyncBatchNorm under DDP "
+                "would make rank 0's analysis wait for collectives of the other ranks; "
+                "use hessian.mode='eval' or no sync_batchnorm"
+            )
+
+    def _analyze(self, trainer, pl_module, names: list[str]) -> tuple[list[dict], dict]:
         batches = self._calibration(trainer, pl_module)
         quantizers = [m for m in pl_module.modules() if isinstance(m, Quantizer)]
         flags = [q.enabled for q in quantizers]
@@ -173,15 +212,10 @@ class HessianSensitivity(pl.Callback):
                     q.enabled = False
             # the fused SDPA kernels (flash / memory-efficient) have no double backward
             with sdpa_kernel(SDPBackend.MATH):
-                rows, bits = analyze(pl_module, names, batches, self.loss_fn, self.cfg)
+                return analyze(pl_module, names, batches, self.loss_fn, self.cfg)
         finally:
             for q, f in zip(quantizers, flags):
                 q.enabled = f
-        rows, bits = trainer.strategy.broadcast((rows, bits), src=0)
-        self.rows, self.bits, self.done = rows, bits, True
-        self._apply(pl_module)
-        if trainer.is_global_zero:
-            self._report(trainer)
 
     def _apply(self, pl_module) -> None:
         mods = dict(pl_module.named_modules())
@@ -195,8 +229,7 @@ class HessianSensitivity(pl.Callback):
             m.weight_quantizer.set_bits(int(b))
 
     # ---------------------------------------------------------------- output
-    def _report(self, trainer) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)
+    def _report(self, trainer, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         total = sum(r["numel"] for r in self.rows)
         avg = sum(r["numel"] * r["bits"] for r in self.rows) / total
