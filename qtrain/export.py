@@ -16,10 +16,16 @@
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
     given, else left in float.
   Every other module, parameter and buffer (BatchNorm running statistics included) is kept.
+  PQ layers tied to another layer (an LM's embedding and output projection sharing one
+  ``centroids`` Parameter, :func:`qtrain.nn.pq_layers.pq_tied`) stay PQ layers, so the tie
+  and its single codebook survive export.
 * :func:`save_packed` writes one ``.safetensors`` file: every tensor of the state dict plus
   metadata (format version, bit layout, per-layer specs). :func:`load_packed` rebuilds the
   packed layers in a float model of the same architecture and loads the tensors after
-  validating version, layout, names, shapes and dtypes. Nothing is unpickled.
+  validating version, layout, names, shapes and dtypes. Nothing is unpickled. Tensors shared
+  by several state-dict keys (tied weights) are written once; the metadata maps every alias
+  to its source key and loading re-ties them. PQ layers left in the file are rebuilt in the
+  float model (:func:`qtrain.nn.pq_layers.rebuild_pq_layers`, ties included).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import nn
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedLinear
+from qtrain.nn.pq_layers import rebuild_pq_layers
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 
 
@@ -117,7 +124,13 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
                scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Copy of ``model`` with its quantized layers replaced by packed layers (module doc)."""
     out = copy.deepcopy(model)
+    users: dict[int, int] = {}
+    for m in out.modules():
+        if _has_codebook(m):
+            users[id(m.centroids)] = users.get(id(m.centroids), 0) + 1
     for name, m in list(out.named_modules()):
+        if _has_codebook(m) and users[id(m.centroids)] > 1:
+            continue  # tied codebook: keep the PQ layers (one codebook in the file)
         new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
         if new is None:
             continue
@@ -148,10 +161,26 @@ def packed_specs(model: nn.Module) -> dict:
 
 
 def storage_bits(model: nn.Module) -> int:
-    """Bits of every tensor :func:`save_packed` writes (uint8 PQ indices: 8 bits each)."""
+    """Bits of every tensor :func:`save_packed` writes (uint8 PQ indices: 8 bits each;
+    a tensor shared by several keys, e.g. tied weights, once)."""
     compact = set(_compact_index_keys(model))
+    state = model.state_dict()
+    aliases = _aliases(state)
     return sum(t.numel() * (8 if k in compact else t.element_size() * 8)
-               for k, t in model.state_dict().items())
+               for k, t in state.items() if k not in aliases)
+
+
+def _aliases(state: dict) -> dict[str, str]:
+    """{key: earlier key holding the very same tensor data} (tied weights)."""
+    first, out = {}, {}
+    for k, t in state.items():
+        sig = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               t.stride(), t.dtype)
+        if t.numel() and sig in first:
+            out[k] = first[sig]
+        else:
+            first.setdefault(sig, k)
+    return out
 
 
 def _compact_index_keys(model: nn.Module) -> list[str]:
@@ -164,11 +193,14 @@ def _compact_index_keys(model: nn.Module) -> list[str]:
 
 def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
     """Write ``model``'s state dict + metadata to ``path``; returns a size report."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    compact = _compact_index_keys(model)
+    raw = model.state_dict()
+    aliases = _aliases(raw)
+    state = {k: v.detach().contiguous().cpu() for k, v in raw.items() if k not in aliases}
+    compact = [k for k in _compact_index_keys(model) if k not in aliases]
     for k in compact:
         state[k] = state[k].to(torch.uint8)
     meta = {"format_version": str(FORMAT_VERSION), "layout": LAYOUT,
+            "tied": json.dumps(aliases, sort_keys=True),
             "layers": json.dumps(packed_specs(model), sort_keys=True),
             "uint8_indices": json.dumps(compact)}
     save_file(state, str(path), metadata=meta)
@@ -242,9 +274,15 @@ def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto"
         if k not in tensors or tensors[k].dtype != torch.uint8:
             raise ValueError(f"packed file {path}: {k!r} should be a uint8 index tensor")
         tensors[k] = tensors[k].to(torch.int64)
+    for alias, src in json.loads(meta.get("tied", "{}")).items():
+        if src not in tensors or alias in tensors:
+            raise ValueError(f"packed file {path}: tied tensor {alias!r} -> {src!r} is "
+                             "inconsistent (source missing or alias stored twice)")
+        tensors[alias] = tensors[src]
     specs = json.loads(meta.get("layers", "{}"))
     model = copy.deepcopy(model)
     _rebuild(model, specs, backend)
+    rebuild_pq_layers(model, tensors)
     _placeholders(model, set(tensors))
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))

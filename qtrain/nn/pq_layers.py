@@ -277,8 +277,9 @@ def rebuild_pq_layers(model: nn.Module, state_dict, prefix: str = "") -> list[st
     rebuilt, by_weight = [], {}
     for name, m in list(model.named_modules()):
         key = f"{prefix}{name}." if name else prefix
-        if is_pq(m) or f"{key}centroids" not in state_dict:
-            continue
+        if (is_pq(m) or not isinstance(m, tuple(PQ_TYPES)) or f"{key}centroids" not in state_dict
+                or f"{key}assignments" not in state_dict):
+            continue  # (e.g. a packed codebook layer also stores ``centroids``)
         c, a = state_dict[f"{key}centroids"], state_dict[f"{key}assignments"]
         w = _weight_param(m)
         src = by_weight.get(id(w)) if w is not None else None
