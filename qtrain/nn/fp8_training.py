@@ -14,15 +14,23 @@ Floating Point Numbers", NeurIPS), on any device (CPU included), with the FP8 fo
   products of a GEMM are split into chunks of ``chunk`` (CL = 64) terms; terms are added
   inside a chunk in ``acc_dtype`` (FP16), and the chunk sums are added to the running result
   in FP16. This avoids "swamping" (a small addend lost against a large sum) that makes long
-  FP16 sequential accumulations fail. It is a *numerical simulation*: every product and
-  every partial sum is rounded to ``acc_dtype`` exactly as FP16 hardware would (IEEE
-  round-to-nearest-even, computed through float64), vectorised over the output and over the
-  chunks; it is slow and meant for studying accuracy, not for speed.
-  :func:`sequential_matmul` (one chunk of length K) is the naive FP16 accumulation.
+  FP16 sequential accumulations fail. It is the exact *numerical reference*: every product
+  and every partial sum is rounded to ``acc_dtype`` exactly as FP16 hardware would (IEEE
+  round-to-nearest-even, computed through float64); slow, no autograd, for studying
+  accuracy. :func:`sequential_matmul` (one chunk of length K) is the naive FP16 accumulation.
+* Chunked accumulation *inside the layers* (``FP8TrainingQuantizer(accumulation='chunked')``,
+  ``conf/quant/fp8_training.yaml``): the quantizer's output is a :class:`ChunkedAccumulation`
+  view, so the ``F.linear`` / ``F.conv2d`` of QuantLinear / QuantConv2d runs
+  :func:`chunked_linear` / :func:`chunked_conv2d` (conv as im2col + GEMM): the forward GEMM
+  and both backward GEMMs (error, weight gradient) accumulate chunk by chunk with the
+  running sum in FP16, as Wang 2018 do for all three GEMMs. Simplified (see
+  :func:`chunked_bmm`): the terms inside a chunk are summed in FP32 and rounded once to FP16
+  (the chunk-level swamping is modelled, the intra-chunk FP16 roundings are not); bias add,
+  bias gradient and the conv input-gradient overlap-add are FP32.
 
 Simplifications: the paper's FP16 master-weight updates with stochastic rounding are not
-simulated here (weights stay FP32 masters, as in Micikevicius 2018 mixed precision); the
-layers' own matmuls use FP32 accumulation unless :func:`chunked_matmul` is called.
+simulated here (weights stay FP32 masters, as in Micikevicius 2018 mixed precision);
+with ``accumulation='fp32'`` (the default) the layers' matmuls accumulate in FP32.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from qtrain.quant.floats import default_saturate, get_format, simulate_float
 from qtrain.quant.rounding import check_rounding
 
 FP8_FORMATS = ("e4m3", "e5m2")
+ACCUMULATIONS = ("fp32", "chunked")
+ACC_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _FP8TrainFn(torch.autograd.Function):
@@ -66,6 +76,12 @@ class FP8TrainingQuantizer(Quantizer):
             overflows to inf, which GradScaler detects and skips).
         rounding / grad_rounding: 'nearest' | 'stochastic' | 'truncate'.
         seed: generator seed for stochastic rounding (None: global RNG).
+        accumulation: 'fp32' (the layer's GEMM accumulates in FP32) or 'chunked' (the
+            Linear/Conv2d GEMM this tensor enters uses :func:`chunked_linear` /
+            :func:`chunked_conv2d`: Wang 2018 chunk-based ``acc_dtype`` accumulation, forward
+            and backward). Set it on the weight quantizer (either slot works).
+        chunk_size: CL, terms per chunk (Wang 2018: 64).
+        acc_dtype: 'fp16' (Wang 2018) or 'bf16': the accumulator format.
     Storage: 8 bits per element.
     """
 
@@ -74,8 +90,18 @@ class FP8TrainingQuantizer(Quantizer):
     def __init__(self, bits: int = 8, fmt: str = "e5m2", grad_fmt: str = "e5m2",
                  saturate: bool | None = None, grad_saturate: bool | None = None,
                  rounding: str = "nearest", grad_rounding: str = "nearest",
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, accumulation: str = "fp32", chunk_size: int = 64,
+                 acc_dtype: str = "fp16") -> None:
         super().__init__(bits)
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"FP8TrainingQuantizer: accumulation={accumulation!r}; "
+                             f"allowed: {ACCUMULATIONS}")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"FP8TrainingQuantizer: chunk_size={chunk_size!r}; must be an int >= 1")
+        if acc_dtype not in ACC_FORMATS:
+            raise ValueError(f"FP8TrainingQuantizer: acc_dtype={acc_dtype!r}; "
+                             f"allowed: {tuple(ACC_FORMATS)}")
+        self.accumulation, self.chunk_size, self.acc_dtype = accumulation, chunk_size, acc_dtype
         for key, val in (("fmt", fmt), ("grad_fmt", grad_fmt)):
             if val not in FP8_FORMATS:
                 raise ValueError(f"FP8TrainingQuantizer: {key}={val!r}; allowed: {FP8_FORMATS}")
@@ -96,17 +122,22 @@ class FP8TrainingQuantizer(Quantizer):
         return self._gens[key]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8TrainFn.apply(
+        y = _FP8TrainFn.apply(
             x, self.fmt, self.saturate, self.rounding, self.grad_fmt, self.grad_saturate,
             self.grad_rounding, self._gen(x.device, "fwd", self.rounding),
             self._gen(x.device, "grad", self.grad_rounding))
+        if self.accumulation == "chunked":
+            y = ChunkedAccumulation.wrap(y, self.chunk_size, ACC_FORMATS[self.acc_dtype])
+        return y
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return 8 * weight.numel()
 
     def extra_repr(self) -> str:
+        acc = (f", accumulation=chunked({self.chunk_size}, {self.acc_dtype})"
+               if self.accumulation == "chunked" else "")
         return (f"fmt={self.fmt}, grad_fmt={self.grad_fmt}, rounding={self.rounding}, "
-                f"grad_rounding={self.grad_rounding}, enabled={self.enabled}")
+                f"grad_rounding={self.grad_rounding}{acc}, enabled={self.enabled}")
 
 
 ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -158,3 +189,155 @@ def sequential_matmul(a: torch.Tensor, b: torch.Tensor,
                       acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Naive accumulation: one running ``acc_dtype`` sum over all K terms (chunk = K)."""
     return chunked_matmul(a, b, chunk=a.shape[1], acc_dtype=acc_dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Chunk-based accumulation inside the layers' GEMMs (fast simulation, autograd)
+# --------------------------------------------------------------------------------------
+
+
+def chunked_bmm(a: torch.Tensor, b: torch.Tensor, chunk: int = 64,
+                acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``a @ b`` (a: (G, M, K), b: (G, K, N)) with chunk-based ``acc_dtype`` accumulation
+    over K, the layer-speed simulation of Wang 2018 sec. 3.1.
+
+    What is simulated: K is split into ``ceil(K / chunk)`` consecutive chunks; each chunk's
+    partial dot product is rounded to ``acc_dtype``, and the chunk partials are added to the
+    running sum in order, the running sum rounded to ``acc_dtype`` after every add. Each add
+    is an FP32 add of two ``acc_dtype`` values followed by one rounding to ``acc_dtype``,
+    which equals a correctly rounded ``acc_dtype`` add (FP32 has 24 >= 2p + 2 significand
+    bits for p = 11 (fp16) and 8 (bf16): double rounding is innocuous, Figueroa 1995).
+    Simplified: the terms *inside* a chunk are summed by an FP32 batched matmul (``bmm``)
+    and rounded once, not with an ``acc_dtype`` rounding after every add as in
+    :func:`chunked_matmul` (products of FP8 operands are exact in FP32, and a 64-term FP32
+    sum is far more accurate than FP16, so only the chunk-level swamping is modelled).
+    Returns float32 holding ``acc_dtype`` values. No autograd (see :func:`chunked_linear`).
+    """
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"chunked_bmm: need a (G, M, K) and b (G, K, N), got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_bmm: chunk={chunk!r}; must be an int >= 1")
+    if acc_dtype not in ACC_FORMATS.values():
+        raise ValueError(f"chunked_bmm: acc_dtype={acc_dtype}; allowed: {tuple(ACC_FORMATS.values())}")
+    g, m, k = a.shape
+    n = b.shape[2]
+    a, b = a.float(), b.float()
+    if k <= chunk:  # one chunk: one rounding of the FP32 product
+        return torch.bmm(a, b).to(acc_dtype).float()
+    nc = -(-k // chunk)
+    pad = nc * chunk - k
+    if pad:  # zero terms leave every partial sum unchanged
+        a = torch.nn.functional.pad(a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    av = a.reshape(g, m, nc, chunk).permute(2, 0, 1, 3).reshape(nc * g, m, chunk)
+    bv = b.reshape(g, nc, chunk, n).transpose(0, 1).reshape(nc * g, chunk, n)
+    part = torch.bmm(av, bv).to(acc_dtype).reshape(nc, g, m, n)
+    acc = part[0].float()
+    for c in range(1, nc):  # sequential over chunks: the order of the hardware accumulator
+        acc = (acc + part[c].float()).to(acc_dtype).float()
+    return acc
+
+
+class _ChunkedBMM(torch.autograd.Function):
+    """Forward and both backward GEMMs with chunk-based accumulation (Wang 2018 use it in
+    all three GEMMs of training: forward, backward error, weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, a, b, chunk, acc_dtype):
+        ctx.save_for_backward(a, b)
+        ctx.cfg = (chunk, acc_dtype)
+        return chunked_bmm(a, b, chunk, acc_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        chunk, acc = ctx.cfg
+        ga = chunked_bmm(g, b.transpose(1, 2), chunk, acc) if ctx.needs_input_grad[0] else None
+        gb = chunked_bmm(a.transpose(1, 2), g, chunk, acc) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+
+def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   chunk: int = 64, acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``F.linear`` with chunk-based accumulation (:func:`chunked_bmm`) in the forward GEMM
+    (reduction over in_features) and in the backward GEMMs (input error: reduction over
+    out_features; weight gradient: reduction over the batch rows). Simplified: the bias is
+    added in FP32 to the ``acc_dtype`` result and its gradient is an FP32 sum."""
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"chunked_linear: weight {tuple(weight.shape)} does not match input "
+                         f"features {k}")
+    out = _ChunkedBMM.apply(x.reshape(1, -1, k), weight.t().unsqueeze(0), chunk, acc_dtype)
+    out = out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def chunked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   stride=1, padding=0, dilation=1, groups: int = 1, chunk: int = 64,
+                   acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``F.conv2d`` as unfold (im2col) + :class:`_ChunkedBMM` per group: the reduction over
+    C_in/groups * kh * kw (im2col order: channel-major, then kernel row, column) is
+    chunk-accumulated, forward and backward. Simplified: the bias is added in FP32; the
+    input gradient's overlap-add (``fold``, <= kh*kw terms per pixel) is an FP32 sum.
+    ``padding`` must be numeric (padding modes are applied by the caller, as
+    ``nn.Conv2d._conv_forward`` does)."""
+    if isinstance(padding, str):
+        raise ValueError(f"chunked_conv2d: padding={padding!r}; give the padding as ints")
+    if x.dim() != 4:
+        raise ValueError(f"chunked_conv2d: input must be (B, C, H, W), got {tuple(x.shape)}")
+    bsz, cin, h, w = x.shape
+    cout, cg, kh, kw = weight.shape
+    if cin != cg * groups:
+        raise ValueError(f"chunked_conv2d: input channels {cin} != weight {cg} x groups {groups}")
+    pair = torch.nn.modules.utils._pair
+    st, pd, dl = pair(stride), pair(padding), pair(dilation)
+    ho = (h + 2 * pd[0] - dl[0] * (kh - 1) - 1) // st[0] + 1
+    wo = (w + 2 * pd[1] - dl[1] * (kw - 1) - 1) // st[1] + 1
+    cols = torch.nn.functional.unfold(x, (kh, kw), dl, pd, st)  # (B, C*kh*kw, L)
+    kg = cg * kh * kw
+    a = cols.reshape(bsz, groups, kg, ho * wo).permute(1, 0, 3, 2).reshape(groups, -1, kg)
+    b = weight.reshape(groups, cout // groups, kg).transpose(1, 2)
+    out = _ChunkedBMM.apply(a, b, chunk, acc_dtype)  # (G, B*L, Cout/G)
+    out = out.reshape(groups, bsz, ho, wo, cout // groups).permute(1, 0, 4, 2, 3)
+    out = out.reshape(bsz, cout, ho, wo).to(x.dtype)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+_F = torch.nn.functional
+
+
+class ChunkedAccumulation(torch.Tensor):
+    """A view of a (FP8-rounded) tensor that makes the ``F.linear`` / ``F.conv2d`` call it
+    enters use :func:`chunked_linear` / :func:`chunked_conv2d` (PyTorch's
+    ``__torch_function__`` override protocol). The fake-quant layers pass the quantizer's
+    output straight to ``F.linear`` / ``F.conv2d``, so an FP8TrainingQuantizer with
+    ``accumulation='chunked'`` switches the layer's GEMMs without a new layer class. Every
+    other op returns plain tensors. ``as_subclass`` keeps the autograd graph."""
+
+    chunk: int
+    acc_dtype: torch.dtype
+
+    @staticmethod
+    def wrap(t: torch.Tensor, chunk: int, acc_dtype: torch.dtype) -> ChunkedAccumulation:
+        out = t.as_subclass(ChunkedAccumulation)
+        out.chunk, out.acc_dtype = chunk, acc_dtype
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is _F.linear or func is _F.conv2d:
+                flat = list(args) + list(kwargs.values())
+                cfg = next(t for t in flat if isinstance(t, ChunkedAccumulation))
+                plain = [t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+                         for t in args]
+                kw = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v
+                      for k, v in kwargs.items()}
+                if "input" in kw:
+                    kw["x"] = kw.pop("input")
+                impl = chunked_linear if func is _F.linear else chunked_conv2d
+                return impl(*plain, **kw, chunk=cfg.chunk, acc_dtype=cfg.acc_dtype)
+            return func(*args, **kwargs)
