@@ -135,3 +135,43 @@ def test_quant_noise_tied_weight_counted_once():
     rows = {r.name: r.bits for r in model_storage_bits(lm).layers}
     assert rows["output_projection"] == QuantNoiseQuantizer(mode="int4").storage_bits(
         lm.embed_tokens.weight)
+
+
+class _TinyHFMaskedLM(pl.LightningModule):
+    """HF BertForMaskedLM (tie_word_embeddings=True: decoder.weight is the word embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertForMaskedLM
+
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=16, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        self.hf = BertForMaskedLM(cfg)
+
+    def forward(self, input_ids):
+        return self.hf(input_ids=input_ids).logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_hf_tie_word_embeddings_kept():
+    pl.seed_everything(0)
+    module = _TinyHFMaskedLM()
+    dec = module.hf.cls.predictions.decoder
+    assert dec.weight is module.hf.bert.embeddings.word_embeddings.weight
+    cb = IterativePQCallback(stages=[[r".*word_embeddings"]], n_centroids=16, n_iter=2,
+                             unit="step", boundaries=[1])
+    make_trainer(max_steps=3, callbacks=[cb]).fit(module, _loader())
+    emb, dec = module.hf.bert.embeddings.word_embeddings, module.hf.cls.predictions.decoder
+    assert isinstance(emb, PQEmbedding) and isinstance(dec, PQLinear)
+    assert dec.centroids is emb.centroids and torch.equal(dec.weight, emb.weight_from_codebook())
+    assert dec.bias is not None  # the decoder keeps its own bias
+    rows = {r.name: r.bits for r in model_storage_bits(module).layers}
+    assert rows["hf.cls.predictions.decoder"] == 0  # bias is shared with predictions.bias
