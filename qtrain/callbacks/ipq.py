@@ -21,6 +21,9 @@ of the stage is fitted once and every other layer using the same weight Paramete
 PQ layer sharing its ``centroids`` and ``assignments`` (:func:`qtrain.nn.pq_layers.pq_tied`),
 so the tie survives iPQ, the shared centroids are trained by both uses and the size is
 counted once. A tied layer named in a later stage is already quantized and is skipped.
+Simplification: the shared codebook is fitted with the objective of the layer that is fitted
+(for an activation-aware embedding: token-frequency row weights), not a joint objective of
+both uses.
 
 Resume: the callback registers a ``load_state_dict`` pre-hook on the LightningModule that
 rebuilds PQ layers for every ``<layer>.centroids`` found in the checkpoint before the
