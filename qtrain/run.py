@@ -69,6 +69,18 @@ def _metric(results: list[dict], key: str) -> float | None:
     return float(results[0][key]) if results and key in results[0] else None
 
 
+def _test_snapshot(trainer, module, dm, state: dict, key: str) -> float | None:
+    """Test metric of ``module`` with ``state`` loaded and quantizers off; restores after."""
+    current = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    set_quantizers_enabled(module.model, False)
+    try:
+        return _metric(trainer.test(module, datamodule=dm, verbose=False), key)
+    finally:
+        module.load_state_dict(current)
+        set_quantizers_enabled(module.model, True)
+
+
 def export_packed(model, run_dir: str) -> dict:
     """Pack the trained quantized layers (qtrain.export) and write them with every other
     tensor (BatchNorm statistics included) to ``<run dir>/model_packed.safetensors``."""
@@ -118,6 +130,8 @@ def train(cfg: DictConfig) -> dict:
         fp32_metric = quant_metric
     elif fp32_val_metric is None:  # quantized from the start (or PTQ): same weights in float
         fp32_metric = float_metric
+    elif getattr(quant_cb, "fp32_state", None) is not None:  # the FP32 phase's final weights
+        fp32_metric = _test_snapshot(trainer, module, dm, quant_cb.fp32_state, key)
     quant_bits = report.model_bits(module.model)
     summary = {
         "recipe": cfg.get("recipe_name") or OmegaConf.select(cfg, "hydra_recipe", default=None),

@@ -8,7 +8,8 @@ quantizer classes, bits filled in per layer), so the same callback drives unifor
 XNOR/TWN/TTQ, PACT, LSQ, DSQ, DoReFa, FP8, ... .
 
 Schedule: quantizers are disabled (float training) for ``start_epoch`` epochs, then enabled;
-the last float validation metric is kept as ``fp32_metric`` for the run summary. Because the
+the last float validation metric is kept as ``fp32_metric`` and the float weights at the
+switch as ``fp32_state`` (so the run can also test the FP32 model). Because the
 module structure is fixed from ``setup`` on, checkpoints resume with the same quantizer
 state (observer ranges, learned scales are module buffers/parameters).
 """
@@ -68,6 +69,7 @@ class QATCallback(pl.Callback):
         self.start_epoch = start_epoch
         self.layers: dict[str, nn.Module] = {}
         self.fp32_metric: float | None = None
+        self.fp32_state: dict | None = None  # module state at the float -> quantized switch
         # validate the factories and bit widths now, before any training starts
         self._make(self.weight_factory, self.bits, "quant.bits")
         self._make(self.act_factory, self.act_bits, "quant.act_bits")
@@ -130,6 +132,7 @@ class QATCallback(pl.Callback):
             key = f"val_{pl_module.metric}"
             if key in trainer.callback_metrics:
                 self.fp32_metric = float(trainer.callback_metrics[key])
+            self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self.set_enabled(on)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -140,7 +143,9 @@ class QATCallback(pl.Callback):
         self.set_enabled(True)  # what follows fit (test, export) sees the quantized model
 
     def state_dict(self) -> dict:
-        return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers)}
+        return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers),
+                "fp32_state": self.fp32_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.fp32_metric = state.get("fp32_metric")
+        self.fp32_state = state.get("fp32_state")
