@@ -36,7 +36,8 @@ class _FakeQuantMixin:
         return [q for q in (self.weight_quantizer, self.act_quantizer) if q is not None]
 
     def storage_bits(self) -> int:
-        """Bits to store this layer's own parameters: quantized weight + fp32 bias."""
+        """Bits to store this layer's own parameters: quantized weight + fp32 bias, plus the
+        activation quantizer's learned parameters and calibrated float buffers (fp32)."""
         wq = self.weight_quantizer
         bits = 32 * self.weight.numel() if wq is None else wq.storage_bits(self.weight)
         bias = getattr(self, "bias", None)
@@ -47,6 +48,11 @@ class _FakeQuantMixin:
             # quantizer's own parameters are already in its storage_bits()
             if name not in ("weight", "bias") and not name.startswith("weight_quantizer."):
                 bits += 32 * p.numel()
+        aq = getattr(self, "act_quantizer", None)
+        if aq is not None:
+            # the input quantizer's calibrated range (EMA min/max, clip values, ...) is needed
+            # at inference to quantize the layer input: its float buffers at fp32
+            bits += sum(32 * b.numel() for b in aq.buffers() if b.is_floating_point())
         return bits
 
 

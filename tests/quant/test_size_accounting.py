@@ -65,7 +65,8 @@ class _Net(nn.Module):
 def test_model_storage_bits_by_hand():
     net = _Net()
     rep = model_storage_bits(net)
-    conv = 108 * 4 + 4 * 32  # 4-bit codes + one fp32 scale per output channel
+    # 4-bit codes + one fp32 scale per output channel + the input range (EMA min, max)
+    conv = 108 * 4 + 4 * 32 + 2 * 32
     bn = 4 * 32 * 4 + 64  # weight, bias, running mean/var + int64 num_batches_tracked
     fc = 40 * 2 + 32 + 10 * 32  # ternary codes + alpha + fp32 bias
     head = 20 * 32 + 2 * 32
