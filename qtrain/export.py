@@ -11,11 +11,20 @@
     plus the int8 exponent n1 of the layer -- the ``b * numel + 8`` bits the run summary
     reports, up to < 32 bits of padding per plane. They run by dequantizing to a float
     weight (pure torch; no Triton kernel for this format),
+  - fake-quant Linear / Conv2d / Embedding layers whose weight quantizer is a
+    ``QuantNoiseQuantizer`` (Fan et al. 2020) become their fully quantized (p = 1) model:
+    int8 / int4 as the symmetric ``uniform`` format with the forward's exact codes and float32
+    scales (per tensor or per output channel; a per-tensor scale is stored once per row), 'pq'
+    as the ``codebook`` format from the quantizer's centroids and assignments (fitted first
+    if it never ran; centroids in float16 as the run summary counts them). Embeddings become
+    :class:`PackedEmbedding` (same formats, rows = output channels). Other quantized
+    embeddings are left as they are,
   - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
     ``weight_from_codebook()``) become codebook layers,
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
     given, else left in float.
   Every other module, parameter and buffer (BatchNorm running statistics included) is kept.
+  Layers packed from one tied float Parameter into equal buffers share them (written once).
   PQ layers tied to another layer (an LM's embedding and output projection sharing one
   ``centroids`` Parameter, :func:`qtrain.nn.pq_layers.pq_tied`) stay PQ layers, so the tie
   and its single codebook survive export.
@@ -40,10 +49,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
-from qtrain.nn.packed import PackedConv2d, PackedLinear
+from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.pq_layers import rebuild_pq_layers
+from qtrain.nn.quant_noise import QuantNoiseQuantizer
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 
 
@@ -81,16 +91,35 @@ def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"{name}: cannot map assignments to weight_from_codebook() (unknown order)")
 
 
+def _pack_quant_noise(m: nn.Module, wq: QuantNoiseQuantizer, name: str, bias, backend):
+    """The fully quantized (p = 1) Quant-Noise weight: int modes as the symmetric uniform
+    format with float32 scales (exactly ``QuantNoiseQuantizer.quantized_value``; a per-tensor
+    scale is repeated per row, as the format stores one scale per row), 'pq' as the codebook
+    format (uint8 codes, float16 centroids)."""
+    q = wq.export_qparams(m.weight)
+    if "centroids" in q:
+        if q["centroids"].shape[0] > 256:
+            raise ValueError(f"{name}: Quant-Noise pq with {q['centroids'].shape[0]} centroids; "
+                             "the packed codebook format allows at most 256 (bits <= 8)")
+        return PackedLinear.from_codebook(q["codes"], q["centroids"], bias, backend)
+    return PackedLinear.from_qparams(q["codes"], q["scale"], torch.zeros(()), q["bits"], True,
+                                     None, q["codes"].shape[1], bias, backend, torch.float32)
+
+
 def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, scale_dtype):
     bias = getattr(m, "bias", None)
     if _is_pq(m):
         codes, cents = _pq_codes(m, name)
         packed = PackedLinear.from_codebook(codes, cents, bias, backend)
-    elif isinstance(m, QuantLinear | QuantConv2d):
+    elif isinstance(m, QuantLinear | QuantConv2d | QuantEmbedding):
         wq = m.weight_quantizer
         if wq is None or not getattr(wq, "enabled", True):
             return None
-        if isinstance(wq, PowerOfTwoQuantizer):
+        if isinstance(wq, QuantNoiseQuantizer):
+            packed = _pack_quant_noise(m, wq, name, bias, backend)
+        elif isinstance(m, QuantEmbedding):
+            return None  # other quantized embeddings stay fake-quant layers (not packed)
+        elif isinstance(wq, PowerOfTwoQuantizer):
             packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
         elif not hasattr(wq, "export_qparams"):
             raise ValueError(f"{name}: weight quantizer {type(wq).__name__} has no export_qparams;"
@@ -115,7 +144,23 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
     if isinstance(m, nn.Conv2d):
         packed = PackedConv2d.wrap(packed, m)
         packed.act_quantizer = getattr(m, "act_quantizer", None)
+    elif isinstance(m, nn.Embedding):
+        packed = PackedEmbedding.wrap(packed, m)
     return packed
+
+
+def _share_tied(new: PackedLinear, earlier: list[PackedLinear]) -> None:
+    """Point ``new``'s weight buffers at those of an earlier layer packed from the same
+    float weight Parameter when they are equal (tied weights: written once, re-tied on load)."""
+    mine = {k: b for k, b in new.named_buffers(recurse=False) if k != "bias"}
+    for old in earlier:
+        theirs = {k: b for k, b in old.named_buffers(recurse=False) if k != "bias"}
+        if mine.keys() == theirs.keys() and all(
+                mine[k].dtype == theirs[k].dtype and mine[k].shape == theirs[k].shape
+                and torch.equal(mine[k], theirs[k]) for k in mine):
+            for k, b in theirs.items():
+                new.register_buffer(k, b)
+            return
 
 
 @torch.no_grad()
@@ -125,6 +170,7 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     """Copy of ``model`` with its quantized layers replaced by packed layers (module doc)."""
     out = copy.deepcopy(model)
     users: dict[int, int] = {}
+    packed_from: dict[int, list[PackedLinear]] = {}  # id(float weight) -> its packed layers
     for m in out.modules():
         if _has_codebook(m):
             users[id(m.centroids)] = users.get(id(m.centroids), 0) + 1
@@ -134,6 +180,10 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
         new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
         if new is None:
             continue
+        w = m._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            _share_tied(new, packed_from.setdefault(id(w), []))
+            packed_from[id(w)].append(new)
         new.train(m.training)
         parent = out.get_submodule(name.rpartition(".")[0]) if "." in name else out
         if name == "":
@@ -223,12 +273,14 @@ def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
         if isinstance(w, torch.Tensor) and tuple(w.shape) != want:
             raise ValueError(f"packed file: layer {name!r} has weight shape {want}; the model "
                              f"has {tuple(w.shape)}")
-        cls = PackedConv2d if s["kind"] == "conv2d" else PackedLinear
+        cls = {"conv2d": PackedConv2d, "embedding": PackedEmbedding}.get(s["kind"], PackedLinear)
         new = cls(s["in_features"], s["out_features"], s["fmt"], s["bits"], s["group_size"],
                   s["symmetric"], backend)
         if s["kind"] == "conv2d":
             new.conv_args = {k: s[k] for k in ("weight_shape", "stride", "padding", "dilation",
                                                "groups")}
+        elif s["kind"] == "embedding":
+            new.emb_args = {k: s[k] for k in ("padding_idx", "max_norm", "norm_type")}
         aq = getattr(old, "act_quantizer", None)
         a = s.get("act_quantizer")
         if aq is None and a is not None:

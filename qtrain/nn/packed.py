@@ -16,6 +16,9 @@ dynamic int8 activations) and ``pow2`` (INQ power-of-two weights, Zhou et al. 20
 b-bit codes, see :func:`pow2_codes`; pure-torch path only: the weight is dequantized to float
 at run time, there is no Triton kernel for it).
 
+:class:`PackedConv2d` and :class:`PackedEmbedding` store their (flattened) weight in the
+same formats as a linear layer.
+
 An optional ``act_quantizer`` (the trained fake-quant input quantizer) is applied to the
 input first, so an exported model computes what the trained model computed.
 """
@@ -336,3 +339,33 @@ class PackedConv2d(PackedLinear):
 
     def spec(self) -> dict:
         return {**super().spec(), "kind": "conv2d", **self.conv_args}
+
+
+class PackedEmbedding(PackedLinear):
+    """Embedding table ``(num_embeddings, embedding_dim)`` stored in a packed linear format
+    (the table's rows are the "output channels": ``out_features = num_embeddings``,
+    ``in_features = embedding_dim``), so it uses the uniform / codebook layouts unchanged.
+
+    Only the torch path exists: the table is dequantized and looked up with ``F.embedding``
+    (padding_idx / max_norm as the float layer). It takes indices, so no act_quantizer.
+    """
+
+    emb_args: dict
+
+    @classmethod
+    def wrap(cls, lin: PackedLinear, emb: nn.Embedding) -> PackedEmbedding:
+        new = cls(lin.in_features, lin.out_features, lin.fmt, lin.bits, lin.group_size,
+                  lin.symmetric, lin.backend)
+        for name, b in lin.named_buffers(recurse=False):
+            new.register_buffer(name, b)
+        new.emb_args = {"padding_idx": emb.padding_idx, "max_norm": emb.max_norm,
+                        "norm_type": emb.norm_type}
+        return new
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        a = self.emb_args
+        return F.embedding(idx, self.dequantize(), a["padding_idx"], a["max_norm"],
+                           a["norm_type"])
+
+    def spec(self) -> dict:
+        return {**super().spec(), "kind": "embedding", **self.emb_args}

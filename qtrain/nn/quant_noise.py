@@ -126,6 +126,36 @@ class QuantNoiseQuantizer(Quantizer):
             self.step += 1
         return QN.apply_noise(w, q, mask)
 
+    @torch.no_grad()
+    def export_qparams(self, weight: torch.Tensor) -> dict:
+        """What :func:`qtrain.export.pack_model` stores: the fully quantized (p = 1) weight.
+
+        Int modes: dict(codes (N, in_flat) int32, scale (1,) or (N,) float32, bits,
+        granularity) with ``codes * scale == quantized_value(weight)`` exactly (same
+        scale, round-half-even and clamp as the forward). ``'pq'``: dict(codes (N,
+        in_flat / bs) long, centroids (K, bs), block_size) from the current codebook,
+        fitted first (as :meth:`_maybe_fit`) if the quantizer never ran; block j of row n is
+        assignment ``n * in_flat / bs + j`` (:func:`qtrain.quant.kmeans.blocks_of`).
+        """
+        w = weight.detach()
+        n = w.shape[0]
+        if self.mode == "pq":
+            if self.centroids.numel() == 0:
+                self._maybe_fit(w)
+            bs = QN.noise_block_size(w, self.block_size)
+            return {"codes": self.assignments.reshape(n, -1), "centroids": self.centroids,
+                    "block_size": bs}
+        qmin, qmax = U.code_range(self.bits, symmetric=True)
+        wf = w.reshape(n, -1)
+        if self.granularity == "tensor":
+            lo, hi = torch.aminmax(wf)
+        else:
+            lo, hi = torch.aminmax(wf, dim=1, keepdim=True)
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(1e-8)
+        codes = torch.mul(wf, scale.reciprocal()).round_().clamp_(qmin, qmax)
+        return {"codes": codes.to(torch.int32), "scale": scale.reshape(-1).float(),
+                "bits": self.bits, "granularity": self.granularity}
+
     def storage_bits(self, weight: torch.Tensor) -> int:
         """Bits of the fully quantized weight (p = 1)."""
         if self.mode == "pq":
