@@ -24,7 +24,7 @@ Floating Point Numbers", NeurIPS), on any device (CPU included), with the FP8 fo
   :func:`chunked_linear` / :func:`chunked_conv2d` (conv as im2col + GEMM): the forward GEMM
   and both backward GEMMs (error, weight gradient) accumulate chunk by chunk with the
   running sum in FP16, as Wang 2018 do for all three GEMMs. Simplified (see
-  :func:`chunked_bmm`): the terms inside a chunk are summed in FP32 and rounded once to FP16
+  :func:`chunked_gemm`): the terms inside a chunk are summed in FP32 and rounded once to FP16
   (the chunk-level swamping is modelled, the intra-chunk FP16 roundings are not); bias add,
   bias gradient and the conv input-gradient overlap-add are FP32.
 
@@ -196,72 +196,151 @@ def sequential_matmul(a: torch.Tensor, b: torch.Tensor,
 # --------------------------------------------------------------------------------------
 
 
-def chunked_bmm(a: torch.Tensor, b: torch.Tensor, chunk: int = 64,
-                acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``a @ b`` (a: (G, M, K), b: (G, K, N)) with chunk-based ``acc_dtype`` accumulation
-    over K, the layer-speed simulation of Wang 2018 sec. 3.1.
+def chunked_gemm(a: torch.Tensor, b: torch.Tensor, chunk: int = 64,
+                 acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``a @ b`` (a: (..., P, K), b: (..., K, Q), batch dims broadcast as in ``torch.matmul``)
+    with chunk-based ``acc_dtype`` accumulation over K: the layer-speed simulation of Wang
+    2018 sec. 3.1.
 
-    What is simulated: K is split into ``ceil(K / chunk)`` consecutive chunks; each chunk's
-    partial dot product is rounded to ``acc_dtype``, and the chunk partials are added to the
-    running sum in order, the running sum rounded to ``acc_dtype`` after every add. Each add
-    is an FP32 add of two ``acc_dtype`` values followed by one rounding to ``acc_dtype``,
-    which equals a correctly rounded ``acc_dtype`` add (FP32 has 24 >= 2p + 2 significand
-    bits for p = 11 (fp16) and 8 (bf16): double rounding is innocuous, Figueroa 1995).
-    Simplified: the terms *inside* a chunk are summed by an FP32 batched matmul (``bmm``)
-    and rounded once, not with an ``acc_dtype`` rounding after every add as in
-    :func:`chunked_matmul` (products of FP8 operands are exact in FP32, and a 64-term FP32
+    What is simulated: K is split into consecutive chunks of ``chunk`` terms (the last one
+    shorter when ``chunk`` does not divide K); each chunk's partial dot product is rounded to
+    ``acc_dtype``; the partials are added to the running sum in order, in ``acc_dtype``
+    (each add correctly rounded: CPU/GPU half adds compute in FP32 and round once, and FP32
+    has 24 >= 2p + 2 significand bits for p = 11 (fp16) or 8 (bf16), so the double rounding
+    is innocuous, Figueroa 1995). Simplified: the terms *inside* a chunk are summed by an
+    FP32 matmul and rounded once, not with an ``acc_dtype`` rounding after every add as in
+    :func:`chunked_matmul` (products of FP8 operands are exact in FP32 and a 64-term FP32
     sum is far more accurate than FP16, so only the chunk-level swamping is modelled).
-    Returns float32 holding ``acc_dtype`` values. No autograd (see :func:`chunked_linear`).
+    The chunks are views of the operands (no padding copies). Returns float32
+    holding ``acc_dtype`` values. No autograd (see :func:`chunked_linear`).
     """
-    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
-        raise ValueError(f"chunked_bmm: need a (G, M, K) and b (G, K, N), got "
+    if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"chunked_gemm: need a (..., P, K) and b (..., K, Q), got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunked_bmm: chunk={chunk!r}; must be an int >= 1")
+        raise ValueError(f"chunked_gemm: chunk={chunk!r}; must be an int >= 1")
     if acc_dtype not in ACC_FORMATS.values():
-        raise ValueError(f"chunked_bmm: acc_dtype={acc_dtype}; allowed: {tuple(ACC_FORMATS.values())}")
-    g, m, k = a.shape
-    n = b.shape[2]
+        raise ValueError(f"chunked_gemm: acc_dtype={acc_dtype}; "
+                         f"allowed: {tuple(ACC_FORMATS.values())}")
     a, b = a.float(), b.float()
-    if k <= chunk:  # one chunk: one rounding of the FP32 product
-        return torch.bmm(a, b).to(acc_dtype).float()
-    nc = -(-k // chunk)
-    pad = nc * chunk - k
-    if pad:  # zero terms leave every partial sum unchanged
-        a = torch.nn.functional.pad(a, (0, pad))
-        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
-    av = a.reshape(g, m, nc, chunk).permute(2, 0, 1, 3).reshape(nc * g, m, chunk)
-    bv = b.reshape(g, nc, chunk, n).transpose(0, 1).reshape(nc * g, chunk, n)
-    part = torch.bmm(av, bv).to(acc_dtype).reshape(nc, g, m, n)
-    acc = part[0].float()
-    for c in range(1, nc):  # sequential over chunks: the order of the hardware accumulator
-        acc = (acc + part[c].float()).to(acc_dtype).float()
-    return acc
+    k = a.shape[-1]
+    if a.dim() == 2 and b.dim() == 2:  # all full chunks in one bmm of strided views
+        nf = k // chunk
+        kf = nf * chunk
+        acc = None
+        if nf:
+            av = a[:, :kf].unflatten(-1, (nf, chunk)).transpose(0, 1)  # (nf, P, chunk)
+            bv = b[:kf].unflatten(0, (nf, chunk))  # (nf, chunk, Q)
+            parts = torch.bmm(av, bv).to(acc_dtype)
+            acc = parts[0].clone()
+            for c in range(1, nf):  # sequential over chunks: the hardware accumulator's order
+                acc.add_(parts[c])
+        if kf < k:
+            tail = (a[:, kf:] @ b[kf:]).to(acc_dtype)
+            acc = tail if acc is None else acc.add_(tail)
+        return acc.float()
+    # batched operands: one (b)mm of views per chunk, into reused buffers (fresh large CPU
+    # allocations cost more than the fp32 <-> fp16 conversions themselves)
+    out = _matmul(a[..., :chunk], b[..., :chunk, :])
+    if k <= chunk:
+        return out.copy_(out.to(acc_dtype))
+    acc, part = out.to(acc_dtype), torch.empty(out.shape, dtype=acc_dtype, device=out.device)
+    for s in range(chunk, k, chunk):
+        _matmul(a[..., s:s + chunk], b[..., s:s + chunk, :], out=out)
+        acc.add_(part.copy_(out))  # round the chunk sum, then the running sum
+    return out.copy_(acc)
 
 
-class _ChunkedBMM(torch.autograd.Function):
-    """Forward and both backward GEMMs with chunk-based accumulation (Wang 2018 use it in
-    all three GEMMs of training: forward, backward error, weight gradient)."""
+def _matmul(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.matmul, but (P, K) @ (B, K, Q) as a bmm with the small operand expanded, so the
+    result is made in its (B, P, Q) layout (matmul would fold B into the rows and copy)."""
+    if x.dim() == 2 and y.dim() == 3:
+        return torch.bmm(x.expand(y.shape[0], *x.shape), y, out=out)
+    return torch.matmul(x, y, out=out)
+
+
+class _ChunkedLinearFn(torch.autograd.Function):
+    """The three GEMMs of a linear layer, each chunk-accumulated (Wang 2018 use chunk-based
+    accumulation in the forward, backward-error and weight-gradient GEMMs)."""
 
     @staticmethod
-    def forward(ctx, a, b, chunk, acc_dtype):
-        ctx.save_for_backward(a, b)
-        ctx.cfg = (chunk, acc_dtype)
-        return chunked_bmm(a, b, chunk, acc_dtype)
+    def forward(ctx, x, w, chunk, acc):  # x (M, K), w (N, K)
+        ctx.save_for_backward(x, w)
+        ctx.cfg = (chunk, acc)
+        return chunked_gemm(x, w.t(), chunk, acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # g (M, N)
+        x, w = ctx.saved_tensors
+        chunk, acc = ctx.cfg
+        gx = chunked_gemm(g, w, chunk, acc) if ctx.needs_input_grad[0] else None  # over N
+        gw = chunked_gemm(g.t(), x, chunk, acc) if ctx.needs_input_grad[1] else None  # over M
+        return gx, gw, None, None
+
+
+class _ChunkedConvFn(torch.autograd.Function):
+    """Conv2d (groups = 1) as im2col + GEMM, the three GEMMs chunk-accumulated."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, dilation, chunk, acc):
+        bsz, _, h, wd = x.shape
+        cout, _, kh, kw = w.shape
+        cols = torch.nn.functional.unfold(x, (kh, kw), dilation, padding, stride)  # (B, K, L)
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        ctx.save_for_backward(cols, w)
+        ctx.cfg = (x.shape[-2:], stride, padding, dilation, chunk, acc)
+        # out[b] = W (N, K) @ cols[b] (K, L): K chunks are views of cols' rows
+        return chunked_gemm(w.reshape(cout, -1), cols, chunk, acc).reshape(bsz, cout, ho, wo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        chunk, acc = ctx.cfg
-        ga = chunked_bmm(g, b.transpose(1, 2), chunk, acc) if ctx.needs_input_grad[0] else None
-        gb = chunked_bmm(a.transpose(1, 2), g, chunk, acc) if ctx.needs_input_grad[1] else None
-        return ga, gb, None, None
+        cols, w = ctx.saved_tensors
+        size, stride, padding, dilation, chunk, acc = ctx.cfg
+        cout, cin, kh, kw = w.shape
+        g = g.reshape(g.shape[0], cout, -1)  # (B, N, L)
+        w2 = w.reshape(cout, -1)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:  # reduction over N, then fold's overlap-add in FP32
+            gcols = chunked_gemm(w2.t(), g, chunk, acc)
+            gx = torch.nn.functional.fold(gcols, size, (kh, kw), dilation, padding, stride)
+        if ctx.needs_input_grad[1]:  # reduction over the B * L positions
+            gw = _chunked_weight_grad(g, cols, chunk, acc).reshape(w.shape)
+        return gx, gw, None, None, None, None, None
+
+
+def _chunked_weight_grad(g: torch.Tensor, cols: torch.Tensor, chunk: int,
+                         acc_dtype: torch.dtype) -> torch.Tensor:
+    """sum_{b, l} g[b, :, l] cols[b, :, l]^T (g: (B, N, L), cols: (B, K, L)) chunk-accumulated:
+    chunks of ``chunk`` consecutive positions l of one sample (a shorter last chunk per
+    sample when ``chunk`` does not divide L), added in sample order. One batched matmul per
+    sample on strided views (no transposed copy of the im2col matrix)."""
+    bsz, n, length = g.shape
+    nf = length // chunk
+    lf = nf * chunk
+    acc = None
+    for b in range(bsz):
+        parts = []
+        if nf:  # (nf, N, chunk) @ (nf, chunk, K): views, the cols side transposed
+            gv = g[b, :, :lf].unflatten(-1, (nf, chunk)).transpose(0, 1)
+            cv = cols[b, :, :lf].unflatten(-1, (nf, chunk)).permute(1, 2, 0)
+            parts.append(torch.bmm(gv, cv).to(acc_dtype))
+        if lf < length:
+            parts.append((g[b, :, lf:] @ cols[b, :, lf:].t()).to(acc_dtype).unsqueeze(0))
+        for part in parts:
+            for c in range(part.shape[0]):
+                if acc is None:
+                    acc = part[c].clone()
+                else:
+                    acc.add_(part[c])
+    return acc.float()
 
 
 def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    chunk: int = 64, acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``F.linear`` with chunk-based accumulation (:func:`chunked_bmm`) in the forward GEMM
+    """``F.linear`` with chunk-based accumulation (:func:`chunked_gemm`) in the forward GEMM
     (reduction over in_features) and in the backward GEMMs (input error: reduction over
     out_features; weight gradient: reduction over the batch rows). Simplified: the bias is
     added in FP32 to the ``acc_dtype`` result and its gradient is an FP32 sum."""
@@ -269,7 +348,7 @@ def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"chunked_linear: weight {tuple(weight.shape)} does not match input "
                          f"features {k}")
-    out = _ChunkedBMM.apply(x.reshape(1, -1, k), weight.t().unsqueeze(0), chunk, acc_dtype)
+    out = _ChunkedLinearFn.apply(x.reshape(-1, k), weight, chunk, acc_dtype)
     out = out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
     return out if bias is None else out + bias
 
@@ -277,31 +356,31 @@ def chunked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def chunked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    stride=1, padding=0, dilation=1, groups: int = 1, chunk: int = 64,
                    acc_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``F.conv2d`` as unfold (im2col) + :class:`_ChunkedBMM` per group: the reduction over
-    C_in/groups * kh * kw (im2col order: channel-major, then kernel row, column) is
-    chunk-accumulated, forward and backward. Simplified: the bias is added in FP32; the
-    input gradient's overlap-add (``fold``, <= kh*kw terms per pixel) is an FP32 sum.
-    ``padding`` must be numeric (padding modes are applied by the caller, as
-    ``nn.Conv2d._conv_forward`` does)."""
+    """``F.conv2d`` as unfold (im2col) + chunk-accumulated GEMMs, forward and backward.
+    Forward: reduction over C_in/groups * kh * kw in im2col order (channel-major, then kernel
+    row, column), so a chunk of 18 terms of a 3x3 conv is 2 input channels. Input error:
+    reduction over the output channels. Weight gradient: reduction over the B * H_out *
+    W_out positions, chunks of consecutive positions within one sample, samples in order. Simplified: the bias is added in FP32, the input
+    gradient's overlap-add (``fold``, <= kh*kw terms per pixel) is an FP32 sum, and groups
+    > 1 loop over the groups in Python (slow for depthwise convs). ``padding`` must be
+    numeric (padding modes are applied by the caller, as ``nn.Conv2d._conv_forward`` does)."""
     if isinstance(padding, str):
         raise ValueError(f"chunked_conv2d: padding={padding!r}; give the padding as ints")
     if x.dim() != 4:
         raise ValueError(f"chunked_conv2d: input must be (B, C, H, W), got {tuple(x.shape)}")
-    bsz, cin, h, w = x.shape
-    cout, cg, kh, kw = weight.shape
+    cin, cout, cg = x.shape[1], weight.shape[0], weight.shape[1]
     if cin != cg * groups:
         raise ValueError(f"chunked_conv2d: input channels {cin} != weight {cg} x groups {groups}")
     pair = torch.nn.modules.utils._pair
-    st, pd, dl = pair(stride), pair(padding), pair(dilation)
-    ho = (h + 2 * pd[0] - dl[0] * (kh - 1) - 1) // st[0] + 1
-    wo = (w + 2 * pd[1] - dl[1] * (kw - 1) - 1) // st[1] + 1
-    cols = torch.nn.functional.unfold(x, (kh, kw), dl, pd, st)  # (B, C*kh*kw, L)
-    kg = cg * kh * kw
-    a = cols.reshape(bsz, groups, kg, ho * wo).permute(1, 0, 3, 2).reshape(groups, -1, kg)
-    b = weight.reshape(groups, cout // groups, kg).transpose(1, 2)
-    out = _ChunkedBMM.apply(a, b, chunk, acc_dtype)  # (G, B*L, Cout/G)
-    out = out.reshape(groups, bsz, ho, wo, cout // groups).permute(1, 0, 4, 2, 3)
-    out = out.reshape(bsz, cout, ho, wo).to(x.dtype)
+    args = (pair(stride), pair(padding), pair(dilation), chunk, acc_dtype)
+    if groups == 1:
+        out = _ChunkedConvFn.apply(x, weight, *args)
+    else:
+        og = cout // groups
+        out = torch.cat([_ChunkedConvFn.apply(x[:, i * cg:(i + 1) * cg],
+                                              weight[i * og:(i + 1) * og], *args)
+                         for i in range(groups)], 1)
+    out = out.to(x.dtype)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

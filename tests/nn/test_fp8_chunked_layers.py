@@ -13,8 +13,8 @@ from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.fp8_training import (
     ChunkedAccumulation,
     FP8TrainingQuantizer,
-    chunked_bmm,
     chunked_conv2d,
+    chunked_gemm,
     chunked_linear,
 )
 from tests.torch_threads import one_thread  # noqa: F401 - autouse fixture
@@ -106,22 +106,38 @@ def conv_channel_chunk_reference(x, w, chunk_channels, groups=1, **kw):
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_chunked_conv2d_equals_input_channel_chunk_loop(groups):
+@pytest.mark.parametrize(("groups", "chunk_channels"), [(1, 2), (1, 3), (2, 3)])
+def test_chunked_conv2d_equals_input_channel_chunk_loop(groups, chunk_channels):
     x = fp8_operand(2, 8, 9, 7, seed=5).requires_grad_(True)
     w = fp8_operand(6, 8 // groups, 3, 3, seed=6).requires_grad_(True)
     bias = torch.randn(6)
     kw = dict(stride=2, padding=1, dilation=1)
-    out = chunked_conv2d(x, w, bias, groups=groups, chunk=18, **kw)  # 18 = 2 channels x 3x3
-    ref = conv_channel_chunk_reference(x.detach(), w.detach(), 2, groups, **kw)
+    # a chunk of 9 * c terms = c input channels of the 3x3 kernel (c = 3: a shorter last chunk)
+    out = chunked_conv2d(x, w, bias, groups=groups, chunk=9 * chunk_channels, **kw)
+    ref = conv_channel_chunk_reference(x.detach(), w.detach(), chunk_channels, groups, **kw)
     assert torch.equal(out, ref + bias.view(1, -1, 1, 1))
-    # backward: weight gradient is an fp16-rounded chunked sum, close to FP32 autograd
-    out.pow(2).sum().backward()
+    # backward: close to FP32 autograd; weight gradient chunked over output positions
+    gout = fp8_operand(*out.shape, seed=7)
+    out.backward(gout)
     x2, w2 = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
-    F.conv2d(x2, w2, bias, groups=groups, **kw).pow(2).sum().backward()
-    assert torch.equal(w.grad, w.grad.half().float())
+    F.conv2d(x2, w2, bias, groups=groups, **kw).backward(gout)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-2, atol=2e-2)
+    if groups == 1:
+        assert torch.equal(w.grad, weight_grad_reference(x.detach(), gout, w.shape, 9 * chunk_channels, **kw))
+
+
+def weight_grad_reference(x, gout, wshape, chunk, **kw):
+    """Brute force: per sample, chunks of `chunk` consecutive output positions, exact
+    (float64) partial rounded to float16, float16 running sum in sample order."""
+    cols = F.unfold(x.double(), wshape[-2:], kw["dilation"], kw["padding"], kw["stride"])
+    g = gout.double().flatten(2)
+    acc = torch.zeros(wshape[0], cols.shape[1], dtype=torch.float16)
+    for b in range(x.shape[0]):
+        for s in range(0, g.shape[2], chunk):
+            part = (g[b, :, s:s + chunk] @ cols[b, :, s:s + chunk].t()).half()
+            acc = (acc.double() + part.double()).half()
+    return acc.float().reshape(wshape)
 
 
 def test_fake_quant_layers_use_chunked_path_from_quantizer_option():
@@ -157,8 +173,8 @@ def test_bad_chunked_options():
         FP8TrainingQuantizer(accumulation="chunked", chunk_size=0)
     with pytest.raises(ValueError, match="acc_dtype"):
         FP8TrainingQuantizer(acc_dtype="fp8")
-    with pytest.raises(ValueError, match=r"\(G, M, K\)"):
-        chunked_bmm(torch.ones(1, 2, 3), torch.ones(1, 2, 2))
+    with pytest.raises(ValueError, match=r"\(..., P, K\)"):
+        chunked_gemm(torch.ones(1, 2, 3), torch.ones(1, 2, 2))
     with pytest.raises(ValueError, match="does not match"):
         chunked_linear(torch.ones(2, 3), torch.ones(4, 5))
     with pytest.raises(ValueError, match="padding"):
