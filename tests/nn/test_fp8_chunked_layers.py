@@ -179,3 +179,16 @@ def test_bad_chunked_options():
         chunked_linear(torch.ones(2, 3), torch.ones(4, 5))
     with pytest.raises(ValueError, match="padding"):
         chunked_conv2d(torch.ones(1, 2, 4, 4), torch.ones(2, 2, 3, 3), padding="same")
+
+
+def test_recipe_config_selects_chunked_accumulation(tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.hydra_helpers import compose_cfg
+
+    cfg = compose_cfg(["recipe=fp8_training_resnet20_cifar10", "debug=smoke"], tmp_path)
+    wq = instantiate(cfg.quant).weight_factory(bits=8)
+    assert (wq.accumulation, wq.chunk_size, wq.acc_dtype) == ("chunked", 64, "fp16")
+    cfg = compose_cfg(["recipe=fp8_training_resnet20_cifar10", "debug=smoke",
+                       "quant.weight.accumulation=fp32"], tmp_path)
+    assert instantiate(cfg.quant).weight_factory(bits=8).accumulation == "fp32"
