@@ -4,7 +4,9 @@ In ``setup`` the selected Linear / Conv2d / Embedding layers (module-name regexe
 match a layer) become fake-quant layers (:mod:`qtrain.nn.fake_quant`, sharing the float
 parameters) whose weight slot holds a :class:`qtrain.nn.quant_noise.QuantNoiseQuantizer`
 with the per-type rate ``p`` and ``block_size`` (Linear/Embedding default 8, 1x1 conv 4;
-kxk conv kernels are whole blocks). Each layer gets its own mask seed.
+kxk conv kernels are whole blocks). Each layer gets its own mask seed; layers that share one
+weight Parameter (tied LM embedding / output projection) share one quantizer when their
+per-type ``p`` and ``block_size`` agree (one mask per step, one codebook).
 
 Evaluation: after each validation (and test) epoch the callback evaluates the model twice
 on the same dataloaders -- float (noise off, ``eval_p = 0``) and fully quantized
@@ -101,11 +103,17 @@ class QuantNoiseCallback(pl.Callback):
         if self.layers:
             return
         counter = iter(range(10**6))
+        shared: dict[int, tuple] = {}  # id(weight) -> (p, block size, quantizer): tied layers
 
         def build(name, m):
             if is_fake_quant(m):
                 raise ValueError(f"quant_noise: layer {name} is already a fake-quant layer")
             key = self._type_key(m)
+            tied = shared.get(id(m.weight))
+            if tied is not None and tied[:2] == (self.p[key], self.block_size[key]):
+                # a weight tied to an earlier layer (LM embedding / output projection): one
+                # quantizer, so one noise mask per step, one codebook, counted and exported once
+                return FAKE_QUANT_TYPES[type(m)].from_float(m, tied[2])
             bs = noise_block_size(m.weight, self.block_size[key], name)  # divides input dim
             bits = self.bits
             if self.mode == "pq" and self.clamp_centroids:
@@ -115,6 +123,7 @@ class QuantNoiseCallback(pl.Callback):
             q = QuantNoiseQuantizer(bits, self.p[key], self.block_size[key], self.mode,
                                     self.granularity, self.seed * 100003 + next(counter),
                                     pq_refresh=self.pq_refresh)
+            shared.setdefault(id(m.weight), (self.p[key], self.block_size[key], q))
             return FAKE_QUANT_TYPES[type(m)].from_float(m, q)
 
         types = tuple(TYPE_KEYS[t] for t in self.types)

@@ -73,6 +73,7 @@ class QuantNoiseQuantizer(Quantizer):
         self.mode, self.granularity, self.seed = mode, granularity, int(seed)
         self.pq_n_iter, self.pq_refresh = int(pq_n_iter), max(1, int(pq_refresh))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._last_mask: tuple | None = None  # ((data_ptr, version), mask) of the last step
         if mode == "pq":
             self.register_buffer("centroids", torch.empty(0))
             self.register_buffer("assignments", torch.empty(0, dtype=torch.long))
@@ -119,12 +120,30 @@ class QuantNoiseQuantizer(Quantizer):
         if p >= 1.0:
             mask = torch.ones_like(w, dtype=torch.bool)
         else:
-            gen = torch.Generator(device=w.device)
-            gen.manual_seed(self.seed * 1_000_003 + int(self.step))
-            mask = QN.block_mask(w, p, self.block_size, gen)
-        if self.training:
-            self.step += 1
+            mask = self._training_mask(w, p) if self.training else self._draw(w, p)
         return QN.apply_noise(w, q, mask)
+
+    def _draw(self, w: torch.Tensor, p: float) -> torch.Tensor:
+        gen = torch.Generator(device=w.device)
+        gen.manual_seed(self.seed * 1_000_003 + int(self.step))
+        return QN.block_mask(w, p, self.block_size, gen)
+
+    def _training_mask(self, w: torch.Tensor, p: float) -> torch.Tensor:
+        """Mask of this training step; ``step`` advances once per weight update.
+
+        A quantizer shared by tied layers (an LM's embedding and output projection) is
+        called twice per forward with the same, not yet updated parameter: the second call
+        reuses the first call's mask, so both uses see the same noised weight (the weight
+        is one tensor). The parameter's version counter changes with every in-place
+        optimizer update, which starts a new step.
+        """
+        ident = (w.data_ptr(), w._version)
+        if self._last_mask is not None and self._last_mask[0] == ident:
+            return self._last_mask[1]
+        mask = self._draw(w, p)
+        self.step += 1
+        self._last_mask = (ident, mask)
+        return mask
 
     @torch.no_grad()
     def export_qparams(self, weight: torch.Tensor) -> dict:

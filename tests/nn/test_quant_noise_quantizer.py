@@ -62,6 +62,9 @@ def test_seeded_masks_reproducible_and_change_per_step():
     a, b = QuantNoiseQuantizer(p=0.3, seed=1), QuantNoiseQuantizer(p=0.3, seed=1)
     o1, o2 = a(w), b(w)
     assert torch.equal(o1, o2)
+    assert torch.equal(a(w), o1)  # same, not yet updated weight (a tied 2nd use): same mask
+    assert int(a.step) == 1
+    w.mul_(1.0)  # an in-place (optimizer) update starts the next step
     assert not torch.equal(a(w), o1)  # next step: new mask
     assert int(a.step) == 2
 
