@@ -280,7 +280,8 @@ class _ChunkedLinearFn(torch.autograd.Function):
 
 
 class _ChunkedConvFn(torch.autograd.Function):
-    """Conv2d (groups = 1) as im2col + GEMM, the three GEMMs chunk-accumulated."""
+    """Conv2d (groups = 1) as im2col + GEMM, the three GEMMs chunk-accumulated. Saves the
+    im2col matrix for the backward (kh * kw times the input's memory)."""
 
     @staticmethod
     def forward(ctx, x, w, stride, padding, dilation, chunk, acc):
