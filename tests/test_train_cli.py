@@ -42,7 +42,7 @@ def _fails_fast(args, needle, tmp_path):
     t = time.time()
     r = train_py(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode != 0
-    assert time.time() - t < 60
+    assert time.time() - t < 120  # a hang would take the 600 s timeout
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert any(needle in ln for ln in lines), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
