@@ -17,8 +17,16 @@
     scales (per tensor or per output channel; a per-tensor scale is stored once per row), 'pq'
     as the ``codebook`` format from the quantizer's centroids and assignments (fitted first
     if it never ran; centroids in float16 as the run summary counts them). Embeddings become
-    :class:`PackedEmbedding` (same formats, rows = output channels). Other quantized
-    embeddings are left as they are,
+    :class:`PackedEmbedding` (same formats, rows = output channels),
+  - uniform-quantized embeddings (``QuantEmbedding`` with a ``UniformQuantizer``: per tensor,
+    per row (``axis=0``) or per group along the embedding dim; e.g. the QAT callback with
+    types [Embedding]) become :class:`PackedEmbedding` through the same path as
+    ``QuantLinear`` (rows = table rows; a per-tensor scale is stored once per row). Other
+    quantized embeddings (e.g. power-of-two) are left as they are,
+  - fake-quant Linear / Conv2d / Embedding layers whose weight quantizer is a Q-BERT
+    ``GroupwiseQuantizer`` (Shen et al. 2019; each group is a block of whole rows) become the
+    ``uniform`` per-channel format, every row holding its group's scale / zero-point
+    (``scale_dtype``) and the forward's exact codes,
   - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
     ``weight_from_codebook()``) become codebook layers,
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
@@ -51,10 +59,12 @@ from torch import nn
 
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
+from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.pq_layers import rebuild_pq_layers
 from qtrain.nn.quant_noise import QuantNoiseQuantizer
 from qtrain.nn.uniform_quantizer import UniformQuantizer
+from qtrain.quant import uniform as U
 
 
 def _has_codebook(m: nn.Module) -> bool:
@@ -106,6 +116,20 @@ def _pack_quant_noise(m: nn.Module, wq: QuantNoiseQuantizer, name: str, bias, ba
                                      None, q["codes"].shape[1], bias, backend, torch.float32)
 
 
+def _pack_groupwise(m: nn.Module, wq: GroupwiseQuantizer, bias, backend, scale_dtype):
+    """Q-BERT group-wise weights (Shen et al. 2019, sec. 3.2): every group is a block of whole
+    output rows (embedding: whole table rows), so the uniform per-channel format holds it
+    exactly, each row storing its group's scale (and zero-point): the forward's codes, one
+    scale per row instead of per group (+ (rows - groups) scales in the file)."""
+    w = m.weight.detach()
+    qp, idx = wq.qparams(w)
+    flat = w.reshape(w.shape[0], -1)
+    rows = U.QParams(qp.scale[idx][:, None], qp.zero_point[idx][:, None], qp.qmin, qp.qmax)
+    return PackedLinear.from_qparams(U.quantize(flat, rows), rows.scale, rows.zero_point,
+                                     wq.bits, wq.symmetric, None, flat.shape[1], bias, backend,
+                                     scale_dtype)
+
+
 def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, scale_dtype):
     bias = getattr(m, "bias", None)
     if _is_pq(m):
@@ -117,7 +141,9 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
             return None
         if isinstance(wq, QuantNoiseQuantizer):
             packed = _pack_quant_noise(m, wq, name, bias, backend)
-        elif isinstance(m, QuantEmbedding):
+        elif isinstance(wq, GroupwiseQuantizer):
+            packed = _pack_groupwise(m, wq, bias, backend, scale_dtype)
+        elif isinstance(m, QuantEmbedding) and not isinstance(wq, UniformQuantizer):
             return None  # other quantized embeddings stay fake-quant layers (not packed)
         elif isinstance(wq, PowerOfTwoQuantizer):
             packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
