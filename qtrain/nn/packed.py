@@ -306,6 +306,15 @@ class PackedLinear(nn.Module):
                 f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}, backend={self.backend}")
 
+    @classmethod
+    def _same_packing(cls, lin: PackedLinear):
+        """A ``cls`` with ``lin``'s format and its packed buffers (shared, not copied)."""
+        new = cls(lin.in_features, lin.out_features, lin.fmt, lin.bits, lin.group_size,
+                  lin.symmetric, lin.backend)
+        for name, b in lin.named_buffers(recurse=False):
+            new.register_buffer(name, b)
+        return new
+
 
 class PackedConv2d(PackedLinear):
     """Conv2d whose flattened weight ``(out, in/groups * kh * kw)`` is packed like a linear.
@@ -318,10 +327,7 @@ class PackedConv2d(PackedLinear):
 
     @classmethod
     def wrap(cls, lin: PackedLinear, conv: nn.Conv2d) -> PackedConv2d:
-        new = cls(lin.in_features, lin.out_features, lin.fmt, lin.bits, lin.group_size,
-                  lin.symmetric, lin.backend)
-        for name, b in lin.named_buffers(recurse=False):
-            new.register_buffer(name, b)
+        new = cls._same_packing(lin)
         new.conv_args = {"weight_shape": list(conv.weight.shape), "stride": list(conv.stride),
                          "padding": list(conv.padding) if not isinstance(conv.padding, str)
                          else conv.padding, "dilation": list(conv.dilation),
@@ -354,10 +360,7 @@ class PackedEmbedding(PackedLinear):
 
     @classmethod
     def wrap(cls, lin: PackedLinear, emb: nn.Embedding) -> PackedEmbedding:
-        new = cls(lin.in_features, lin.out_features, lin.fmt, lin.bits, lin.group_size,
-                  lin.symmetric, lin.backend)
-        for name, b in lin.named_buffers(recurse=False):
-            new.register_buffer(name, b)
+        new = cls._same_packing(lin)
         new.emb_args = {"padding_idx": emb.padding_idx, "max_norm": emb.max_norm,
                         "norm_type": emb.norm_type}
         return new
