@@ -148,8 +148,7 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
         elif isinstance(wq, PowerOfTwoQuantizer):
             packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
         elif not hasattr(wq, "export_qparams"):
-            raise ValueError(f"{name}: weight quantizer {type(wq).__name__} has no export_qparams;"
-                             " only uniform and power-of-two (INQ) quantizers can be packed")
+            raise ValueError(_unpackable_message([(name, type(wq).__name__)]))
         else:
             q = wq.export_qparams(m.weight)
             k = m.weight[0].numel()
@@ -173,6 +172,32 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
     elif isinstance(m, nn.Embedding):
         packed = PackedEmbedding.wrap(packed, m)
     return packed
+
+
+PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-wise",
+            "power-of-two (INQ)", "PQ / iPQ", "Quant-Noise")
+
+
+def _unpackable_message(bad: list[tuple[str, str]]) -> str:
+    names = ", ".join(f"{n} ({t})" for n, t in bad[:4]) + (" ..." if len(bad) > 4 else "")
+    return (f"export: {len(bad)} layer(s) have weight quantizers with no packed format: {names}; "
+            f"packable: {', '.join(PACKABLE)} -- run without export=true")
+
+
+def check_packable(model: nn.Module) -> None:
+    """Raise one ValueError naming every fake-quant layer whose weight quantizer
+    :func:`pack_model` cannot pack (checked before training, so no run is lost to it)."""
+    bad = []
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
+            continue  # embeddings without a packer stay fake-quant layers (not an error)
+        wq = m.weight_quantizer
+        if wq is None or isinstance(wq, QuantNoiseQuantizer | GroupwiseQuantizer |
+                                    PowerOfTwoQuantizer) or hasattr(wq, "export_qparams"):
+            continue
+        bad.append((name, type(wq).__name__))
+    if bad:
+        raise ValueError(_unpackable_message(bad))
 
 
 def _share_tied(new: PackedLinear, earlier: list[PackedLinear]) -> None:

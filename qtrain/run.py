@@ -51,6 +51,10 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], pl.Callback | N
     for c in cfg.get("extra_callbacks") or {}:
         if cfg.extra_callbacks[c] is not None:
             callbacks.append(instantiate(cfg.extra_callbacks[c]))
+    if cfg.get("export"):
+        from qtrain.callbacks.export_preflight import ExportPreflight
+
+        callbacks.append(ExportPreflight())  # after the method callbacks' setup conversion
     return callbacks, quant_cb
 
 
@@ -149,10 +153,11 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "run_dir": os.path.abspath(run_dir),
     }
-    if cfg.get("export"):
-        summary.update(export_packed(module.model, run_dir))
     summary["time_s"] = time.time() - t0
     if trainer.is_global_zero:
-        report.write_summary(summary, run_dir)
+        report.write_summary(summary, run_dir)  # kept even if the export below fails
+        if cfg.get("export"):
+            summary.update(export_packed(module.model, run_dir))
+            report.write_summary(summary, run_dir)
         print(report.format_summary(summary), flush=True)
     return summary

@@ -225,6 +225,22 @@ class LSQQuantizer(Quantizer):
     def storage_bits(self, weight: torch.Tensor) -> int:
         return self.bits * weight.numel() + 32
 
+    @torch.no_grad()
+    def export_qparams(self, weight: torch.Tensor) -> dict:
+        """Codes and step of a signed LSQ weight for packing (qtrain.export): the forward's
+        ``round(clamp(w / s, -Qn, Qp))`` as symmetric uniform codes with one fp32 scale s, so
+        ``codes * s`` is the fake-quantized weight exactly."""
+        if not self.signed:
+            raise ValueError("LSQQuantizer.export_qparams: only signed (weight) LSQ packs as "
+                             "the symmetric uniform format")
+        if not bool(self.initialized):
+            self.quantize(weight)  # the step's data-dependent initialisation (sec. 2.1)
+        qn, qp = self.qn_qp
+        s = self.step.detach().clamp_min(_EPS)
+        codes = torch.round((weight.detach() / s).clamp(-qn, qp)).to(torch.int32)
+        return dict(codes=codes, scale=s.float(), zero_point=torch.zeros((), dtype=torch.int32),
+                    bits=self.bits, symmetric=True, granularity="tensor", group_size=None)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, role={self.role}, enabled={self.enabled}"
 

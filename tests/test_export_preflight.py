@@ -1,0 +1,75 @@
+"""export=true: LSQ weights pack exactly; quantizers without a packed format fail before training."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qtrain.export import check_packable, load_packed, pack_model, save_packed
+from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.learned_quantizers import DoReFaWeightQuantizer, LSQQuantizer
+from qtrain.quant.size import model_storage_bits
+from tests.hydra_helpers import run
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(128, 64, 3, padding=1)
+        self.lin = nn.Linear(4096, 10)  # long rows: the per-row scale copies stay < 1%
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)).repeat(1, 64))
+
+
+def _lsq_net(bits=2):
+    torch.manual_seed(0)
+    m = Net()
+    m.conv = QuantConv2d.from_float(m.conv, LSQQuantizer(bits))
+    m.lin = QuantLinear.from_float(m.lin, LSQQuantizer(bits))
+    return m.eval()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lsq_weights_pack_exactly(bits, tmp_path):
+    m = _lsq_net(bits)
+    x = torch.randn(2, 128, 6, 6)
+    ref = m(x)  # also initialises the steps (2 mean|w| / sqrt(Qp))
+    m.lin.weight_quantizer.step.data.mul_(1.3)  # a learned step, not the initial one
+    ref = m(x)
+    # hand check of one code: round(clamp(w / s, -Qn, Qp))
+    q = m.lin.weight_quantizer.export_qparams(m.lin.weight)
+    s, qn = float(m.lin.weight_quantizer.step), 2 ** (bits - 1)
+    w0 = float(m.lin.weight[0, 0])
+    assert int(q["codes"][0, 0]) == round(max(-qn, min(qn - 1, w0 / s)))
+    save_packed(pack_model(m, scale_dtype=torch.float32), tmp_path / "m.safetensors")
+    got = load_packed(tmp_path / "m.safetensors", Net()).eval()(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    summary = {r.name: r.bits for r in model_storage_bits(m).layers}
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    bits_lin = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items()
+                   if k.startswith("lin."))
+    assert abs(bits_lin - summary["lin"]) / summary["lin"] < 0.01
+
+
+def test_check_packable_names_every_unpackable_layer():
+    m = Net()
+    m.conv = QuantConv2d.from_float(m.conv, DoReFaWeightQuantizer(1))
+    m.lin = QuantLinear.from_float(m.lin, LSQQuantizer(4))
+    with pytest.raises(ValueError, match=r"1 layer\(s\).*conv \(DoReFaWeightQuantizer\).*LSQ"):
+        check_packable(m)
+    check_packable(_lsq_net())  # packable: no error
+
+
+def test_export_true_with_dorefa_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="DoReFaWeightQuantizer"):
+        run(["recipe=dorefa_w1a4_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    assert not list(tmp_path.rglob("*.ckpt"))  # failed in on_fit_start: no step was trained
+
+
+def test_lsq_recipe_exports(tmp_path):
+    s = run(["recipe=lsq_w2a2_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+    assert (tmp_path / "model_packed.safetensors").exists() and s["packed_layers"] > 0
+    assert (tmp_path / "summary.json").exists()
