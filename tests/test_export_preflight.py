@@ -7,7 +7,9 @@ from torch import nn
 
 from qtrain.export import check_packable, load_packed, pack_model, save_packed
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
+from qtrain.nn.format_quantizers import BinaryWeightQuantizer, TTQQuantizer, TWNQuantizer
 from qtrain.nn.learned_quantizers import DoReFaWeightQuantizer, LSQQuantizer
+from qtrain.nn.packed import PackedConv2d, PackedLinear
 from qtrain.quant.size import model_storage_bits
 from tests.hydra_helpers import run
 
@@ -53,11 +55,34 @@ def test_lsq_weights_pack_exactly(bits, tmp_path):
     assert abs(bits_lin - summary["lin"]) / summary["lin"] < 0.01
 
 
+@pytest.mark.parametrize("make", [lambda: TWNQuantizer(), lambda: TWNQuantizer(per_channel=True),
+                                  lambda: BinaryWeightQuantizer()])
+def test_ternary_and_binary_weights_pack(make, tmp_path):
+    torch.manual_seed(0)
+    m = Net()
+    m.conv = QuantConv2d.from_float(m.conv, make())
+    m.lin = QuantLinear.from_float(m.lin, make())
+    m.eval()
+    x = torch.randn(2, 128, 6, 6)
+    ref = m(x)
+    save_packed(pack_model(m), tmp_path / "m.safetensors")
+    p = load_packed(tmp_path / "m.safetensors", Net()).eval()
+    assert isinstance(p.conv, PackedConv2d) and p.lin.fmt in ("ternary", "binary")
+    # the packed weight is the fake-quant weight up to alpha's fp16 rounding
+    for name in ("conv", "lin"):
+        fq = getattr(m, name)
+        want = fq.weight_quantizer(fq.weight).reshape(fq.weight.shape[0], -1)
+        got = PackedLinear.dequantize(getattr(p, name)).reshape_as(want)
+        torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(p(x), ref, rtol=2e-3, atol=2e-3)
+
+
 def test_check_packable_names_every_unpackable_layer():
     m = Net()
     m.conv = QuantConv2d.from_float(m.conv, DoReFaWeightQuantizer(1))
-    m.lin = QuantLinear.from_float(m.lin, LSQQuantizer(4))
-    with pytest.raises(ValueError, match=r"1 layer\(s\).*conv \(DoReFaWeightQuantizer\).*LSQ"):
+    m.lin = QuantLinear.from_float(m.lin, TTQQuantizer())
+    with pytest.raises(ValueError, match=r"2 layer\(s\).*conv \(DoReFaWeightQuantizer\), "
+                                         r"lin \(TTQQuantizer\).*LSQ"):
         check_packable(m)
     check_packable(_lsq_net())  # packable: no error
 
