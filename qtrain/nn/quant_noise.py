@@ -86,18 +86,21 @@ class QuantNoiseQuantizer(Quantizer):
         if self.mode == "pq":
             self._maybe_fit(w)
             return KM.pq_reconstruct(self.centroids, self.assignments, w.shape).to(w.dtype)
-        w = w.detach()
+        codes, scale = self._int_codes(w)
+        return codes.mul_(scale).reshape(w.shape)
+
+    def _int_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Int modes: symmetric min-max codes (N, in_flat) as floats and their scale (per
+        tensor, or (N, 1) per output channel), as qtrain.quant.uniform computes them:
+        ``clamp(round(w * (1/S)))``, in place (the fused fake-quant op is slow on CPU)."""
         qmin, qmax = U.code_range(self.bits, symmetric=True)
-        # symmetric min-max (as qtrain.quant.uniform): round(w / S) clamped, times S, in
-        # three in-place passes (the fused fake-quant op is not vectorised on CPU)
+        wf = w.detach().reshape(w.shape[0], -1)
         if self.granularity == "tensor":
-            lo, hi = torch.aminmax(w)
+            lo, hi = torch.aminmax(wf)
         else:
-            lo, hi = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            lo, hi = lo.reshape(shape), hi.reshape(shape)
+            lo, hi = torch.aminmax(wf, dim=1, keepdim=True)
         scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(1e-8)
-        return torch.mul(w, scale.reciprocal()).round_().clamp_(qmin, qmax).mul_(scale)
+        return torch.mul(wf, scale.reciprocal()).round_().clamp_(qmin, qmax), scale
 
     def _maybe_fit(self, w: torch.Tensor) -> None:
         step = int(self.step)
@@ -164,14 +167,7 @@ class QuantNoiseQuantizer(Quantizer):
             bs = QN.noise_block_size(w, self.block_size)
             return {"codes": self.assignments.reshape(n, -1), "centroids": self.centroids,
                     "block_size": bs}
-        qmin, qmax = U.code_range(self.bits, symmetric=True)
-        wf = w.reshape(n, -1)
-        if self.granularity == "tensor":
-            lo, hi = torch.aminmax(wf)
-        else:
-            lo, hi = torch.aminmax(wf, dim=1, keepdim=True)
-        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(1e-8)
-        codes = torch.mul(wf, scale.reciprocal()).round_().clamp_(qmin, qmax)
+        codes, scale = self._int_codes(w)
         return {"codes": codes.to(torch.int32), "scale": scale.reshape(-1).float(),
                 "bits": self.bits, "granularity": self.granularity}
 
