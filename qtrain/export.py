@@ -166,7 +166,7 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
             packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
         elif isinstance(wq, TWNQuantizer | BinaryWeightQuantizer):
             packed = _pack_ternary_binary(m.weight, wq, bias, backend)
-        elif not hasattr(wq, "export_qparams"):
+        elif not _has_packer(wq):
             raise ValueError(_unpackable_message([(name, type(wq).__name__)]))
         else:
             q = wq.export_qparams(m.weight)
@@ -197,6 +197,14 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "power-of-two (INQ)", "TWN ternary", "XNOR binary", "PQ / iPQ", "Quant-Noise")
 
 
+_PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,
+                 BinaryWeightQuantizer)  # own packers in _pack_one; others need export_qparams
+
+
+def _has_packer(wq) -> bool:
+    return isinstance(wq, _PACKED_TYPES) or hasattr(wq, "export_qparams")
+
+
 def _unpackable_message(bad: list[tuple[str, str]]) -> str:
     names = ", ".join(f"{n} ({t})" for n, t in bad[:4]) + (" ..." if len(bad) > 4 else "")
     return (f"export: {len(bad)} layer(s) have weight quantizers with no packed format: {names}; "
@@ -211,9 +219,7 @@ def check_packable(model: nn.Module) -> None:
         if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
             continue  # embeddings without a packer stay fake-quant layers (not an error)
         wq = m.weight_quantizer
-        if wq is None or isinstance(wq, QuantNoiseQuantizer | GroupwiseQuantizer |
-                                    PowerOfTwoQuantizer | TWNQuantizer | BinaryWeightQuantizer
-                                    ) or hasattr(wq, "export_qparams"):
+        if wq is None or _has_packer(wq):
             continue
         bad.append((name, type(wq).__name__))
     if bad:
