@@ -19,7 +19,9 @@ Uniform (affine / symmetric) values, Jacob et al. 2018 eq. (1)
     ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]`` with group ``g = k // G``.
     ``scales``: ``(N, K // G)`` float16 (or float32), row n holds the groups of row n in
     order. Per-channel quantization is ``G = K`` (one group per row).
-    ``zeros`` (asymmetric only): ``(N, K // G)`` uint8, the integer zero-point of the group.
+    ``zeros`` (asymmetric only): ``(N, K // G)`` uint8, the integer zero-point of the group,
+    or float16 / float32 for a non-integer zero-point (DoReFa's ``(2^k - 1) / 2``, min-max
+    offsets of DSQ or bucketed quantization that are not a whole number of steps).
     Symmetric: signed codes ``q in [-2^(b-1), 2^(b-1) - 1]`` are stored offset-binary,
     ``u = q + 2^(b-1)``, and no ``zeros`` tensor is stored (``z = 2^(b-1)`` implied).
 
@@ -29,6 +31,12 @@ Ternary (Li & Liu 2016, TWN): ``t in {-1, 0, +1}`` stored as ``u = t + 1`` in 2-
 Binary (Courbariaux 2016 / XNOR-Net, Rastegari 2016): ``sign in {-1, +1}`` stored as
     ``u = (sign + 1) / 2`` in 1-bit containers; ``W = (2u - 1) * alpha`` with alpha per row
     (``scales`` of shape ``(N, 1)``) or per group.
+
+Lookup table (non-uniform scalar codes: TTQ's ``{-W_n, 0, W_p}``, learned quantization points)
+    Codes ``u`` packed exactly as above; ``lut`` ``(T, 2^c)`` float16 or float32 with ``T = 1``
+    (one table for the tensor) or ``T = N`` (one per row): ``W[n, k] = lut[t, u[n, k]] *
+    s[n, g]`` with ``t = 0`` or ``t = n`` and ``scales`` as for uniform weights (all ones
+    when the table holds the values themselves).
 
 Codebook / product quantization (Jegou 2011; Stock et al. 2019, iPQ)
     Row n is cut into ``K / bs`` sub-vectors of ``bs`` consecutive input columns;
@@ -149,13 +157,16 @@ def dequantize_uniform(
     mode: str = "affine",
     zero: float = 0.0,
     dtype: torch.dtype = torch.float32,
+    lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference dequantization of the uniform / ternary / binary layouts (module doc).
+    """Reference dequantization of the uniform / ternary / binary / lookup-table layouts.
 
     ``mode``: 'affine' (``(u - z) * s`` with ``zeros`` or the implied constant ``zero``),
-    or 'binary' (``(2u - 1) * s``). Computed in float32, returned as ``dtype``.
+    'binary' (``(2u - 1) * s``) or 'lut' (``lut[t, u] * s``, module doc). Computed in
+    float32, returned as ``dtype``.
     """
-    u = unpack_codes(packed, bits, k).to(torch.float32)
+    codes = unpack_codes(packed, bits, k)
+    u = codes.to(torch.float32)
     n_groups = scales.shape[1]
     g = check_groups(k, k // n_groups)
     s = scales.to(torch.float32).repeat_interleave(g, dim=1)
@@ -164,9 +175,24 @@ def dequantize_uniform(
     elif mode == "affine":
         z = zero if zeros is None else zeros.to(torch.float32).repeat_interleave(g, dim=1)
         w = (u - z) * s
+    elif mode == "lut":
+        check_lut(lut, bits, packed.shape[0])
+        table = lut.to(torch.float32).expand(packed.shape[0], -1)
+        w = torch.gather(table, 1, codes) * s
     else:
-        raise ValueError(f"mode={mode!r}; allowed: 'affine', 'binary'")
+        raise ValueError(f"mode={mode!r}; allowed: 'affine', 'binary', 'lut'")
     return w.to(dtype)
+
+
+def check_lut(lut: torch.Tensor | None, bits: int, n: int) -> None:
+    """A lookup table must be ``(1, 2^c)`` or ``(N, 2^c)`` float16 / float32 (module doc)."""
+    size = 2 ** container_bits(bits)
+    if not isinstance(lut, torch.Tensor):
+        raise ValueError(f"mode='lut' needs lut=<({n} or 1, {size}) float tensor>, got {lut!r}")
+    if (lut.dim() != 2 or lut.shape[0] not in (1, n) or lut.shape[1] != size
+            or lut.dtype not in (torch.float16, torch.float32)):
+        raise ValueError(f"lut has shape {tuple(lut.shape)} dtype {lut.dtype}; expected "
+                         f"(1, {size}) or ({n}, {size}) float16/float32 for bits={bits}")
 
 
 def dequantize_codebook(
