@@ -100,6 +100,16 @@ def graph_us(fns, x) -> float:
     return a.elapsed_time(b) * 1e3 / (REPLAYS * len(fns))
 
 
+def rel_error(f, x) -> float | None:
+    """max |y - y_ref| / max |y_ref| of a packed layer against its own dequantized weight
+    (float32 product), so a fast but wrong tuned configuration shows; None for baselines."""
+    if not hasattr(f, "dequantize"):
+        return None
+    y = f(x).float()
+    ref = x.float() @ f.dequantize().float().t()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
 def build_methods(k: int, n: int, dev: str) -> dict:
     """COPIES callables per method, each with its own weights."""
     from torch import nn
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
                 try:
                     us = base if name == "fp16_cublas" else graph_us(fns, x)
                     row = make_row(name, k, n, m, us, base, peak)
+                    row["rel_err"] = rel_error(fns[0], x)
                 except Exception as e:  # noqa: BLE001 - record and go on with the others
                     row = {"kind": name, "K": k, "N": n, "M": m, "error": repr(e)[:300]}
                 rows.append(row)

@@ -197,11 +197,20 @@ def choose_config(
 GEMV_MAX_M = 8
 
 
+def gemm_candidates_for(m: int, candidates: Sequence[dict]) -> list[dict]:
+    """The GEMM candidates worth timing at M = ``m``: BLOCK_M 16 up to M = 32, 32-64 up to
+    M = 256, 64-256 above (a tile much taller than M wastes the tensor cores, a much shorter
+    one re-reads the weights); all of them when none fits."""
+    b = m_bucket(m)
+    lo, hi = (16, 16) if b <= 32 else (32, 64) if b <= 256 else (64, 256)
+    return [c for c in candidates if lo <= c["BLOCK_M"] <= hi] or list(candidates)
+
+
 def splitk_linear(
     x: torch.Tensor, x2: torch.Tensor, weights: Sequence, sizes: Sequence[int], n: int, k: int,
     bias: torch.Tensor | None, *, gemv: DualKernel, gemm: DualKernel, flags: dict, name: str,
     key_extra: str, candidates: tuple[Sequence[dict], Sequence[dict]], gemm_default: dict,
-    config: dict | None,
+    config: dict | None, per_config: Callable[[dict], dict] | None = None,
 ) -> torch.Tensor:
     """Host side of a weight-only ``y = x @ W^T (+ bias)`` with a split-K GEMV / GEMM pair.
 
@@ -225,16 +234,17 @@ def splitk_linear(
 
     def launch(cfg: dict) -> torch.Tensor:
         split = cfg["SPLIT_K"]
+        derived = per_config(cfg) if per_config is not None else {}
         y = (torch.zeros if split > 1 else torch.empty)(
             m, n, device=dev, dtype=torch.float32 if split > 1 else xin.dtype)
         args = (xin, *weights, bias if bias is not None else weights[1], y, m, n, k, *sizes,
                 xin.stride(0))
         if small:
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split)
-            gemv[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **cfg)
+            gemv[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **derived, **cfg)
         else:
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-            gemm[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **cfg)
+            gemm[dev][grid](*args, HAS_BIAS=bias is not None, **flags, **derived, **cfg)
         return y
 
     if config is None:
@@ -246,6 +256,6 @@ def splitk_linear(
                        else gemm_default)
         kind = "gemv" if small else "gemm"
         key = f"{name}|{kind}|M{m_bucket(m)}|N{n}|K{k}|{key_extra}|{x.dtype}"
-        config = choose_config(key, dev, candidates[0] if small else candidates[1],
-                               default, launch)
+        cands = candidates[0] if small else gemm_candidates_for(m, candidates[1])
+        config = choose_config(key, dev, cands, default, launch)
     return launch(config).to(x.dtype).reshape(*x.shape[:-1], n)

@@ -55,3 +55,38 @@ def test_main_refuses_without_cuda(bench, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
     assert bench.main(["--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_rel_error_catches_a_wrong_kernel(bench):
+    import torch
+    from torch import nn
+
+    from qtrain.nn.packed import PackedLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24, bias=False)
+    packed = PackedLinear.from_linear(lin, 4, 32, False, backend="torch")
+    x = torch.randn(3, 64)
+    assert bench.rel_error(packed, x) < 1e-5
+    assert bench.rel_error(lambda t: t @ lin.weight.t(), x) is None  # baselines: no reference
+
+    class Wrong(nn.Module):  # a "kernel" with the scale missing
+        def dequantize(self):
+            return packed.dequantize()
+
+        def forward(self, t):
+            return packed(t) * 0.5
+
+    assert bench.rel_error(Wrong(), x) > 0.4
+
+
+def test_gemm_candidates_follow_m():
+    from qtrain_kernels.lowbit_matmul import _GEMM_CANDIDATES
+    from qtrain_kernels.runtime import gemm_candidates_for
+
+    assert {c["BLOCK_M"] for c in gemm_candidates_for(16, _GEMM_CANDIDATES)} == {16}
+    assert {c["BLOCK_M"] for c in gemm_candidates_for(64, _GEMM_CANDIDATES)} == {32, 64}
+    assert {c["BLOCK_M"] for c in gemm_candidates_for(1024, _GEMM_CANDIDATES)} == {64, 128, 256}
+    assert all(len(gemm_candidates_for(m, _GEMM_CANDIDATES)) <= 12 for m in (9, 64, 1024))
+    only_big = [{"BLOCK_M": 128}]
+    assert gemm_candidates_for(16, only_big) == only_big  # none fits: keep them all

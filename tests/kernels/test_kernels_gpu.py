@@ -11,6 +11,25 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Correctness at the default and explicit configs; tuning belongs to the benchmark
+    (autotuning every case here would compile hundreds of variants)."""
+    monkeypatch.setenv("QTRAIN_AUTOTUNE", "0")
+
+
+# one per scale regime of the kernels (see group_span): block in one group, groups tiling the
+# block, and, for the GEMM, a block larger than the group
+CONFIGS = [
+    None,
+    {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+     "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 1, "num_warps": 8,
+     "num_stages": 2},
+]
+
+
 @pytest.mark.parametrize("m", [1, 5, 16, 64, 257])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -24,6 +43,29 @@ def test_lowbit_gpu(m, bits, dtype):
     y = lowbit_linear(x, packed, s, z, bits=bits, k=k)
     ref = lowbit_linear_reference(x, packed, s, z, bits=bits, k=k)
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 7, 48])
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+@pytest.mark.parametrize("mode", ["lut", "float_zero"])
+def test_lowbit_modes_gpu(m, cfg, mode):
+    config = CONFIGS[cfg]
+    if config is not None and ("BLOCK_M" in config) != (m > 8):
+        pytest.skip("GEMV configs for M <= 8, GEMM configs above")
+    n, k, g, bits = 200, 512, 64, 4
+    u = torch.randint(0, 16, (n, k), device="cuda")
+    s = (torch.rand(n, k // g, device="cuda") + 0.5).half()
+    lut = z = None
+    if mode == "lut":
+        lut = torch.randn(n, 16, device="cuda").half()
+    else:
+        z = (torch.rand(n, k // g, device="cuda") * 15).half()
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    packed = pack_codes(u, bits)
+    kw = {"bits": bits, "k": k, "mode": "lut" if lut is not None else "affine", "lut": lut}
+    y = lowbit_linear(x, packed, s, z, config=config, **kw)
+    ref = lowbit_linear_reference(x, packed, s, z, **kw)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=5e-2)
 
 
 def test_codebook_and_w8a8_gpu():
