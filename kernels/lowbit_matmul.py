@@ -1,8 +1,10 @@
 """Weight-only low-bit linear: ``y = x @ W_hat^T (+ bias)``, W_hat dequantized in registers.
 
 Covers int8 / int4 / int2 (and 1-bit, 3-bit in 4-bit containers, ...) uniform weights,
-symmetric or asymmetric, per channel or per group, plus ternary and binary weights (layouts:
-:mod:`qtrain_kernels.layout`). Activations fp16 / bf16 / fp32; products accumulate in fp32.
+symmetric or asymmetric (integer or float zero-points), per channel or per group, ternary and
+binary weights, and lookup-table weights (``mode='lut'``: non-uniform scalar codes such as
+TTQ's or learned quantization points) (layouts: :mod:`qtrain_kernels.layout`). Activations
+fp16 / bf16 / fp32; products accumulate in fp32.
 
 Two Triton kernels:
 
@@ -12,10 +14,17 @@ Two Triton kernels:
 * ``_gemm_kernel`` (larger M): tiled ``tl.dot`` GEMM, weight tile unpacked to the activation
   dtype; split-K likewise.
 
+Memory traffic: each int32 word of codes is loaded once per tile and split into its
+``32 / bits`` codes in registers (shift + mask, reshaped so code j of word w is column
+``w * E + j``); scales and zero-points are loaded once per row and group, never per element.
+When a K block lies inside one group (``group_span``), the GEMM multiplies the scale into the
+``BLOCK_M x BLOCK_N`` product instead of the ``BLOCK_K x BLOCK_N`` weight tile (integer
+``u - z`` is exact in fp16 for codes of up to 8 bits with integer or half-integer zero-points).
+
 Dequantization follows Jacob et al. 2018 eq. (1), ``W = (u - z) * s`` (binary:
-``(2u - 1) * s``), in fp32, then rounded to the activation dtype for the product. Both kernels
-are capturable in CUDA graphs (the only allocation is the output / split-K workspace, made by
-torch on the current stream).
+``(2u - 1) * s``; lookup: ``lut[u] * s``), in fp32, then rounded to the activation dtype for
+the tensor-core product. Both kernels are capturable in CUDA graphs (the only allocation is
+the output / split-K workspace, made by torch on the current stream).
 """
 
 from __future__ import annotations
