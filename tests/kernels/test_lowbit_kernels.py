@@ -82,7 +82,10 @@ def test_lowbit_linear_ternary_batched_default_config():
 
 @pytest.mark.parametrize(("m", "n", "kc", "bs", "dtype"),
                          [(1, 19, 5, 8, torch.float32), (3, 7, 9, 4, torch.float16),
-                          (17, 21, 7, 9, torch.float32)])
+                          (17, 21, 7, 9, torch.float32),   # bs 9: per-element gathers
+                          (18, 11, 9, 8, torch.float16),   # GEMM, one code load per block
+                          (2, 5, 3, 64, torch.float32),    # bs > BLOCK_K: per element
+                          (20, 6, 5, 16, torch.float32)])  # GEMM, K tail inside a block
 def test_codebook_linear(m, n, kc, bs, dtype):
     gen = torch.Generator().manual_seed(m)
     codes = torch.randint(0, 256, (n, kc), generator=gen)
