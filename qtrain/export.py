@@ -27,10 +27,29 @@
     ``GroupwiseQuantizer`` (Shen et al. 2019; each group is a block of whole rows) become the
     ``uniform`` per-channel format, every row holding its group's scale / zero-point
     (``scale_dtype``) and the forward's exact codes,
+  - fake-quant Linear / Conv2d / Embedding layers whose weight quantizer is one of the
+    learned / float / bucketed / calibrated / value-aware quantizers are packed by
+    :func:`qtrain.nn.packed_formats.pack_weight` with the quantizer's eval-mode weight:
+    DoReFa (k-bit: ``uniform`` codes, scale 2/(2^k - 1), float zero-point (2^k - 1)/2;
+    1 bit: ``binary``), DSQ (hard test-time value: ``uniform``, float zero-point -l/Delta),
+    TTQ / Polino differentiable / scalar soft-to-hard VQ (``lut``: codes into the
+    {-W_n, 0, W_p} table, the learned points or centres; bit-exact), vector soft-to-hard VQ
+    (``codebook``), Polino bucketed min-max (``uniform`` per group when the bucket size
+    divides the row length, per row when it is a multiple of it, else a ValueError),
+    dynamic fixed point (``uniform`` symmetric with scale 2^E up to 8 bits, else ``float``
+    int16 / int32 codes), FloatQuantizer / FP8 training (``float``: the weight in its torch
+    dtype fp16 / bf16 / float8_e4m3fn / float8_e5m2; bit-exact), S2FP8 (``float``: the E5M2
+    values plus alpha, beta), calibrated uniform (``uniform``) and value-aware
+    (``value_aware``: dense uniform codes + sparse float32 outliers). Stochastic rounding is
+    packed with round-to-nearest. See :mod:`qtrain.nn.packed_formats` for the exactness of
+    each format; the packer raises if its weight drifts from the quantizer's own output,
   - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
     ``weight_from_codebook()``) become codebook layers,
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
     given, else left in float.
+  Per-tensor parameters are stored once per row (the formats keep one scale per row), and
+  3-bit / 5..7-bit codes travel in 4- / 8-bit containers: the file then exceeds the run
+  summary's storage bits by those copies and the container padding.
   Every other module, parameter and buffer (BatchNorm running statistics included) is kept.
   Layers packed from one tied float Parameter into equal buffers share them (written once).
   PQ layers tied to another layer (an LM's embedding and output projection sharing one
@@ -57,6 +76,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qtrain.nn import packed_formats
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer, PowerOfTwoQuantizer, TWNQuantizer
 from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
@@ -160,6 +180,8 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
             packed = _pack_quant_noise(m, wq, name, bias, backend)
         elif isinstance(wq, GroupwiseQuantizer):
             packed = _pack_groupwise(m, wq, bias, backend, scale_dtype)
+        elif packed_formats.has_packer(wq):
+            packed = packed_formats.pack_weight(m.weight, wq, name, bias, backend, scale_dtype)
         elif isinstance(m, QuantEmbedding) and not isinstance(wq, UniformQuantizer):
             return None  # other quantized embeddings stay fake-quant layers (not packed)
         elif isinstance(wq, PowerOfTwoQuantizer):
@@ -194,15 +216,20 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
 
 
 PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-wise",
-            "power-of-two (INQ)", "TWN ternary", "XNOR binary", "PQ / iPQ", "Quant-Noise")
+            "power-of-two (INQ)", "TWN ternary", "XNOR binary", "PQ / iPQ", "Quant-Noise",
+            "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
+            "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
+            "S2FP8", "calibrated uniform", "value-aware")
 
 
 _PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,
-                 BinaryWeightQuantizer)  # own packers in _pack_one; others need export_qparams
+                 BinaryWeightQuantizer)  # own packers in _pack_one; packed_formats.PACKERS
+# covers the learned / float / bucketed / calibrated ones; the rest need export_qparams
 
 
 def _has_packer(wq) -> bool:
-    return isinstance(wq, _PACKED_TYPES) or hasattr(wq, "export_qparams")
+    return (isinstance(wq, _PACKED_TYPES) or packed_formats.has_packer(wq)
+            or hasattr(wq, "export_qparams"))
 
 
 def _unpackable_message(bad: list[tuple[str, str]]) -> str:
@@ -358,6 +385,8 @@ def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
                                                "groups")}
         elif s["kind"] == "embedding":
             new.emb_args = {k: s[k] for k in ("padding_idx", "max_norm", "norm_type")}
+        if s["fmt"] == "value_aware":
+            new.n_outliers = int(s["n_outliers"])  # checked against sp_values on load
         aq = getattr(old, "act_quantizer", None)
         a = s.get("act_quantizer")
         if aq is None and a is not None:
@@ -377,7 +406,8 @@ def _placeholders(model: nn.Module, names: set[str]) -> None:
     for n, m in model.named_modules():
         if isinstance(m, PackedLinear):
             for t in ("packed", "scales", "zeros", "codes", "centroids", "qweight", "wscale",
-                      "planes", "n1", "bias"):
+                      "planes", "n1", "lut", "fweight", "fscale", "s2fp8", "sp_index",
+                      "sp_values", "bias"):
                 full = f"{n}.{t}" if n else t
                 if full in names:
                     m.register_buffer(t, torch.empty(0))
@@ -451,7 +481,9 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
     ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2") else 0
-    if m.fmt == "pow2":
+    if m.fmt in ("lut", "float", "value_aware"):
+        packed_formats.validate(m, want)
+    elif m.fmt == "pow2":
         if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:
             raise ValueError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")
         want("planes", (torch.int32,), (m.bits, 1, -(-(n * k) // 32)))
@@ -470,6 +502,6 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
         want("packed", (torch.int32,), (n, packed_words(k, container_bits(m.bits))))
         want("scales", (torch.float16, torch.float32), (n, ng))
         if m.fmt == "uniform" and not m.symmetric:
-            want("zeros", (torch.uint8,), (n, ng))
+            want("zeros", (torch.uint8, torch.float16, torch.float32), (n, ng))
     if m.bias is not None:
         want("bias", (m.bias.dtype,), (n,))

@@ -1,4 +1,7 @@
-"""export=true: LSQ weights pack exactly; quantizers without a packed format fail before training."""
+"""export=true: LSQ weights pack exactly; quantizers without a packed format fail before training
+(every weight quantizer of the project has one now: a bare ``Quantizer`` stands in)."""
+
+import json
 
 import pytest
 import torch
@@ -7,9 +10,10 @@ from torch import nn
 
 from qtrain.export import check_packable, load_packed, pack_model, save_packed
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
-from qtrain.nn.format_quantizers import BinaryWeightQuantizer, TTQQuantizer, TWNQuantizer
-from qtrain.nn.learned_quantizers import DoReFaWeightQuantizer, LSQQuantizer
+from qtrain.nn.format_quantizers import BinaryWeightQuantizer, TWNQuantizer
+from qtrain.nn.learned_quantizers import LSQQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedLinear
+from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant.size import model_storage_bits
 from tests.hydra_helpers import run
 
@@ -77,21 +81,38 @@ def test_ternary_and_binary_weights_pack(make, tmp_path):
     torch.testing.assert_close(p(x), ref, rtol=2e-3, atol=2e-3)
 
 
+class NoFormat(Quantizer):
+    """A weight quantizer with no packed format (all of the project's have one)."""
+
+
 def test_check_packable_names_every_unpackable_layer():
     m = Net()
-    m.conv = QuantConv2d.from_float(m.conv, DoReFaWeightQuantizer(1))
-    m.lin = QuantLinear.from_float(m.lin, TTQQuantizer())
-    with pytest.raises(ValueError, match=r"2 layer\(s\).*conv \(DoReFaWeightQuantizer\), "
-                                         r"lin \(TTQQuantizer\).*LSQ"):
+    m.conv = QuantConv2d.from_float(m.conv, Quantizer(8))
+    m.lin = QuantLinear.from_float(m.lin, NoFormat(4))
+    with pytest.raises(ValueError, match=r"2 layer\(s\).*conv \(Quantizer\), "
+                                         r"lin \(NoFormat\).*LSQ.*DoReFa"):
         check_packable(m)
     check_packable(_lsq_net())  # packable: no error
 
 
-def test_export_true_with_dorefa_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="DoReFaWeightQuantizer"):
-        run(["recipe=dorefa_w1a4_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+def test_export_true_with_unpackable_quantizer_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"layer\(s\) have weight quantizers.*\(Quantizer\)"):
+        run(["recipe=dorefa_w1a4_resnet20_cifar10", "debug=smoke", "export=true",
+             "quant.weight._target_=qtrain.nn.quantizer_base.Quantizer"], tmp_path)
     assert not (tmp_path / "summary.json").exists()
     assert not list(tmp_path.rglob("*.ckpt"))  # failed in on_fit_start: no step was trained
+
+
+def test_pact_dorefa_recipe_exports(tmp_path):
+    """PACT activations + DoReFa 4-bit weights: uniform codes with float16 zero-point 7.5."""
+    s = run(["recipe=pact_w4a4_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+    path = tmp_path / "model_packed.safetensors"
+    assert s["packed_layers"] > 0
+    with safe_open(str(path), framework="pt") as f:
+        specs = json.loads(f.metadata()["layers"])
+        zeros = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".zeros")}  # noqa: SIM118
+    assert {v["fmt"] for v in specs.values()} == {"uniform"} and len(zeros) == len(specs)
+    assert all(z.dtype == torch.float16 and bool((z == 7.5).all()) for z in zeros.values())
 
 
 def test_lsq_recipe_exports(tmp_path):

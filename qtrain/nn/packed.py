@@ -14,7 +14,12 @@ alpha = mean|w| per row, B = sign(w), sign(0) = +1), ``codebook`` (PQ / k-means:
 into a float16 codebook; Stock et al. 2019), ``w8a8`` (per-channel int8 weights, per-token
 dynamic int8 activations) and ``pow2`` (INQ power-of-two weights, Zhou et al. 2017 eq. (2)-(3):
 b-bit codes, see :func:`pow2_codes`; pure-torch path only: the weight is dequantized to float
-at run time, there is no Triton kernel for it).
+at run time, there is no Triton kernel for it), ``lut`` (c-bit codes into a float lookup
+table: non-uniform scalar levels such as TTQ's {-W_n, 0, W_p}), ``float`` (the weight in a
+real torch dtype: fp16 / bf16 / fp8, S2FP8, wide fixed point; torch path only) and
+``value_aware`` (a dense uniform part plus sparse full-precision outliers; torch path only).
+The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. A ``uniform``
+weight may carry float16 / float32 ``zeros`` (non-integer zero-points, e.g. DoReFa, DSQ).
 
 :class:`PackedConv2d` and :class:`PackedEmbedding` store their (flattened) weight in the
 same formats as a linear layer.
@@ -36,7 +41,9 @@ from torch import nn
 from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
-FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2")
+FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2", "lut", "float",
+           "value_aware")
+TORCH_ONLY = ("pow2", "float", "value_aware")  # no Triton kernel: dequantize + F.linear
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -113,7 +120,10 @@ class PackedLinear(nn.Module):
                      bias: torch.Tensor | None = None, backend: str = "auto",
                      scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
         """From integer codes ``(N, K)`` (signed if symmetric) and scale / zero-point
-        broadcastable to ``(N, K // G, 1)`` or ``(N, 1)`` -- ``UniformQuantizer.export_qparams``."""
+        broadcastable to ``(N, K // G, 1)`` or ``(N, 1)`` -- ``UniformQuantizer.export_qparams``.
+
+        An affine zero-point that is not an integer in [0, 255] (DoReFa's (2^k - 1) / 2, a
+        min-max offset) is stored as ``scale_dtype`` float ``zeros`` (layout doc)."""
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={scale_dtype}; allowed: {SCALE_DTYPES}")
         n = codes.shape[0]
@@ -121,7 +131,8 @@ class PackedLinear(nn.Module):
         g = L.check_groups(k, group_size)
         codes = codes.reshape(n, k).to(torch.int64)
         scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        zp = torch.as_tensor(zero_point).reshape(-1).to(torch.int64)
+        zp = torch.as_tensor(zero_point).reshape(-1).float()
+        int_zero = bool(((zp == zp.round()) & (zp >= 0) & (zp <= 255)).all())
         ng = k // g
         scale = scale.expand(n * ng) if scale.numel() == 1 else scale
         zp = zp.expand(n * ng) if zp.numel() == 1 else zp
@@ -132,8 +143,9 @@ class PackedLinear(nn.Module):
             off = 2 ** (bits - 1)
             u, zeros = codes + off, None
         else:
-            u, zeros = codes, zp.reshape(n, ng).to(torch.uint8)
-        bufs = {"packed": L.pack_codes(u, c), "scales": scale.reshape(n, ng).to(scale_dtype)}
+            u = codes
+            zeros = zp.reshape(n, ng).to(torch.uint8 if int_zero else scale_dtype).contiguous()
+        bufs = {"packed": L.pack_codes(u, c), "scales": scale.reshape(n, ng).to(scale_dtype).contiguous()}
         if zeros is not None:
             bufs["zeros"] = zeros
         return cls._new(k, n, "uniform", bits, group_size, symmetric, backend, bias, **bufs)
@@ -240,6 +252,8 @@ class PackedLinear(nn.Module):
 
     # ---------------------------------------------------------------- math
     def _uniform_args(self) -> dict:
+        if self.fmt == "lut":
+            return {"mode": "lut", "lut": self.lut}
         if self.fmt == "binary":
             return {"mode": "binary", "zero": 0.0}
         if self.fmt == "ternary":
@@ -254,6 +268,10 @@ class PackedLinear(nn.Module):
             return self.qweight.float() * self.wscale[:, None]
         if self.fmt == "pow2":
             return pow2_values(self.pow2_codes(), int(self.n1[0]), self.bits)
+        if self.fmt in ("float", "value_aware"):
+            from qtrain.nn import packed_formats
+
+            return packed_formats.dequantize(self)
         return L.dequantize_uniform(self.packed, self.scales, getattr(self, "zeros", None),
                                     L.container_bits(self.bits), self.in_features,
                                     **self._uniform_args())
@@ -268,7 +286,7 @@ class PackedLinear(nn.Module):
         return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.fmt == "pow2":  # no kernel: dequantize + F.linear
+        if self.fmt in TORCH_ONLY:
             return False
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
@@ -299,7 +317,8 @@ class PackedLinear(nn.Module):
         return {"kind": "linear", "in_features": self.in_features,
                 "out_features": self.out_features, "fmt": self.fmt, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric,
-                "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None}
+                "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None,
+                **({"n_outliers": self.sp_values.numel()} if self.fmt == "value_aware" else {})}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,370 @@
+"""Packed formats for the learned, float and sparse weight quantizers, and the packers that
+turn those trained fake-quant weights into :class:`qtrain.nn.packed.PackedLinear` layers.
+
+Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton kernel):
+
+* ``uniform`` with float ``zeros``: DoReFa k-bit (Zhou et al. 2016 eq. (9): codes
+  ``u = round((2^k - 1) t)``, ``W = 2u / (2^k - 1) - 1`` = ``(u - (2^k - 1) / 2) * 2 / (2^k - 1)``),
+  DSQ's hard test-time quantizer (Gong et al. 2019: ``W = l + Delta u`` = ``(u + l / Delta) *
+  Delta``), Polino bucketed min-max quantization (Polino et al. 2018 eq. (2)-(3):
+  ``W = alpha u / (s - 1) + beta``, one bucket = one group or whole rows; scales / zeros in
+  float32 as storage_bits counts alpha and beta), dynamic fixed point
+  (Das et al. 2018: symmetric, scale ``2^E``), calibrated (KL / ACIQ / ...) uniform weights.
+* ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): TTQ (Zhu
+  et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
+  quantization (learned points, sec. 2.2), scalar soft-to-hard VQ (Agustsson et al. 2017).
+* ``float`` (torch path only, no Triton kernel): ``fweight`` (N, K) in the real torch dtype
+  -- float16 / bfloat16 / float8_e4m3fn / float8_e5m2 (FloatQuantizer, FP8 training, Wang
+  et al. 2018), or int16 / int32 codes for dynamic fixed point wider than 8 bits -- plus
+  optional ``fscale`` (1,) float32 (``W = fweight * fscale``) or ``s2fp8`` (2,) float32
+  ``(alpha, beta)``: S2FP8 (Cambier et al. 2020 sec. 3) stores ``Y^ = sign(X) FP8_E5M2(2^(alpha
+  log2|X| + beta))`` and decodes ``X^ = sign(Y^) 2^((log2|Y^| - beta) / alpha)``, 0 -> 0.
+* ``value_aware`` (torch path only; Park et al. 2018 sec. 3): the dense ``bits``-bit uniform
+  part (``packed`` / ``scales`` / ``zeros``, every position) plus the outliers: ``sp_values``
+  (k,) float32 and their flat indices (row-major over (N, K)) as ``ceil(log2 numel)`` bit
+  planes ``sp_index`` (idx_bits, 1, ceil(k / 32)) int32 (the index width
+  ``value_aware_storage_bits`` counts). ``W = dense`` with ``W.flat[idx] = values``.
+
+Exactness (vs. the fake-quant layer in eval mode): ``lut`` and ``float`` are bit-exact;
+``uniform`` / ``value_aware`` are exact up to the rounding of ``scales`` / ``zeros`` to
+``scale_dtype`` (float16: relative ~2^-11 of the weight range; float32: ~1 ulp, e.g. DoReFa's
+``(u - z) s`` vs ``2 (u / n) - 1``). Every packer checks its packed weight against the
+quantizer's own eval-mode output and raises if they differ beyond that.
+Simplifications: stochastic rounding has no single test-time weight; those quantizers are
+packed with round-to-nearest (their expected value's closest grid point). FP8 training's
+``accumulation='chunked'`` is not modelled by the packed layer (plain fp32 GEMM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from qtrain_kernels import layout as L
+
+from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
+from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
+from qtrain.nn.format_quantizers import (
+    DynamicFixedPointQuantizer,
+    FloatQuantizer,
+    S2FP8Quantizer,
+    TTQQuantizer,
+)
+from qtrain.nn.fp8_training import FP8TrainingQuantizer
+from qtrain.nn.learned_quantizers import (
+    DoReFaWeightQuantizer,
+    DSQQuantizer,
+    PolinoDifferentiableQuantizer,
+    SoftToHardVQ,
+)
+from qtrain.quant import bucketed as B
+from qtrain.quant import fixed_point, floats, ternary
+from qtrain.quant import uniform as U
+from qtrain.quant import value_aware as VA
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+                torch.int16, torch.int32)
+
+
+# ------------------------------------------------------------------------------ formats
+def lut_layer(codes: torch.Tensor, lut: torch.Tensor, bits: int, bias=None,
+              backend: str = "auto"):
+    """``lut`` layer from unsigned codes (N, K) in [0, 2^c) and a (1 or N, <= 2^c) table
+    (padded with zeros to 2^c entries; float32 unless given float16)."""
+    from qtrain.nn.packed import PackedLinear
+
+    n, k = codes.shape
+    c = L.container_bits(bits)
+    dt = torch.float16 if lut.dtype == torch.float16 else torch.float32
+    table = torch.zeros(lut.shape[0], 2**c, dtype=dt, device=codes.device)
+    table[:, :lut.shape[1]] = lut.detach().to(dt)
+    bufs = {"packed": L.pack_codes(codes.reshape(n, k).long(), c), "lut": table,
+            "scales": torch.ones(n, 1, dtype=torch.float16, device=codes.device)}
+    return PackedLinear._new(k, n, "lut", bits, None, True, backend, bias, **bufs)
+
+
+def float_layer(values: torch.Tensor, bits: int, bias=None, backend: str = "auto",
+                fscale: float | torch.Tensor | None = None, s2fp8=None):
+    """``float`` layer from ``values`` (N, K) already in their storage dtype."""
+    from qtrain.nn.packed import PackedLinear
+
+    if values.dtype not in FLOAT_DTYPES or values.dim() != 2:
+        raise ValueError(f"float format: values must be 2-D {FLOAT_DTYPES}, got "
+                         f"{values.dtype} {tuple(values.shape)}")
+    bufs = {"fweight": values.detach().contiguous()}
+    if fscale is not None:
+        bufs["fscale"] = torch.as_tensor(fscale, dtype=torch.float32).reshape(1)
+    if s2fp8 is not None:
+        bufs["s2fp8"] = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(())
+                                     for v in s2fp8])
+    n, k = values.shape
+    return PackedLinear._new(k, n, "float", bits, None, True, backend, bias, **bufs)
+
+
+def dequantize(m) -> torch.Tensor:
+    """float32 weight (N, K) of a ``float`` or ``value_aware`` layer (module doc)."""
+    if m.fmt == "value_aware":
+        dense = L.dequantize_uniform(m.packed, m.scales, getattr(m, "zeros", None),
+                                     L.container_bits(m.bits), m.in_features,
+                                     **m._uniform_args())
+        idx = L.unpack_bitplanes(m.sp_index, m.sp_values.numel()).reshape(-1)
+        return dense.reshape(-1).index_copy(0, idx, m.sp_values.float()).reshape(dense.shape)
+    w = m.fweight.float()
+    if hasattr(m, "s2fp8"):
+        alpha, beta = m.s2fp8[0], m.s2fp8[1]
+        ok = w != 0
+        log_yh = torch.log2(torch.where(ok, w.abs(), torch.ones_like(w)))
+        mag = torch.exp2((log_yh - beta) / alpha)
+        return torch.where(ok, torch.copysign(mag, w), torch.zeros_like(w))
+    if hasattr(m, "fscale"):
+        return w * m.fscale
+    return w
+
+
+def validate(m, want) -> None:
+    """Shapes / dtypes of a loaded ``lut`` / ``float`` / ``value_aware`` layer's buffers;
+    ``want(buffer, dtypes, shape)`` raises a ValueError naming the tensor."""
+    n, k = m.out_features, m.in_features
+    if m.fmt == "lut":
+        c = L.container_bits(m.bits)
+        want("packed", (torch.int32,), (n, L.packed_words(k, c)))
+        want("scales", (torch.float16, torch.float32), (n, 1))
+        t = m.lut.shape[0] if getattr(m, "lut", None) is not None else 1
+        want("lut", (torch.float16, torch.float32), (t if t in (1, n) else 1, 2**c))
+    elif m.fmt == "float":
+        want("fweight", FLOAT_DTYPES, (n, k))
+        for b, size in (("fscale", 1), ("s2fp8", 2)):
+            if b in m._buffers:
+                want(b, (torch.float32,), (size,))
+    else:  # value_aware
+        c = L.container_bits(m.bits)
+        want("packed", (torch.int32,), (n, L.packed_words(k, c)))
+        want("scales", (torch.float16, torch.float32), (n, 1))
+        if not m.symmetric:
+            want("zeros", (torch.uint8,), (n, 1))
+        cnt = m.n_outliers
+        want("sp_values", (torch.float32,), (cnt,))
+        want("sp_index", (torch.int32,), (_index_bits(n * k), 1, -(-cnt // 32)))
+        idx = L.unpack_bitplanes(m.sp_index, cnt).reshape(-1)
+        if cnt and (int(idx[-1]) >= n * k or not bool((idx[1:] > idx[:-1]).all())):
+            raise ValueError(f"value_aware layer: outlier indices must be increasing and "
+                             f"< numel {n * k}")
+
+
+def _index_bits(numel: int) -> int:
+    return max(1, math.ceil(math.log2(numel))) if numel > 1 else 1
+
+
+# ------------------------------------------------------------------------------ packers
+class _Nearest:
+    """Round to nearest while packing a quantizer with ``rounding='stochastic'`` (module doc)."""
+
+    def __init__(self, wq) -> None:
+        self.wq, self.old = wq, getattr(wq, "rounding", None)
+
+    def __enter__(self):
+        if self.old == "stochastic":
+            self.wq.rounding = "nearest"
+
+    def __exit__(self, *exc):
+        if self.old == "stochastic":
+            self.wq.rounding = self.old
+
+
+def _eval_weight(wq, w: torch.Tensor) -> torch.Tensor:
+    """The quantizer's eval-mode output (what the fake-quant layer uses at test time); runs
+    its lazy initialisation (TTQ scales, DSQ range, Polino points) like a first forward."""
+    was = wq.training
+    wq.train(False)
+    try:
+        out = wq(w)
+    finally:
+        wq.train(was)
+    return out.as_subclass(torch.Tensor).detach().float().reshape(w.shape[0], -1)
+
+
+def _uniform(codes, scale, zero, bits, symmetric, group, k, bias, backend, scale_dtype):
+    from qtrain.nn.packed import PackedLinear
+
+    if bits > 8:
+        raise ValueError(f"uniform format holds at most 8-bit codes, got bits={bits}")
+    return PackedLinear.from_qparams(codes, scale, zero, bits, symmetric, group, k, bias,
+                                     backend, scale_dtype)
+
+
+def _rel_tol(scale_dtype) -> float:
+    return 2e-3 if scale_dtype == torch.float16 else 1e-5
+
+
+def _dorefa(wq, w, flat, bias, backend, scale_dtype):
+    from qtrain.nn.packed import PackedLinear
+
+    if wq.bits == 1:  # eqs. (7)-(8): sign(w) E|w| (sign(0) = +1); binary format, fp16 alpha
+        sign = torch.where(flat >= 0, 1.0, -1.0)
+        alpha = w.abs().mean().reshape(1, 1).expand(flat.shape[0], 1)
+        return PackedLinear.from_binary(sign, alpha, bias, backend), 1e-3
+    n = float(2**wq.bits - 1)  # eq. (9), computed as E.dorefa_weight does
+    t = torch.tanh(flat)
+    t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
+    u = torch.round(t * n)
+    return _uniform(u, 2.0 / n, n / 2.0, wq.bits, False, None, flat.shape[1], bias, backend,
+                    scale_dtype), _rel_tol(scale_dtype)
+
+
+def _dsq(wq, w, flat, bias, backend, scale_dtype):
+    xc, delta, _ = wq._range(flat)  # the hard value l + Delta round((clip(x) - l) / Delta)
+    u = torch.round((xc - wq.lower) / delta)
+    return _uniform(u, delta, -wq.lower / delta, wq.bits, False, None, flat.shape[1], bias,
+                    backend, scale_dtype), _rel_tol(scale_dtype)
+
+
+def _ttq(wq, w, flat, bias, backend, scale_dtype):
+    pos, neg = ternary.ttq_masks(flat, wq.threshold)
+    u = pos.long() - neg.long() + 1  # -W_n -> 0, 0 -> 1, W_p -> 2
+    w_p, w_n = wq.w_p.detach(), wq.w_n.detach()
+    lut = torch.stack([-w_n, torch.zeros_like(w_p), w_p, torch.zeros_like(w_p)])
+    return lut_layer(u, lut.float().reshape(1, 4), 2, bias, backend), None
+
+
+def _polino(wq, w, flat, bias, backend, scale_dtype):
+    return lut_layer(wq.assignments(flat), wq.points.detach().reshape(1, -1), wq.bits, bias,
+                     backend), None
+
+
+def _soft_to_hard(wq, w, flat, bias, backend, scale_dtype):
+    from qtrain.nn.packed import PackedLinear
+
+    if wq.bits > 8:
+        raise ValueError(f"SoftToHardVQ with bits={wq.bits}: packed formats hold at most 256 "
+                         "centers (bits <= 8)")
+    codes = wq.sq_distances(wq.subvectors(flat)).argmin(dim=1).reshape(flat.shape[0], -1)
+    c = wq.centers.detach()
+    # the forward is soft + (hard - soft): the hard centre up to one fp32 rounding
+    if wq.dim == 1:
+        return lut_layer(codes, c.reshape(1, -1), wq.bits, bias, backend), 1e-6
+    return PackedLinear.from_codebook(codes, c, bias, backend), 2e-3  # fp16 centroids
+
+
+def _bucket(wq, w, flat, bias, backend, scale_dtype):
+    if wq.bits > 8:
+        raise ValueError(f"bits={wq.bits}; packed uniform codes hold at most 8 bits")
+    n, k = flat.shape
+    bs = wq.bucket_size
+    if k % bs and bs % k:
+        raise ValueError(f"bucket_size={bs} neither divides nor is a multiple of the "
+                         f"row length {k}; buckets must be whole groups or whole rows to pack")
+    v = flat.reshape(-1)  # as qtrain.quant.bucketed.bucket_quantize (pad: copies of the last)
+    pad = B.num_buckets(v.numel(), bs) * bs - v.numel()
+    v = torch.cat([v, v[-1:].expand(pad)]).reshape(-1, bs)
+    beta = v.amin(dim=1, keepdim=True)
+    alpha = (v.amax(dim=1, keepdim=True) - beta).clamp_min(B._EPS)
+    levels = 2**wq.bits - 1
+    q = torch.round((v - beta) / alpha * levels).clamp(0, levels).reshape(-1)[:n * k]
+    s, z = alpha / levels, -beta / (alpha / levels)
+    if k % bs == 0:
+        group = None if bs == k else bs
+    else:  # a bucket holds bs / k whole rows: each row stores its bucket's scale
+        rows = torch.arange(n) // (bs // k)
+        s, z, group = s[rows], z[rows], None
+    # float32 alpha / beta per bucket, as storage_bits counts them (and then ~exact)
+    return _uniform(q.reshape(n, k), s, z, wq.bits, False, group, k, bias, backend,
+                    torch.float32), _rel_tol(torch.float32)
+
+
+def _dfp(wq, w, flat, bias, backend, scale_dtype):
+    q, e = fixed_point.dfp_codes(flat, wq.bits, "nearest")
+    if wq.bits > 8:  # wide fixed point: int16 / int32 codes, fp32 scale 2^E (exact)
+        dt = torch.int16 if wq.bits <= 16 else torch.int32
+        return float_layer(q.to(dt), 16 if wq.bits <= 16 else 32, bias, backend,
+                           fscale=2.0**e), None
+    sd = scale_dtype if float(torch.tensor(2.0**e).to(scale_dtype)) == 2.0**e else torch.float32
+    return _uniform(q, 2.0**e, 0, wq.bits, True, None, flat.shape[1], bias, backend, sd), None
+
+
+def _float(wq, w, flat, bias, backend, scale_dtype, ref=None):
+    dt = floats.TORCH_DTYPES.get(wq.fmt)
+    if dt is None:
+        raise ValueError(f"float format {wq.fmt!r} has no torch dtype to store it in; "
+                         f"packable: {tuple(floats.TORCH_DTYPES)}")
+    return float_layer(ref.to(dt), wq.bits, bias, backend), None
+
+
+def _s2fp8(wq, w, flat, bias, backend, scale_dtype):
+    alpha, beta = floats.s2fp8_stats(flat)  # as floats.s2fp8_quantize (Cambier 2020 sec. 3)
+    a = flat.abs()
+    nz = a > 0
+    y = torch.exp2(alpha * torch.log2(torch.where(nz, a, torch.ones_like(a))) + beta)
+    y_hat = floats.simulate_float(y, "e5m2", saturate=True)
+    ok = nz & (y_hat > 0)
+    stored = torch.where(ok, torch.copysign(y_hat, flat), torch.zeros_like(flat))
+    return float_layer(stored.to(torch.float8_e5m2), 8, bias, backend,
+                       s2fp8=(alpha, beta)), None
+
+
+def _calibrated(wq, w, flat, bias, backend, scale_dtype):
+    if wq.calibrating:
+        raise ValueError("still calibrating (calibrating=True); freeze() it first")
+    qp = wq.qparams()  # the range the eval forward just used (copied into its buffers)
+    return _uniform(U.quantize(flat, qp), qp.scale, qp.zero_point, wq.bits, wq.symmetric,
+                    None, flat.shape[1], bias, backend, scale_dtype), _rel_tol(scale_dtype)
+
+
+def _value_aware(wq, w, flat, bias, backend, scale_dtype):
+    from qtrain.nn.packed import PackedLinear
+
+    mask = VA.outlier_mask(flat, wq.ratio)  # as VA.value_aware_fake_quantize
+    inl = flat[~mask]
+    qp = U.qparams_from_range(inl.min(), inl.max(), wq.bits, wq.symmetric)
+    dense = _uniform(U.quantize(flat, qp), qp.scale, qp.zero_point, wq.bits, wq.symmetric,
+                     None, flat.shape[1], None, backend, scale_dtype)
+    idx = mask.reshape(-1).nonzero().reshape(1, -1)
+    bufs = dict(dense.named_buffers(recurse=False))
+    bufs.pop("bias", None)
+    bufs["sp_index"] = L.pack_bitplanes(idx, _index_bits(flat.numel()))
+    bufs["sp_values"] = flat.reshape(-1)[idx[0]].float().contiguous()
+    n, k = flat.shape
+    return PackedLinear._new(k, n, "value_aware", wq.bits, None, wq.symmetric, backend, bias,
+                             **bufs), _rel_tol(scale_dtype)
+
+
+PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _ttq,
+           PolinoDifferentiableQuantizer: _polino, SoftToHardVQ: _soft_to_hard,
+           BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
+           FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
+           CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware}
+
+
+def has_packer(wq) -> bool:
+    return type(wq) in PACKERS
+
+
+@torch.no_grad()
+def pack_weight(weight: torch.Tensor, wq, name: str, bias=None, backend: str = "auto",
+                scale_dtype: torch.dtype = torch.float16):
+    """Packed layer holding ``wq``'s eval-mode quantization of ``weight`` (module doc).
+
+    Raises a ValueError naming the layer if the quantizer's settings have no packed form,
+    or if the packed weight differs from the quantizer's own output beyond the format's
+    rounding (a guard against the two computations drifting apart)."""
+    fn = PACKERS[type(wq)]
+    with _Nearest(wq):
+        ref = _eval_weight(wq, weight)
+        flat = weight.detach().float().reshape(weight.shape[0], -1)
+        kw = {"ref": ref} if fn is _float else {}
+        try:
+            packed, tol = fn(wq, weight.detach().float(), flat, bias, backend, scale_dtype,
+                             **kw)
+        except ValueError as e:
+            raise ValueError(f"{name} ({type(wq).__name__}): {e}") from None
+    got = packed.dequantize().float()
+    same = (got == ref) | (got.isnan() & ref.isnan())
+    if tol is None:
+        ok = bool(same.all())
+    else:
+        lim = tol * float(ref[ref.isfinite()].abs().max()) if ref.isfinite().any() else 0.0
+        ok = bool((same | ((got - ref).abs() <= lim)).all())
+    if not ok:
+        err = float((got - ref).abs().nan_to_num(float("inf")).max())
+        raise ValueError(f"{name} ({type(wq).__name__}): packed weight differs from the "
+                         f"fake-quant weight by {err:.3g} (tolerance {tol})")
+    return packed
