@@ -1,0 +1,179 @@
+"""DeepCompressionCallback in real Lightning Trainer runs (CPU, tiny MLP, seconds)."""
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from qtrain.callbacks import deep_compression as DC
+from qtrain.quant import pruning as P
+from qtrain.quant.size import model_huffman_bits, model_storage_bits
+from tests.callbacks.tiny_lightning import _TinyClassifier
+
+SPARSITY = {"Linear": 0.75}
+BITS = {"Linear": 3}
+LAYERS = ("fc1", "fc2")
+
+
+class TinyMLP(_TinyClassifier):
+    def __init__(self, optim="sgd", lr=0.05, momentum=0.9, wd=1e-2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 4)
+        self.optim, self.lr, self.momentum, self.wd = optim, lr, momentum, wd
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def configure_optimizers(self):
+        if self.optim == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.wd)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.wd)
+
+
+def _loader(n=64, batch=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 12, generator=g)
+    y = (x[:, :4].argmax(1) + (x[:, 4] > 1).long()) % 4
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def _trainer(tmp_path, epochs, callbacks, ckpt=False):
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                      enable_checkpointing=ckpt, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks,
+                      default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+
+
+class Probe(pl.Callback):
+    """Runs ``fn(module)`` after every optimizer step (batch end) and before every step."""
+
+    def __init__(self, after=None, before=None):
+        self.after, self.before, self.steps = after, before, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.before:
+            self.before(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps += 1
+        if self.after:
+            self.after(trainer, pl_module)
+
+
+def test_masks_enforced_in_real_training(tmp_path):
+    cb = DC.DeepCompressionCallback(sparsity=SPARSITY, layer_sparsity={"fc2": 0.5}, bits=BITS,
+                                    prune_epochs=[0, 1], quantize_epoch=None,
+                                    finalize_at_end=False)
+    seen = {"grad": 0, "weight": 0}
+
+    def grads(trainer, m):  # runs after the callback's own gradient masking
+        if cb.masks:
+            for n in LAYERS:
+                assert (getattr(m, n).weight.grad[~cb.masks[n]] == 0).all()
+            seen["grad"] += 1
+
+    def weights(trainer, m):
+        e = trainer.current_epoch
+        for n, s in (("fc1", 0.75), ("fc2", 0.5)):
+            w, mask = getattr(m, n).weight, cb.masks[n]
+            assert (w[~mask] == 0).all()  # exactly 0 after every step (momentum + decay)
+            step_s = s * (1 if e >= 1 else 0.5)
+            assert int(mask.sum()) == w.numel() - P.n_pruned(w.numel(), step_s)
+        seen["weight"] += 1
+
+    model = TinyMLP()
+    w0 = model.fc1.weight.detach().clone()
+    _trainer(tmp_path, 3, [cb, Probe(weights, grads)]).fit(model, _loader())
+    assert seen == {"grad": 24, "weight": 24}
+    assert not torch.equal(model.fc1.weight[cb.masks["fc1"]], w0[cb.masks["fc1"]])  # trained
+
+
+def test_centroid_finetuning_sums_gradients_keeps_codes(tmp_path):
+    lr = 0.05
+    cb = DC.DeepCompressionCallback(sparsity=SPARSITY, bits=BITS, prune_epochs=[0],
+                                    quantize_epoch=1, report_file="dc.json")
+    state = {}
+
+    def raw_grad(trainer, m):  # before the callback: the per-weight gradients
+        if cb.quantized:
+            state["grad"] = {n: getattr(m, n).weight.grad.detach().clone() for n in LAYERS}
+            state["c"] = {n: cb.centroids[n].clone() for n in LAYERS}
+            state.setdefault("codes", {n: cb.codes[n].clone() for n in LAYERS})
+
+    def check(trainer, m):
+        if not cb.quantized:
+            return
+        for n in LAYERS:
+            w, mask, codes = getattr(m, n).weight, cb.masks[n], cb.codes[n]
+            assert torch.equal(codes, state["codes"][n])  # codes fixed
+            assert (w[~mask] == 0).all()
+            assert torch.equal(w[mask], cb.centroids[n][codes[mask]])  # weights shared
+            g, c0 = state["grad"][n], state["c"][n]
+            ref = torch.stack([g[mask & (codes == k)].sum() for k in range(c0.numel())])
+            torch.testing.assert_close(cb.centroids[n], c0 - lr * ref, atol=1e-6, rtol=1e-5)
+        state["n"] = state.get("n", 0) + 1
+
+    model = TinyMLP(lr=lr, momentum=0.0, wd=0.0)
+    _trainer(tmp_path, 3, [Probe(before=raw_grad), cb, Probe(after=check)]).fit(model, _loader())
+    assert state["n"] == 16 and all(cb.centroids[n].numel() == 8 for n in LAYERS)
+    # end of fit: fake-quant layers with the shared-weight quantizer; sizes agree with size.py
+    assert isinstance(model.fc1.weight_quantizer, DC.SharedWeightQuantizer)
+    x = torch.randn(5, 12)
+    out_q = model(x)
+    model.fc1.weight_quantizer.enabled = model.fc2.weight_quantizer.enabled = False
+    torch.testing.assert_close(model(x), out_q)
+    model.fc1.weight_quantizer.enabled = model.fc2.weight_quantizer.enabled = True
+    r = json.loads((tmp_path / "dc.json").read_text())
+    layers = [P.sparse_layer_size(cb.masks[n], cb.codes[n], 8, 5, getattr(model, n).bias.numel())
+              for n in LAYERS]
+    assert model_storage_bits(model).total_bits == sum(x.shared_bits for x in layers)
+    assert r["shared_bits"] == sum(x.shared_bits for x in layers)
+    assert r["dense_bits"] == 32 * sum(p.numel() for p in model.parameters())
+    huff_summary = sum(x.shared_bits - 3 * (x.nnz + x.fillers) + x.huffman_weight_bits
+                       for x in layers)
+    assert model_huffman_bits(model).total_bits == huff_summary
+    assert r["huffman_bits"] == sum(x.huffman_bits for x in layers)
+    assert r["huffman_compression"] == pytest.approx(r["dense_bits"] / r["huffman_bits"])
+
+
+def _run_state(cb, model):
+    return ({n: getattr(model, n).weight.detach().clone() for n in LAYERS},
+            {k: dict(getattr(cb, k)) for k in ("masks", "codes", "centroids")})
+
+
+def test_resume_mid_quantized_stage_reproduces_state(tmp_path, monkeypatch):
+    def make():
+        return DC.DeepCompressionCallback(sparsity=SPARSITY, bits=BITS, prune_epochs=[0, 1],
+                                          quantize_epoch=2, finalize_at_end=False)
+
+    ref_cb, ref = make(), TinyMLP(optim="adam", lr=0.01)
+    _trainer(tmp_path / "a", 4, [ref_cb]).fit(ref, _loader())
+    cb1, m1 = make(), TinyMLP(optim="adam", lr=0.01)
+    ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    _trainer(tmp_path / "b", 3, [cb1, ck], ckpt=True).fit(m1, _loader())
+    # the resumed run must take everything from the checkpoint: no re-pruning or k-means
+    monkeypatch.setattr(DC.KM, "scalar_kmeans", lambda *a, **k: pytest.fail("re-clustered"))
+    monkeypatch.setattr(DC.P, "magnitude_mask", lambda *a, **k: pytest.fail("re-pruned"))
+    cb2, m2 = make(), TinyMLP(optim="adam", lr=0.01, seed=5)
+    _trainer(tmp_path / "c", 4, [cb2]).fit(m2, _loader(), ckpt_path=str(tmp_path / "ck/last.ckpt"))
+    assert cb2.quantized and cb2.n_prune_steps == 2
+    (w_ref, s_ref), (w2, s2) = _run_state(ref_cb, ref), _run_state(cb2, m2)
+    for n in LAYERS:
+        assert torch.equal(w2[n], w_ref[n])
+        for k in s_ref:
+            assert torch.equal(s2[k][n], s_ref[k][n]), (k, n)
+    assert not torch.equal(cb1.centroids["fc1"], cb2.centroids["fc1"])  # epoch 3 trained them
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="sparsity.*Dense"):
+        DC.DeepCompressionCallback(sparsity={"Dense": 0.5})
+    with pytest.raises(ValueError, match="quantize_epoch"):
+        DC.DeepCompressionCallback(prune_epochs=[0, 3], quantize_epoch=2)
+    cb = DC.DeepCompressionCallback(layer_bits={"fc9": 4})
+    with pytest.raises(ValueError, match="layer_bits.*fc9"):
+        cb.setup(None, TinyMLP())
