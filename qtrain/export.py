@@ -35,7 +35,7 @@
     TTQ / Polino differentiable / scalar soft-to-hard VQ (``lut``: codes into the
     {-W_n, 0, W_p} table, the learned points or centres; bit-exact), vector soft-to-hard VQ
     (``codebook``), Polino bucketed min-max (``uniform`` per group when the bucket size
-    divides the row length, per row when it is a multiple of it, else a ValueError),
+    divides the row length, else ``bucketed``: buckets of the flattened weight, torch only),
     dynamic fixed point (``uniform`` symmetric with scale 2^E up to 8 bits, else ``float``
     int16 / int32 codes), FloatQuantizer / FP8 training (``float``: the weight in its torch
     dtype fp16 / bf16 / float8_e4m3fn / float8_e5m2; bit-exact), S2FP8 (``float``: the E5M2
@@ -246,9 +246,10 @@ def check_packable(model: nn.Module) -> None:
         if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
             continue  # embeddings without a packer stay fake-quant layers (not an error)
         wq = m.weight_quantizer
-        if wq is None or _has_packer(wq):
+        why = packed_formats.settings_error(wq) if wq is not None else None
+        if wq is None or (_has_packer(wq) and why is None):
             continue
-        bad.append((name, type(wq).__name__))
+        bad.append((name, type(wq).__name__ + (f": {why}" if why else "")))
     if bad:
         raise ValueError(_unpackable_message(bad))
 
@@ -481,7 +482,7 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
     ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2") else 0
-    if m.fmt in ("lut", "float", "value_aware"):
+    if m.fmt in ("lut", "float", "value_aware", "bucketed"):
         packed_formats.validate(m, want)
     elif m.fmt == "pow2":
         if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:

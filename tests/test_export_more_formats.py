@@ -163,18 +163,24 @@ def test_ttq_table_and_codes():
     torch.testing.assert_close(p.dequantize(), want)
 
 
-def test_bucket_spanning_whole_rows_and_bad_bucket_size():
+@pytest.mark.parametrize("bs,fmt", [(16, "uniform"), (48, "bucketed"), (128, "bucketed")])
+def test_bucket_sizes_not_dividing_the_rows(bs, fmt, tmp_path):
+    """Buckets that straddle rows (48 vs K = 64, or 2 rows per bucket) use the ``bucketed``
+    format: file bits = bits * numel + 64 per bucket, as storage_bits counts them."""
     torch.manual_seed(0)
-    m = nn.Sequential(QuantLinear.from_float(nn.Linear(64, 12), BucketUniformQuantizer(3, 128)))
-    m.eval()
-    p = pack_model(m)[0]  # 128 = 2 rows per bucket: each row stores its bucket's scale
-    assert p.scales.shape == (12, 1) and p.scales.dtype == torch.float32
-    assert torch.equal(p.scales[0::2], p.scales[1::2])
+    m = nn.Sequential(QuantLinear.from_float(nn.Linear(64, 12, bias=False),
+                                             BucketUniformQuantizer(4, bs))).eval()
+    save_packed(pack_model(m), tmp_path / "b.safetensors")
+    q = load_packed(tmp_path / "b.safetensors", nn.Sequential(nn.Linear(64, 12, bias=False)))
+    assert q[0].fmt == fmt
     want = m[0].weight_quantizer(m[0].weight)
-    torch.testing.assert_close(p.dequantize(), want, rtol=0, atol=1e-6)
-    m[0].weight_quantizer.bucket_size = 48
-    with pytest.raises(ValueError, match=r"^0 \(BucketUniformQuantizer\): bucket_size=48"):
-        pack_model(m)
+    torch.testing.assert_close(q[0].dequantize(), want, rtol=0, atol=1e-6)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), m(x), rtol=0, atol=1e-5)
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        bits = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8
+                   for k in f.keys())  # noqa: SIM118 - safe_open API
+    assert bits == 4 * 768 + 64 * (768 // bs) == m[0].storage_bits()
 
 
 def test_unpackable_settings_raise_naming_the_layer():
@@ -182,6 +188,8 @@ def test_unpackable_settings_raise_naming_the_layer():
     m = nn.Sequential(QuantLinear.from_float(lin, SoftToHardVQ(9))).eval()
     with pytest.raises(ValueError, match=r"0 \(SoftToHardVQ\).*256 centers"):
         pack_model(m)
+    with pytest.raises(ValueError, match=r"0 \(SoftToHardVQ: bits=9 > 8\)"):
+        check_packable(m)  # before training
     m = nn.Sequential(QuantLinear.from_float(nn.Linear(8, 4), CalibratedQuantizer(4)))
     m[0].weight_quantizer.calibrating = True
     with pytest.raises(ValueError, match=r"0 \(CalibratedQuantizer\): still calibrating"):

@@ -17,7 +17,8 @@ b-bit codes, see :func:`pow2_codes`; pure-torch path only: the weight is dequant
 at run time, there is no Triton kernel for it), ``lut`` (c-bit codes into a float lookup
 table: non-uniform scalar levels such as TTQ's {-W_n, 0, W_p}), ``float`` (the weight in a
 real torch dtype: fp16 / bf16 / fp8, S2FP8, wide fixed point; torch path only) and
-``value_aware`` (a dense uniform part plus sparse full-precision outliers; torch path only).
+``value_aware`` (a dense uniform part plus sparse full-precision outliers) and ``bucketed``
+(uniform codes of the flattened weight in buckets that need not align with rows); torch only.
 The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. A ``uniform``
 weight may carry float16 / float32 ``zeros`` (non-integer zero-points, e.g. DoReFa, DSQ).
 
@@ -42,8 +43,8 @@ from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
 FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2", "lut", "float",
-           "value_aware")
-TORCH_ONLY = ("pow2", "float", "value_aware")  # no Triton kernel: dequantize + F.linear
+           "value_aware", "bucketed")
+TORCH_ONLY = ("pow2", "float", "value_aware", "bucketed")  # no Triton kernel: dequantize + F.linear
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -268,7 +269,7 @@ class PackedLinear(nn.Module):
             return self.qweight.float() * self.wscale[:, None]
         if self.fmt == "pow2":
             return pow2_values(self.pow2_codes(), int(self.n1[0]), self.bits)
-        if self.fmt in ("float", "value_aware"):
+        if self.fmt in ("float", "value_aware", "bucketed"):
             from qtrain.nn import packed_formats
 
             return packed_formats.dequantize(self)

@@ -7,8 +7,8 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   ``u = round((2^k - 1) t)``, ``W = 2u / (2^k - 1) - 1`` = ``(u - (2^k - 1) / 2) * 2 / (2^k - 1)``),
   DSQ's hard test-time quantizer (Gong et al. 2019: ``W = l + Delta u`` = ``(u + l / Delta) *
   Delta``), Polino bucketed min-max quantization (Polino et al. 2018 eq. (2)-(3):
-  ``W = alpha u / (s - 1) + beta``, one bucket = one group or whole rows; scales / zeros in
-  float32 as storage_bits counts alpha and beta), dynamic fixed point
+  ``W = alpha u / (s - 1) + beta`` when the bucket size divides K, one bucket = one group;
+  scales / zeros in float32 as storage_bits counts alpha and beta), dynamic fixed point
   (Das et al. 2018: symmetric, scale ``2^E``), calibrated (KL / ACIQ / ...) uniform weights.
 * ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): TTQ (Zhu
   et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
@@ -19,6 +19,10 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   optional ``fscale`` (1,) float32 (``W = fweight * fscale``) or ``s2fp8`` (2,) float32
   ``(alpha, beta)``: S2FP8 (Cambier et al. 2020 sec. 3) stores ``Y^ = sign(X) FP8_E5M2(2^(alpha
   log2|X| + beta))`` and decodes ``X^ = sign(Y^) 2^((log2|Y^| - beta) / alpha)``, 0 -> 0.
+* ``bucketed`` (torch path only): Polino buckets that are not groups of the rows (the bucket
+  size does not divide the row length K): the flattened weight, zero-padded to whole buckets,
+  as ``packed`` (n_buckets, words(bs)) codes with float32 ``scales`` / ``zeros``
+  (n_buckets, 1); ``group_size`` = bs. ``W.flat[:numel] = dequantized buckets``.
 * ``value_aware`` (torch path only; Park et al. 2018 sec. 3): the dense ``bits``-bit uniform
   part (``packed`` / ``scales`` / ``zeros``, every position) plus the outliers: ``sp_values``
   (k,) float32 and their flat indices (row-major over (N, K)) as ``ceil(log2 numel)`` bit
@@ -101,8 +105,25 @@ def float_layer(values: torch.Tensor, bits: int, bias=None, backend: str = "auto
     return PackedLinear._new(k, n, "float", bits, None, True, backend, bias, **bufs)
 
 
+def bucketed_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   n: int, k: int, bias=None, backend: str = "auto"):
+    """``bucketed`` layer: codes (n_buckets, bs) of the flattened, zero-padded weight with
+    float32 scale / zero-point (n_buckets, 1); ``group_size`` holds bs."""
+    from qtrain.nn.packed import PackedLinear
+
+    nb, bs = codes.shape
+    bufs = {"packed": L.pack_codes(codes, L.container_bits(bits)),
+            "scales": scale.reshape(nb, 1).float().contiguous(),
+            "zeros": zero.reshape(nb, 1).float().contiguous()}
+    return PackedLinear._new(k, n, "bucketed", bits, bs, False, backend, bias, **bufs)
+
+
 def dequantize(m) -> torch.Tensor:
-    """float32 weight (N, K) of a ``float`` or ``value_aware`` layer (module doc)."""
+    """float32 weight (N, K) of a ``float``, ``value_aware`` or ``bucketed`` layer."""
+    if m.fmt == "bucketed":
+        w = L.dequantize_uniform(m.packed, m.scales, m.zeros, L.container_bits(m.bits),
+                                 m.group_size)
+        return w.reshape(-1)[:m.out_features * m.in_features].reshape(m.out_features, -1)
     if m.fmt == "value_aware":
         dense = L.dequantize_uniform(m.packed, m.scales, getattr(m, "zeros", None),
                                      L.container_bits(m.bits), m.in_features,
@@ -131,6 +152,14 @@ def validate(m, want) -> None:
         want("scales", (torch.float16, torch.float32), (n, 1))
         t = m.lut.shape[0] if getattr(m, "lut", None) is not None else 1
         want("lut", (torch.float16, torch.float32), (t if t in (1, n) else 1, 2**c))
+    elif m.fmt == "bucketed":
+        bs = m.group_size
+        if not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"bucketed layer: bucket size (group_size) {bs!r} must be an int >= 1")
+        nb = -(-n * k // bs)
+        want("packed", (torch.int32,), (nb, L.packed_words(bs, L.container_bits(m.bits))))
+        want("scales", (torch.float32,), (nb, 1))
+        want("zeros", (torch.float32,), (nb, 1))
     elif m.fmt == "float":
         want("fweight", FLOAT_DTYPES, (n, k))
         for b, size in (("fscale", 1), ("s2fp8", 2)):
@@ -250,25 +279,19 @@ def _bucket(wq, w, flat, bias, backend, scale_dtype):
         raise ValueError(f"bits={wq.bits}; packed uniform codes hold at most 8 bits")
     n, k = flat.shape
     bs = wq.bucket_size
-    if k % bs and bs % k:
-        raise ValueError(f"bucket_size={bs} neither divides nor is a multiple of the "
-                         f"row length {k}; buckets must be whole groups or whole rows to pack")
     v = flat.reshape(-1)  # as qtrain.quant.bucketed.bucket_quantize (pad: copies of the last)
     pad = B.num_buckets(v.numel(), bs) * bs - v.numel()
     v = torch.cat([v, v[-1:].expand(pad)]).reshape(-1, bs)
     beta = v.amin(dim=1, keepdim=True)
     alpha = (v.amax(dim=1, keepdim=True) - beta).clamp_min(B._EPS)
     levels = 2**wq.bits - 1
-    q = torch.round((v - beta) / alpha * levels).clamp(0, levels).reshape(-1)[:n * k]
+    q = torch.round((v - beta) / alpha * levels).clamp(0, levels)
     s, z = alpha / levels, -beta / (alpha / levels)
-    if k % bs == 0:
-        group = None if bs == k else bs
-    else:  # a bucket holds bs / k whole rows: each row stores its bucket's scale
-        rows = torch.arange(n) // (bs // k)
-        s, z, group = s[rows], z[rows], None
     # float32 alpha / beta per bucket, as storage_bits counts them (and then ~exact)
-    return _uniform(q.reshape(n, k), s, z, wq.bits, False, group, k, bias, backend,
-                    torch.float32), _rel_tol(torch.float32)
+    if k % bs == 0:  # buckets are groups of the rows: the uniform format (Triton kernel)
+        return _uniform(q.reshape(n, k), s, z, wq.bits, False, None if bs == k else bs, k,
+                        bias, backend, torch.float32), _rel_tol(torch.float32)
+    return bucketed_layer(q.long(), s, z, wq.bits, n, k, bias, backend), _rel_tol(torch.float32)
 
 
 def _dfp(wq, w, flat, bias, backend, scale_dtype):
@@ -336,6 +359,13 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
 
 def has_packer(wq) -> bool:
     return type(wq) in PACKERS
+
+
+def settings_error(wq) -> str | None:
+    """Why ``wq``'s settings have no packed form (checked before training), else None."""
+    if isinstance(wq, SoftToHardVQ | BucketUniformQuantizer) and wq.bits > 8:
+        return f"bits={wq.bits} > 8"
+    return None
 
 
 @torch.no_grad()
