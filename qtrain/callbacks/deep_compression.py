@@ -391,7 +391,7 @@ def format_report(r: dict) -> str:
         e = max(1, x["nnz"] + x["fillers"])
         lines.append(
             f"{n:<{w}} {x['numel']:>9} {100 * x['nnz'] / x['numel']:>6.2f} {x['fillers']:>6} "
-            f"{x['code_bits']:>3}/{x['index_bits']:<4} {x['dense_bits'] / 8e3:>9.2f} "
+            f"{x['code_bits'] or 32:>3}/{x['index_bits']:<4} {x['dense_bits'] / 8e3:>9.2f} "
             f"{x['pruned_bits'] / 8e3:>9.2f} {x['shared_bits'] / 8e3:>9.2f} "
             f"{x['huffman_bits'] / 8e3:>8.2f} {x['huffman_weight_bits'] / e:>9.2f} "
             f"{x['huffman_index_bits'] / e:>9.2f}")
