@@ -29,14 +29,21 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   planes ``sp_index`` (idx_bits, 1, ceil(k / 32)) int32 (the index width
   ``value_aware_storage_bits`` counts). ``W = dense`` with ``W.flat[idx] = values``.
 
-Exactness (vs. the fake-quant layer in eval mode): ``lut`` and ``float`` are bit-exact;
-``uniform`` / ``value_aware`` are exact up to the rounding of ``scales`` / ``zeros`` to
-``scale_dtype`` (float16: relative ~2^-11 of the weight range; float32: ~1 ulp, e.g. DoReFa's
-``(u - z) s`` vs ``2 (u / n) - 1``). Every packer checks its packed weight against the
-quantizer's own eval-mode output and raises if they differ beyond that.
+Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
+bit-exact: TTQ, Polino differentiable (``lut``), float / FP8 training / S2FP8 (``float``),
+dynamic fixed point; scalar soft-to-hard VQ up to one fp32 rounding (its forward is
+``soft + (hard - soft)``); up to the rounding of ``scales`` / ``zeros`` to ``scale_dtype``
+(float16: ~2^-11 of the weight range; float32: ~1 ulp, e.g. DoReFa's ``(u - z) s`` vs.
+``2 (u / n) - 1``): DoReFa, DSQ, calibrated, value-aware; Polino buckets always use float32
+(~1 ulp); DoReFa 1-bit (``binary``) and vector soft-to-hard VQ (``codebook``) store fp16 alpha /
+centroids. Every packer checks its packed weight against the quantizer's own eval-mode output
+and raises if they differ beyond that.
 Simplifications: stochastic rounding has no single test-time weight; those quantizers are
-packed with round-to-nearest (their expected value's closest grid point). FP8 training's
+packed with round-to-nearest (the grid point nearest the float weight). FP8 training's
 ``accumulation='chunked'`` is not modelled by the packed layer (plain fp32 GEMM).
+Storage vs. ``storage_bits``: per-tensor parameters are repeated per row (the formats keep
+one scale per row: 16 or 32 bits per row), 3-bit / 5..7-bit codes travel in 4- / 8-bit
+containers, and vector soft-to-hard VQ stores uint8 codes and fp16 centroids.
 """
 
 from __future__ import annotations
