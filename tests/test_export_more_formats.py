@@ -68,7 +68,7 @@ CASES = {
                              "float", 1e-3),  # packed: fp32 GEMM, fake-quant: fp16 chunks
     "s2fp8": (lambda: S2FP8Quantizer(), "float", 0),
     "calibrated": (lambda: CalibratedQuantizer(4, "minmax"), "uniform", 2e-3),
-    "calibrated_kl_affine": (lambda: CalibratedQuantizer(8, "kl", symmetric=False), "uniform",
+    "calibrated_aciq_affine": (lambda: CalibratedQuantizer(8, "aciq", symmetric=False), "uniform",
                              2e-3),
     "value_aware": (lambda: ValueAwareQuantizer(4, 0.01), "value_aware", 2e-3),
     "value_aware_affine": (lambda: ValueAwareQuantizer(4, 0.02, False), "value_aware", 2e-3),
