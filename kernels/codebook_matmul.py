@@ -109,7 +109,7 @@ def codebook_linear(
     bias: torch.Tensor | None = None, *, config: dict | None = None,
 ) -> torch.Tensor:
     """``x (..., K) -> (..., N)`` with ``codes`` (N, K/bs) uint8, ``centroids`` (<=256, bs)."""
-    check_tensor(x, "x", ACT_DTYPES, x.device)
+    check_tensor(x, "x", ACT_DTYPES, x.device, contiguous=False)
     dev = x.device
     check_tensor(codes, "codes", (torch.uint8,), dev)
     check_tensor(centroids, "centroids", (torch.float16, torch.float32, torch.bfloat16), dev)

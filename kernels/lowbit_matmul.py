@@ -211,7 +211,7 @@ def lowbit_linear(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
     c = container_bits(bits)
-    check_tensor(x, "x", ACT_DTYPES, x.device)
+    check_tensor(x, "x", ACT_DTYPES, x.device, contiguous=False)
     dev = x.device
     x2 = as_2d(x, k)
     n = packed.shape[0] if packed.dim() == 2 else -1

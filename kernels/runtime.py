@@ -98,9 +98,11 @@ def dual_jit(fn: Callable) -> DualKernel:
 
 def check_tensor(
     t: torch.Tensor, name: str, dtypes: Sequence[torch.dtype], device: torch.device,
-    shape: tuple | None = None,
+    shape: tuple | None = None, contiguous: bool = True,
 ) -> None:
-    """ValueError naming ``name`` if dtype, device or shape (``None`` entries = any) differ."""
+    """ValueError naming ``name`` if dtype, device or shape (``None`` entries = any) differ,
+    or (``contiguous``) if it is not contiguous: the kernels index weights, scales, tables and
+    bias as dense row-major arrays, so a broadcast view (stride 0) would read wrong values."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     if t.dtype not in dtypes:
@@ -112,6 +114,9 @@ def check_tensor(
         if not ok:
             want = ", ".join("*" if e is None else str(e) for e in shape)
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({want})")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous (strides {t.stride()}); the kernels read it "
+                         f"as a dense row-major array: pass {name}.contiguous()")
 
 
 def as_2d(x: torch.Tensor, k: int) -> torch.Tensor:

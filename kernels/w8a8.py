@@ -88,7 +88,7 @@ def quantize_rows_int8(x2: torch.Tensor, block_k: int | None = None):
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
                 bias: torch.Tensor | None = None, *, config: dict | None = None) -> torch.Tensor:
     """``x (..., K)`` float -> ``(..., N)``; ``qweight`` (N, K) int8, ``wscale`` (N,) fp32."""
-    check_tensor(x, "x", ACT_DTYPES, x.device)
+    check_tensor(x, "x", ACT_DTYPES, x.device, contiguous=False)
     dev = x.device
     check_tensor(qweight, "qweight", (torch.int8,), dev)
     if qweight.dim() != 2:

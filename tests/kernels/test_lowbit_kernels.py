@@ -146,6 +146,10 @@ def test_kernel_bad_input():
         lowbit_linear(x, packed, torch.ones(4, 3, dtype=torch.float16), bits=4, k=64)
     with pytest.raises(ValueError, match="zeros has dtype torch.int32"):
         lowbit_linear(x, packed, s, torch.zeros(4, 2, dtype=torch.int32), bits=4, k=64)
+    with pytest.raises(ValueError, match=r"scales is not contiguous \(strides \(0, 1\)\)"):
+        lowbit_linear(x, packed, torch.ones(1, 2, dtype=torch.float16).expand(4, 2), bits=4, k=64)
+    with pytest.raises(ValueError, match="centroids is not contiguous"):
+        codebook_linear(x, torch.zeros(3, 8, dtype=torch.uint8), torch.zeros(8, 4).t())
     with pytest.raises(ValueError, match="mode='x'"):
         lowbit_linear(x, packed, s, bits=4, k=64, mode="x")
     with pytest.raises(ValueError, match="qweight has dtype torch.float32"):
