@@ -45,6 +45,10 @@
     each format; the packer raises if its weight drifts from the quantizer's own output,
   - PQ layers (duck-typed: ``centroids`` (n_centroids x bs), ``assignments``, ``block_size``,
     ``weight_from_codebook()``) become codebook layers,
+  - residual-quantized layers (:mod:`qtrain.nn.rq_layers`, Gong et al. 2014) become ``rq``
+    layers (per-stage uint8 codes + fp16 codebooks, :mod:`qtrain.nn.packed_rq`), scalar
+    k-means weight sharing (``KMeansWeightQuantizer``) the ``lut`` format (b-bit codes + an
+    fp16 table of the shared values; bit-exact),
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
     given, else left in float.
   Per-tensor parameters are stored once per row (the formats keep one scale per row), and
@@ -76,13 +80,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.nn import packed_formats
+from qtrain.nn import packed_formats, packed_rq
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer, PowerOfTwoQuantizer, TWNQuantizer
 from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.pq_layers import rebuild_pq_layers
 from qtrain.nn.quant_noise import QuantNoiseQuantizer
+from qtrain.nn.rq_layers import RQConv2d, is_rq
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 from qtrain.quant import binary, ternary
 from qtrain.quant import uniform as U
@@ -172,6 +177,10 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
     if _is_pq(m):
         codes, cents = _pq_codes(m, name)
         packed = PackedLinear.from_codebook(codes, cents, bias, backend)
+    elif is_rq(m):
+        packed = packed_rq.from_rq_module(m, bias, backend)
+        if isinstance(m, RQConv2d):
+            return PackedConv2d.wrap(packed, m)
     elif isinstance(m, QuantLinear | QuantConv2d | QuantEmbedding):
         wq = m.weight_quantizer
         if wq is None or not getattr(wq, "enabled", True):
@@ -219,7 +228,8 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "power-of-two (INQ)", "TWN ternary", "XNOR binary", "PQ / iPQ", "Quant-Noise",
             "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
             "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
-            "S2FP8", "calibrated uniform", "value-aware")
+            "S2FP8", "calibrated uniform", "value-aware", "scalar k-means (VQ)",
+            "residual quantization (VQ)")
 
 
 _PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,
@@ -388,6 +398,8 @@ def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
             new.emb_args = {k: s[k] for k in ("padding_idx", "max_norm", "norm_type")}
         if s["fmt"] == "value_aware":
             new.n_outliers = int(s["n_outliers"])  # checked against sp_values on load
+        if s["fmt"] == "rq":
+            new.n_stages = int(s["n_stages"])  # checked against codes / centroids on load
         aq = getattr(old, "act_quantizer", None)
         a = s.get("act_quantizer")
         if aq is None and a is not None:
@@ -481,9 +493,11 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
             raise ValueError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
-    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2") else 0
+    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2", "rq") else 0
     if m.fmt in ("lut", "float", "value_aware", "bucketed"):
         packed_formats.validate(m, want)
+    elif m.fmt == "rq":
+        packed_rq.validate(m, want)
     elif m.fmt == "pow2":
         if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:
             raise ValueError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")

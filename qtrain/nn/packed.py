@@ -19,7 +19,9 @@ table: non-uniform scalar levels such as TTQ's {-W_n, 0, W_p}), ``float`` (the w
 real torch dtype: fp16 / bf16 / fp8, S2FP8, wide fixed point; torch path only) and
 ``value_aware`` (a dense uniform part plus sparse full-precision outliers) and ``bucketed``
 (uniform codes of the flattened weight in buckets that need not align with rows); torch only.
-The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. A ``uniform``
+The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. ``rq`` (residual
+quantization, Gong et al. 2014: per-stage uint8 codes + fp16 codebooks, one codebook-kernel
+launch per stage) lives in :mod:`qtrain.nn.packed_rq`. A ``uniform``
 weight may carry float16 / float32 ``zeros`` (non-integer zero-points, e.g. DoReFa, DSQ).
 
 :class:`PackedConv2d` and :class:`PackedEmbedding` store their (flattened) weight in the
@@ -43,7 +45,7 @@ from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
 FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2", "lut", "float",
-           "value_aware", "bucketed")
+           "value_aware", "bucketed", "rq")
 TORCH_ONLY = ("pow2", "float", "value_aware", "bucketed")  # no Triton kernel: dequantize + F.linear
 SCALE_DTYPES = (torch.float16, torch.float32)
 
@@ -265,6 +267,10 @@ class PackedLinear(nn.Module):
         """The reference float32 weight ``(out_features, in_features)``."""
         if self.fmt == "codebook":
             return L.dequantize_codebook(self.codes, self.centroids)
+        if self.fmt == "rq":
+            from qtrain.nn import packed_rq
+
+            return packed_rq.dequantize(self)
         if self.fmt == "w8a8":
             return self.qweight.float() * self.wscale[:, None]
         if self.fmt == "pow2":
@@ -293,6 +299,10 @@ class PackedLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fmt == "rq":
+            from qtrain.nn import packed_rq
+
+            return packed_rq.linear(self, x, bias, self._use_kernel(x))
         if self._use_kernel(x):
             if self.fmt == "codebook":
                 return codebook_linear(x, self.codes, self.centroids, bias)
@@ -319,7 +329,8 @@ class PackedLinear(nn.Module):
                 "out_features": self.out_features, "fmt": self.fmt, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric,
                 "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None,
-                **({"n_outliers": self.sp_values.numel()} if self.fmt == "value_aware" else {})}
+                **({"n_outliers": self.sp_values.numel()} if self.fmt == "value_aware" else {}),
+                **({"n_stages": self.codes.shape[0]} if self.fmt == "rq" else {})}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -12,7 +12,9 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   (Das et al. 2018: symmetric, scale ``2^E``), calibrated (KL / ACIQ / ...) uniform weights.
 * ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): TTQ (Zhu
   et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
-  quantization (learned points, sec. 2.2), scalar soft-to-hard VQ (Agustsson et al. 2017).
+  quantization (learned points, sec. 2.2), scalar soft-to-hard VQ (Agustsson et al. 2017),
+  scalar k-means weight sharing (Gong et al. 2014 sec. 3.2; ``KMeansWeightQuantizer``: the
+  fp16 shared values as a float16 table, bit-exact).
 * ``float`` (torch path only, no Triton kernel): ``fweight`` (N, K) in the real torch dtype
   -- float16 / bfloat16 / float8_e4m3fn / float8_e5m2 (FloatQuantizer, FP8 training, Wang
   et al. 2018), or int16 / int32 codes for dynamic fixed point wider than 8 bits -- plus
@@ -62,6 +64,7 @@ from qtrain.nn.format_quantizers import (
     TTQQuantizer,
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
+from qtrain.nn.kmeans_quantizer import KMeansWeightQuantizer
 from qtrain.nn.learned_quantizers import (
     DoReFaWeightQuantizer,
     DSQQuantizer,
@@ -281,6 +284,12 @@ def _soft_to_hard(wq, w, flat, bias, backend, scale_dtype):
     return PackedLinear.from_codebook(codes, c, bias, backend), 2e-3  # fp16 centroids
 
 
+def _kmeans(wq, w, flat, bias, backend, scale_dtype):
+    # the codebook holds fp16-representable values: a float16 table is exact
+    codes = wq.indices.reshape(flat.shape[0], -1)
+    return lut_layer(codes, wq.codebook.half().reshape(1, -1), wq.bits, bias, backend), None
+
+
 def _bucket(wq, w, flat, bias, backend, scale_dtype):
     if wq.bits > 8:
         raise ValueError(f"bits={wq.bits}; packed uniform codes hold at most 8 bits")
@@ -361,7 +370,8 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            PolinoDifferentiableQuantizer: _polino, SoftToHardVQ: _soft_to_hard,
            BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
-           CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware}
+           CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
+           KMeansWeightQuantizer: _kmeans}
 
 
 def has_packer(wq) -> bool:
