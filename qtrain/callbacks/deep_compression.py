@@ -38,7 +38,8 @@ Simplifications vs the paper: an exact per-layer sparsity instead of the std-sca
 threshold; a linear sparsity ramp for gradual pruning; the centroids are the cluster means
 of the (shared) float weights instead of a separate parameter; the relative-index stream
 runs over the whole row-major layer (no CSR row pointers); a filler's weight slot counts
-``code_bits``. State (stage, masks, codes, centroids, the FP32 snapshot) is in
+``code_bits``. Under DDP the masks and codebooks of rank 0 are broadcast after every stage
+(untested here: no multi-process test). State (stage, masks, codes, centroids, the FP32 snapshot) is in
 ``state_dict`` for resuming; a resumed run never re-prunes or re-clusters.
 """
 
@@ -245,8 +246,27 @@ class DeepCompressionCallback(pl.Callback):
             if self.reset_optimizer:
                 self._rebuild_optimizer(trainer)
         if prunes or quant:
+            self._sync(trainer)
             self._log_report(trainer)
         self._hook_optimizers(trainer)
+
+    def _sync(self, trainer) -> None:
+        """DDP: every rank takes rank 0's masks / codes / centroids (k-means on a GPU is not
+        bit-reproducible across ranks) and rewrites its weights from them."""
+        if trainer.world_size <= 1:
+            return
+        cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
+        st = trainer.strategy.broadcast(
+            (cpu(self.masks), cpu(self.codes), cpu(self.centroids)), src=0)
+        w = self._weights()
+        self.masks, self.codes, self.centroids = (
+            {n: v.to(w[n].device) for n, v in d.items()} for d in st)
+        with torch.no_grad():
+            for n, mask in self.masks.items():
+                if self.quantized:
+                    w[n].copy_(P.shared_weight(self.centroids[n], self.codes[n], mask))
+                else:
+                    w[n].masked_fill_(~mask, 0.0)
 
     def _rebuild_optimizer(self, trainer) -> None:
         trainer.strategy.setup_optimizers(trainer)
