@@ -38,7 +38,9 @@ Simplifications vs the paper: an exact per-layer sparsity instead of the std-sca
 threshold; a linear sparsity ramp for gradual pruning; the centroids are the cluster means
 of the (shared) float weights instead of a separate parameter; the relative-index stream
 runs over the whole row-major layer (no CSR row pointers); a filler's weight slot counts
-``code_bits``. Under DDP the masks and codebooks of rank 0 are broadcast after every stage
+``code_bits``; a layer with fewer surviving weights than 2^bits gets K = their number; an
+empty cluster (a linear-init centroid in the gap that pruning leaves around 0) is re-seeded by
+splitting the largest cluster (qtrain.quant.kmeans), where the paper would keep it unused. Under DDP the masks and codebooks of rank 0 are broadcast after every stage
 (untested here: no multi-process test). State (stage, masks, codes, centroids, the FP32 snapshot) is in
 ``state_dict`` for resuming; a resumed run never re-prunes or re-clusters.
 """

@@ -51,7 +51,8 @@ def _check_sparsity(sparsity: float, name: str) -> float:
 
 
 def n_pruned(numel: int, sparsity: float) -> int:
-    """Number of weights removed at ``sparsity``: ``round(s * n)`` (half up)."""
+    """Number of weights removed at ``sparsity``: ``round(s * n)`` (half up), at most n - 1
+    (one weight of a layer always survives)."""
     return min(numel - 1, int(math.floor(sparsity * numel + 0.5))) if numel else 0
 
 
