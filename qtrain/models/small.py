@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -32,16 +34,30 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
+    """Fully connected ReLU network. ``hidden``: one width repeated ``depth`` times, or a list
+    of widths (then ``depth`` must be None or equal its length), e.g. ``[300, 100]`` for
+    LeNet-300-100 (LeCun et al. 1998)."""
+
     def __init__(
-        self, in_features: int = 64, num_classes: int = 10, hidden: int = 256, depth: int = 2,
-        tiny: bool = False,
+        self, in_features: int = 64, num_classes: int = 10, hidden: int | Sequence[int] = 256,
+        depth: int | None = 2, tiny: bool = False,
     ) -> None:
         super().__init__()
-        hidden = 16 if tiny else hidden
+        if isinstance(hidden, int):
+            widths = [hidden] * (2 if depth is None else depth)
+        else:
+            widths = [int(h) for h in hidden]
+            if depth is not None and depth != len(widths):
+                raise ValueError(f"model.depth={depth} disagrees with model.hidden={widths} "
+                                 f"({len(widths)} layers); set depth: null or {len(widths)}")
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"model.hidden={hidden}: need at least one positive width")
+        if tiny:
+            widths = [16] * len(widths)
         layers, d = [nn.Flatten()], in_features
-        for _ in range(depth):
-            layers += [nn.Linear(d, hidden), nn.ReLU()]
-            d = hidden
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU()]
+            d = w
         layers.append(nn.Linear(d, num_classes))
         self.net = nn.Sequential(*layers)
 

@@ -37,3 +37,17 @@ def test_vision_weights_missing_fail_fast(tmp_path):
 def test_tiny_vision_models_run(name):
     m = vision_model(name, num_classes=4, tiny=True).eval()
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_mlp_lenet_300_100_widths():
+    from qtrain.models.small import MLP
+
+    net = MLP(in_features=784, hidden=[300, 100], depth=None)
+    # LeNet-300-100 (LeCun 1998; Han 2015 Table 1: 267K weights): 784*300+300 + 300*100+100
+    # + 100*10+10
+    assert sum(p.numel() for p in net.parameters()) == 266_610
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in MLP(in_features=64, hidden=32, depth=3).parameters()) == (
+        64 * 32 + 32 + 2 * (32 * 32 + 32) + 32 * 10 + 10)
+    with pytest.raises(ValueError, match=r"model.depth=2 disagrees with model.hidden=\[300\]"):
+        MLP(hidden=[300], depth=2)
