@@ -229,7 +229,7 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
             "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
             "S2FP8", "calibrated uniform", "value-aware", "scalar k-means (VQ)",
-            "residual quantization (VQ)")
+            "residual quantization (VQ)", "LAB binary")
 
 
 _PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,

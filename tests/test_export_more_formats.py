@@ -20,6 +20,7 @@ from qtrain.nn.format_quantizers import (
     TTQQuantizer,
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
+from qtrain.nn.lab_quantizer import LABWeightQuantizer
 from qtrain.nn.learned_quantizers import (
     DoReFaWeightQuantizer,
     DSQQuantizer,
@@ -72,6 +73,7 @@ CASES = {
                              2e-3),
     "value_aware": (lambda: ValueAwareQuantizer(4, 0.01), "value_aware", 2e-3),
     "value_aware_affine": (lambda: ValueAwareQuantizer(4, 0.02, False), "value_aware", 2e-3),
+    "lab": (lambda: LABWeightQuantizer(), "binary", 2e-3),
 }
 
 
@@ -100,6 +102,14 @@ def test_round_trip_matches_fake_quant_model(case, tmp_path):
     m, x = _fake_quant_net(make)
     if case == "polino2":  # learned points, not the quantile initialisation
         m.lin.weight_quantizer.points.data.mul_(1.1)
+    if case == "lab":  # a curvature from "Adam": alpha = ||d w||_1 / ||d||_1, not mean|w|
+        for fq in (m.conv, m.lin):
+            w = fq.weight.detach().abs()
+            d = torch.rand(w.shape, generator=torch.Generator().manual_seed(5)) + 10 * w / w.max()
+            fq.weight_quantizer.set_curvature(d)
+            alpha = (d * w).sum() / d.sum()
+            assert not torch.isclose(alpha, w.mean(), rtol=1e-2)
+        ref = m(x)
     ref = m(x) if "stochastic" not in case else None
     check_packable(m)
     path = tmp_path / "m.safetensors"

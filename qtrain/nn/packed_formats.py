@@ -31,6 +31,9 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   planes ``sp_index`` (idx_bits, 1, ceil(k / 32)) int32 (the index width
   ``value_aware_storage_bits`` counts). ``W = dense`` with ``W.flat[idx] = values``.
 
+* ``binary`` (existing format): DoReFa 1-bit and LAB (Hou et al. 2017; alpha from the
+  quantizer's curvature), alpha stored in fp16 per row.
+
 Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
 bit-exact: TTQ, Polino differentiable (``lut``), float / FP8 training / S2FP8 (``float``),
 dynamic fixed point; scalar soft-to-hard VQ up to one fp32 rounding (its forward is
@@ -65,6 +68,7 @@ from qtrain.nn.format_quantizers import (
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
 from qtrain.nn.kmeans_quantizer import KMeansWeightQuantizer
+from qtrain.nn.lab_quantizer import LABWeightQuantizer
 from qtrain.nn.learned_quantizers import (
     DoReFaWeightQuantizer,
     DSQQuantizer,
@@ -235,6 +239,16 @@ def _rel_tol(scale_dtype) -> float:
     return 2e-3 if scale_dtype == torch.float16 else 1e-5
 
 
+def _lab(wq, w, flat, bias, backend, scale_dtype):
+    """LAB (Hou et al. 2017): ``alpha * sign(W)`` with the loss-aware alpha = ||d w||_1 /
+    ||d||_1 of the curvature the quantizer holds; binary format, fp16 alpha repeated per row."""
+    from qtrain.nn.packed import PackedLinear
+
+    sign = torch.where(flat >= 0, 1.0, -1.0)  # sign(0) = +1, as the quantizer
+    alpha = wq.alpha(w).float().reshape(1, 1).expand(flat.shape[0], 1)
+    return PackedLinear.from_binary(sign, alpha, bias, backend), 1e-3
+
+
 def _dorefa(wq, w, flat, bias, backend, scale_dtype):
     from qtrain.nn.packed import PackedLinear
 
@@ -371,7 +385,7 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
-           KMeansWeightQuantizer: _kmeans}
+           KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab}
 
 
 def has_packer(wq) -> bool:
