@@ -12,7 +12,9 @@ One callback drives the three stages by epoch (epochs counted from ``start``):
 2. Trained quantization (sec. 3) at ``quantize_epoch``: per layer, scalar k-means over the
    *surviving* weights only (:func:`qtrain.quant.kmeans.scalar_kmeans`, linear
    initialisation between min and max by default, as the paper found best) with
-   ``2^bits`` shared values (paper AlexNet: 8 bits conv, 5 bits fc). Fine-tuning: before
+   ``2^bits - 1`` shared values (paper AlexNet: 8 bits conv, 5 bits fc): the last code,
+   ``2^bits - 1``, is reserved for filler zeros of the relative-index stream (our choice;
+   the paper does not say how the zero is coded), so the stored stream decodes exactly. Fine-tuning: before
    every step the gradient of each surviving weight is replaced by its centroid's gradient
    ``dL/dC_k = sum_{i: code_i = k} dL/dW_i`` (eq. (3), Fig. 3), so every weight of a cluster
    receives the same update, i.e. the centroid moves by the optimizer's update for that
@@ -37,11 +39,14 @@ included) and its Huffman column codes the weight-code stream (the index stream 
 Simplifications vs the paper: an exact per-layer sparsity instead of the std-scaled
 threshold; a linear sparsity ramp for gradual pruning; the centroids are the cluster means
 of the (shared) float weights instead of a separate parameter; the relative-index stream
-runs over the whole row-major layer (no CSR row pointers); a filler's weight slot counts
-``code_bits``; a layer with fewer surviving weights than 2^bits gets K = their number; an
+runs over the whole row-major layer (no CSR row pointers); K = 2^bits - 1 centroids, the
+code 2^bits - 1 marking a filler (see above); a layer with fewer surviving weights than
+2^bits - 1 gets K = their number (filler code K, ``ceil(log2(K + 1))``-bit codes); an
 empty cluster (a linear-init centroid in the gap that pruning leaves around 0) is re-seeded by
-splitting the largest cluster (qtrain.quant.kmeans), where the paper would keep it unused. Under DDP the masks and codebooks of rank 0 are broadcast after every stage
-(untested here: no multi-process test). State (stage, masks, codes, centroids, the FP32 snapshot) is in
+splitting the largest cluster (qtrain.quant.kmeans), where the paper would keep it unused.
+Under DDP the masks and codebooks of rank 0 are broadcast after every stage
+(untested here: no multi-process test). ``export=true`` writes each layer in the
+``sparse_shared`` packed format (:mod:`qtrain.nn.packed_sparse`). State (stage, masks, codes, centroids, the FP32 snapshot) is in
 ``state_dict`` for resuming; a resumed run never re-prunes or re-clusters.
 """
 
@@ -72,10 +77,11 @@ def _kind(m: nn.Module) -> str:
 
 class SharedWeightQuantizer(Quantizer):
     """Evaluation form of a pruned + weight-shared layer: ``forward(w) = C[codes]`` on the
-    mask, 0 elsewhere. Codes, mask and centroids are plain attributes (not buffers), so the
-    layer's state-dict keys do not change. ``storage_bits`` = relative indices + codes +
-    fp32 codebook; ``codes()`` = the stored weight-code stream (fillers included) that the
-    run summary Huffman-codes."""
+    mask, 0 elsewhere. Codes (0 .. K - 1; K = the filler code), mask and centroids are plain
+    attributes (not buffers), so the layer's state-dict keys do not change. ``bits`` =
+    ``ceil(log2(K + 1))``. ``storage_bits`` = relative indices + codes + fp32 codebook;
+    ``codes()`` = the stored weight-code stream (fillers = code K included) that the run
+    summary Huffman-codes; exported as ``sparse_shared`` (:mod:`qtrain.nn.packed_sparse`)."""
 
     min_bits, max_bits = 1, 16
 
@@ -103,7 +109,8 @@ class DeepCompressionCallback(pl.Callback):
     """Args:
         sparsity: target sparsity per layer type {'Linear': s, 'Conv2d': s}.
         layer_sparsity: {regex: s} overrides (first full match wins; each must match a layer).
-        bits / layer_bits: weight-sharing bits per type / regex overrides (K = 2^bits).
+        bits / layer_bits: weight-sharing bits per type / regex overrides (K = 2^bits - 1
+            centroids; code 2^bits - 1 marks a filler zero).
         index_bits: relative-index bits per type (paper: Conv2d 8, Linear 5).
         include / exclude: module-name regexes of the Conv2d / Linear layers to compress.
         start: epoch offset of the schedule (e.g. ``${quant_start_epoch}``).
@@ -218,7 +225,7 @@ class DeepCompressionCallback(pl.Callback):
                 mask = self.masks[name] = torch.ones_like(w, dtype=torch.bool)
             surv = w[mask].float()
             bits = self._cfg[name]["bits"]
-            k = min(2**bits, surv.numel())
+            k = min(2**bits - 1, surv.numel())  # code 2^bits - 1: filler zeros
             c, a = KM.scalar_kmeans(surv, bits, self.n_iter, self.seed + i, name=name,
                                     init=self.init, n_centroids=k)
             codes = torch.zeros(w.shape, dtype=torch.long, device=w.device)

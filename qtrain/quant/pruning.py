@@ -22,10 +22,15 @@ Trained Quantization and Huffman Coding" (ICLR; arXiv 1510.00149):
   until it fits: ``floor(z / 2^b)`` fillers. Fig. 2's example (3 bits, non-zeros at 1, 4,
   15) gives one filler at 12. Simplification: the whole layer is one row-major stream
   (no per-row restart, no CSR row pointers counted); trailing zeros need no entry.
-* Weight sharing (sec. 3): each stored entry holds a ``code_bits``-bit index into a codebook
-  of K fp32 centroids; a filler holds the value 0. Simplification: a filler's code is
-  counted as ``code_bits`` bits (the paper does not say how the zero is coded when all
-  2^b codes are centroids); in the Huffman stream the filler is its own symbol (exact).
+* Weight sharing (sec. 3): each stored entry holds a ``code_bits``-bit code. Our choice
+  (the paper does not say how a filler's zero is coded when all 2^b codes are centroids):
+  a ``b``-bit layer fits K = 2^b - 1 fp32 centroids (codes 0 .. K - 1) and reserves the
+  last code, K = 2^b - 1, for filler zeros, so a decoder tells fillers from real entries
+  exactly (a real entry may also have ``z = 2^b - 1``). In general the filler code is K and
+  ``code_bits = ceil(log2(K + 1))`` (:func:`code_bits_for`; a layer with fewer surviving
+  weights than 2^b - 1 gets K = their number). Decoding: positions ``cumsum(z + 1) - 1``,
+  entries with code K dropped (:mod:`qtrain.nn.packed_sparse`). The Huffman weight stream
+  codes the filler as that same symbol K.
   Centroid fine-tuning (eq. (3), Fig. 3): ``dL/dC_k = sum_{i: code_i = k} dL/dW_i``
   over the surviving weights (:func:`centroid_grad`).
 * Huffman (sec. 4): the weight-code stream and the relative-index stream of each layer are
@@ -147,12 +152,17 @@ def n_fillers(mask: torch.Tensor, index_bits: int) -> int:
 
 
 def code_bits_for(n_centroids: int) -> int:
-    return max(1, math.ceil(math.log2(n_centroids)))
+    """Bits of a stored code: K centroid codes plus the filler code K (module docstring),
+    ``ceil(log2(K + 1))``; e.g. K = 2^b - 1 -> b bits."""
+    if not isinstance(n_centroids, int) or n_centroids < 1:
+        raise ValueError(f"n_centroids={n_centroids!r}; need an int >= 1")
+    return max(1, math.ceil(math.log2(n_centroids + 1)))
 
 
 def weight_symbols(mask: torch.Tensor, codes: torch.Tensor, n_centroids: int,
                    index_bits: int) -> torch.Tensor:
-    """The stored weight-code stream: a surviving weight's code, ``n_centroids`` for a filler."""
+    """The stored weight-code stream: a surviving weight's code (0 .. K - 1), the reserved
+    filler code ``K = n_centroids`` for a filler zero (module docstring)."""
     _, is_filler, source = relative_index_stream(mask, index_bits)
     sym = codes.flatten()[source]
     return torch.where(is_filler, torch.full_like(sym, n_centroids), sym)
@@ -171,7 +181,8 @@ class SparseLayerSize:
     bias_numel: int
     dense_bits: int  # fp32 weight + fp32 bias
     pruned_bits: int  # (nnz + fillers) x (fp32 value + index) + fp32 bias
-    shared_bits: int  # (nnz + fillers) x (code + index) + K fp32 centroids + fp32 bias
+    shared_bits: int  # (nnz + fillers) x (code + index) + K fp32 centroids + fp32 bias;
+    # code = ceil(log2(K + 1)) bits: the codes 0..K-1 and the filler code K
     huffman_weight_bits: int  # Huffman-coded weight-code stream
     huffman_index_bits: int  # Huffman-coded relative-index stream
     huffman_bits: int  # both Huffman streams + K fp32 centroids + fp32 bias
@@ -182,7 +193,8 @@ class SparseLayerSize:
 
 def sparse_layer_size(mask: torch.Tensor, codes: torch.Tensor | None, n_centroids: int,
                       index_bits: int, bias_numel: int = 0, name: str = "weight") -> SparseLayerSize:
-    """Sizes of a pruned (``mask``) and weight-shared (``codes``, K = ``n_centroids``) layer.
+    """Sizes of a pruned (``mask``) and weight-shared (``codes`` in 0 .. K - 1, K =
+    ``n_centroids``, filler code K) layer.
 
     With ``codes=None`` (pruned only) the shared and Huffman columns equal the pruned size.
     """
@@ -194,6 +206,10 @@ def sparse_layer_size(mask: torch.Tensor, codes: torch.Tensor | None, n_centroid
         cb, hw, hi, shared, huff = 0, 0, 0, pruned, pruned
     else:
         cb = code_bits_for(n_centroids)
+        live = codes.flatten()[mask.flatten()]
+        if live.numel() and not 0 <= int(live.min()) <= int(live.max()) < n_centroids:
+            raise ValueError(f"{name}: codes of surviving weights must be in 0..{n_centroids - 1}"
+                             f" (code {n_centroids} is the filler code)")
         sym = torch.where(is_filler, torch.full_like(source, n_centroids), codes.flatten()[source])
         hw, hi = huffman_bits(sym), huffman_bits(gaps)
         shared = entries * (cb + index_bits) + 32 * n_centroids + bias

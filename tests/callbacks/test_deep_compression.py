@@ -119,7 +119,9 @@ def test_centroid_finetuning_sums_gradients_keeps_codes(tmp_path):
 
     model = TinyMLP(lr=lr, momentum=0.0, wd=0.0)
     _trainer(tmp_path, 3, [Probe(before=raw_grad), cb, Probe(after=check)]).fit(model, _loader())
-    assert state["n"] == 16 and all(cb.centroids[n].numel() == 8 for n in LAYERS)
+    # 3 bits: K = 2^3 - 1 = 7 centroids, code 7 reserved for filler zeros
+    assert state["n"] == 16 and all(cb.centroids[n].numel() == 7 for n in LAYERS)
+    assert all(int(cb.codes[n][cb.masks[n]].max()) <= 6 for n in LAYERS)
     # end of fit: fake-quant layers with the shared-weight quantizer; sizes agree with size.py
     assert isinstance(model.fc1.weight_quantizer, DC.SharedWeightQuantizer)
     x = torch.randn(5, 12)
@@ -128,7 +130,7 @@ def test_centroid_finetuning_sums_gradients_keeps_codes(tmp_path):
     torch.testing.assert_close(model(x), out_q)
     model.fc1.weight_quantizer.enabled = model.fc2.weight_quantizer.enabled = True
     r = json.loads((tmp_path / "dc.json").read_text())
-    layers = [P.sparse_layer_size(cb.masks[n], cb.codes[n], 8, 5, getattr(model, n).bias.numel())
+    layers = [P.sparse_layer_size(cb.masks[n], cb.codes[n], 7, 5, getattr(model, n).bias.numel())
               for n in LAYERS]
     assert model_storage_bits(model).total_bits == sum(x.shared_bits for x in layers)
     assert r["shared_bits"] == sum(x.shared_bits for x in layers)

@@ -112,20 +112,31 @@ def test_sparse_layer_size_worked_by_hand():
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask.view(-1)[[0, 5, 6, 11]] = True
     codes = torch.zeros(2, 6, dtype=torch.long)
-    codes.view(-1)[[5, 6, 11]] = 1  # K = 2 -> 1-bit codes
-    r = P.sparse_layer_size(mask, codes, 2, 2, bias_numel=2)
+    codes.view(-1)[[5, 6, 11]] = torch.tensor([1, 2, 1])  # K = 3 centroids + filler code 3
+    r = P.sparse_layer_size(mask, codes, 3, 2, bias_numel=2)
     # entries: 0 (z=0) | filler at 4 (z=3), 5 (z=0) | 6 (z=0) | filler at 10 (z=3), 11 (z=0)
-    assert (r.nnz, r.fillers, r.code_bits) == (4, 2, 1)
+    assert (r.nnz, r.fillers, r.code_bits) == (4, 2, 2)  # 4 symbols (0, 1, 2, filler 3)
     assert r.dense_bits == 32 * 14 == 448
     assert r.pruned_bits == 6 * (32 + 2) + 64 == 268
-    assert r.shared_bits == 6 * (1 + 2) + 2 * 32 + 64 == 146
-    # weight symbols [0, F, 1, 1, F, 1]: counts 1/2/3 -> lengths 2/2/1 -> 2 + 4 + 3 = 9 bits;
-    # index stream [0, 3, 0, 0, 3, 0]: two symbols -> 1 bit each = 6 bits
-    assert (r.huffman_weight_bits, r.huffman_index_bits) == (9, 6)
-    assert r.huffman_bits == 9 + 6 + 64 + 64 == 143
-    assert P.weight_symbols(mask, codes, 2, 2).tolist() == [0, 2, 1, 1, 2, 1]
+    assert r.shared_bits == 6 * (2 + 2) + 3 * 32 + 64 == 184
+    # weight symbols [0, F, 1, 2, F, 1] (F = 3): counts 1/2/1/2 -> Huffman merges 1+1=2,
+    # 2+2=4, 4+2=6 -> 2 + 4 + 6 = 12 bits; index stream [0, 3, 0, 0, 3, 0]: 1 bit each = 6
+    assert (r.huffman_weight_bits, r.huffman_index_bits) == (12, 6)
+    assert r.huffman_bits == 12 + 6 + 96 + 64 == 178
+    assert P.weight_symbols(mask, codes, 3, 2).tolist() == [0, 3, 1, 2, 3, 1]
     only_pruned = P.sparse_layer_size(mask, None, 0, 2, bias_numel=2)
     assert only_pruned.shared_bits == only_pruned.huffman_bits == 268
+    # a surviving weight holding the filler code is rejected (it would decode as a filler)
+    with pytest.raises(ValueError, match="fc1.*filler"):
+        P.sparse_layer_size(mask, codes, 2, 2, name="fc1")
+
+
+def test_code_bits_reserve_the_filler_code():
+    # K centroids + 1 filler code: K = 2^b - 1 needs b bits, K = 2^b needs b + 1
+    assert [P.code_bits_for(k) for k in (1, 2, 3, 4, 7, 8, 31, 63, 255)] == \
+        [1, 2, 2, 3, 3, 4, 5, 6, 8]
+    with pytest.raises(ValueError, match="n_centroids"):
+        P.code_bits_for(0)
 
 
 def _lloyd_linear(x: np.ndarray, k: int, n_iter: int):
