@@ -80,7 +80,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.nn import packed_formats, packed_rq
+from qtrain.nn import packed_formats, packed_rq, packed_sparse
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer, PowerOfTwoQuantizer, TWNQuantizer
 from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
@@ -229,7 +229,7 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
             "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
             "S2FP8", "calibrated uniform", "value-aware", "scalar k-means (VQ)",
-            "residual quantization (VQ)", "LAB binary")
+            "residual quantization (VQ)", "LAB binary", "Deep Compression (sparse_shared)")
 
 
 _PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,
@@ -420,7 +420,7 @@ def _placeholders(model: nn.Module, names: set[str]) -> None:
         if isinstance(m, PackedLinear):
             for t in ("packed", "scales", "zeros", "codes", "centroids", "qweight", "wscale",
                       "planes", "n1", "lut", "fweight", "fscale", "s2fp8", "sp_index",
-                      "sp_values", "bias"):
+                      "sp_values", *packed_sparse.BUFFERS, "bias"):
                 full = f"{n}.{t}" if n else t
                 if full in names:
                     m.register_buffer(t, torch.empty(0))
@@ -494,7 +494,7 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
     ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2", "rq") else 0
-    if m.fmt in ("lut", "float", "value_aware", "bucketed"):
+    if m.fmt in ("lut", "float", "value_aware", "bucketed", packed_sparse.FMT):
         packed_formats.validate(m, want)
     elif m.fmt == "rq":
         packed_rq.validate(m, want)

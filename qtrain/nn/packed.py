@@ -21,7 +21,8 @@ real torch dtype: fp16 / bf16 / fp8, S2FP8, wide fixed point; torch path only) a
 (uniform codes of the flattened weight in buckets that need not align with rows); torch only.
 The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. ``rq`` (residual
 quantization, Gong et al. 2014: per-stage uint8 codes + fp16 codebooks, one codebook-kernel
-launch per stage) lives in :mod:`qtrain.nn.packed_rq`. A ``uniform``
+launch per stage) lives in :mod:`qtrain.nn.packed_rq`; ``sparse_shared`` (Deep Compression's
+relative-index + code streams; torch only) in :mod:`qtrain.nn.packed_sparse`. A ``uniform``
 weight may carry float16 / float32 ``zeros`` (non-integer zero-points, e.g. DoReFa, DSQ).
 
 :class:`PackedConv2d` and :class:`PackedEmbedding` store their (flattened) weight in the
@@ -45,8 +46,8 @@ from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
 FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2", "lut", "float",
-           "value_aware", "bucketed", "rq")
-TORCH_ONLY = ("pow2", "float", "value_aware", "bucketed")  # no Triton kernel: dequantize + F.linear
+           "value_aware", "bucketed", "rq", "sparse_shared")
+TORCH_ONLY = ("pow2", "float", "value_aware", "bucketed", "sparse_shared")  # dequantize + F.linear
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -275,7 +276,7 @@ class PackedLinear(nn.Module):
             return self.qweight.float() * self.wscale[:, None]
         if self.fmt == "pow2":
             return pow2_values(self.pow2_codes(), int(self.n1[0]), self.bits)
-        if self.fmt in ("float", "value_aware", "bucketed"):
+        if self.fmt in ("float", "value_aware", "bucketed", "sparse_shared"):
             from qtrain.nn import packed_formats
 
             return packed_formats.dequantize(self)

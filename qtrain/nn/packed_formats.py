@@ -31,6 +31,10 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   planes ``sp_index`` (idx_bits, 1, ceil(k / 32)) int32 (the index width
   ``value_aware_storage_bits`` counts). ``W = dense`` with ``W.flat[idx] = values``.
 
+* ``sparse_shared`` (torch path only; :mod:`qtrain.nn.packed_sparse`): Deep Compression's
+  pruned + weight-shared layer (``SharedWeightQuantizer``) as its relative-index and code bit
+  streams, fp32 codebook and metadata; bit-exact.
+
 * ``binary`` (existing format): DoReFa 1-bit and LAB (Hou et al. 2017; alpha from the
   quantizer's curvature), alpha stored in fp16 per row.
 
@@ -58,6 +62,8 @@ import math
 import torch
 from qtrain_kernels import layout as L
 
+from qtrain.callbacks.deep_compression import SharedWeightQuantizer
+from qtrain.nn import packed_sparse
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.format_quantizers import (
@@ -133,7 +139,10 @@ def bucketed_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def dequantize(m) -> torch.Tensor:
-    """float32 weight (N, K) of a ``float``, ``value_aware`` or ``bucketed`` layer."""
+    """float32 weight (N, K) of a ``float``, ``value_aware``, ``bucketed`` or
+    ``sparse_shared`` layer."""
+    if m.fmt == packed_sparse.FMT:
+        return packed_sparse.dequantize(m)
     if m.fmt == "bucketed":
         w = L.dequantize_uniform(m.packed, m.scales, m.zeros, L.container_bits(m.bits),
                                  m.group_size)
@@ -160,6 +169,8 @@ def validate(m, want) -> None:
     """Shapes / dtypes of a loaded ``lut`` / ``float`` / ``value_aware`` layer's buffers;
     ``want(buffer, dtypes, shape)`` raises a ValueError naming the tensor."""
     n, k = m.out_features, m.in_features
+    if m.fmt == packed_sparse.FMT:
+        return packed_sparse.validate(m, want)
     if m.fmt == "lut":
         c = L.container_bits(m.bits)
         want("packed", (torch.int32,), (n, L.packed_words(k, c)))
@@ -385,7 +396,8 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
-           KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab}
+           KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
+           SharedWeightQuantizer: packed_sparse.pack}
 
 
 def has_packer(wq) -> bool:
