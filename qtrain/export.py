@@ -49,6 +49,9 @@
     layers (per-stage uint8 codes + fp16 codebooks, :mod:`qtrain.nn.packed_rq`), scalar
     k-means weight sharing (``KMeansWeightQuantizer``) the ``lut`` format (b-bit codes + an
     fp16 table of the shared values; bit-exact),
+  - Deep Compression layers (``SharedWeightQuantizer``, Han et al. 2016) become
+    ``sparse_shared`` layers (relative-index + code bit streams, fp32 codebook; torch only;
+    :mod:`qtrain.nn.packed_sparse`),
   - plain ``nn.Linear`` layers are packed with min-max uniform quantization when ``bits`` is
     given, else left in float.
   Per-tensor parameters are stored once per row (the formats keep one scale per row), and
