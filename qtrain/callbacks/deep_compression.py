@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from qtrain.nn.convert import select_modules, set_submodule
-from qtrain.nn.quantizer_base import Quantizer
+from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import kmeans as KM
 from qtrain.quant import pruning as P
 
@@ -73,36 +73,6 @@ LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
 def _kind(m: nn.Module) -> str:
     return "Conv2d" if isinstance(m, nn.Conv2d) else "Linear"
-
-
-class SharedWeightQuantizer(Quantizer):
-    """Evaluation form of a pruned + weight-shared layer: ``forward(w) = C[codes]`` on the
-    mask, 0 elsewhere. Codes (0 .. K - 1; K = the filler code), mask and centroids are plain
-    attributes (not buffers), so the layer's state-dict keys do not change. ``bits`` =
-    ``ceil(log2(K + 1))``. ``storage_bits`` = relative indices + codes + fp32 codebook;
-    ``codes()`` = the stored weight-code stream (fillers = code K included) that the run
-    summary Huffman-codes; exported as ``sparse_shared`` (:mod:`qtrain.nn.packed_sparse`)."""
-
-    min_bits, max_bits = 1, 16
-
-    def __init__(self, bits: int, centroids: torch.Tensor, codes: torch.Tensor,
-                 mask: torch.Tensor, index_bits: int) -> None:
-        super().__init__(bits)
-        self.centroids, self.codebook_codes, self.mask = centroids, codes, mask
-        self.index_bits = index_bits
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        w = P.shared_weight(self.centroids.to(x.device), self.codebook_codes.to(x.device),
-                            self.mask.to(x.device))
-        return w.to(x.dtype)
-
-    def storage_bits(self, weight: torch.Tensor) -> int:
-        return P.sparse_layer_size(self.mask, self.codebook_codes, self.centroids.numel(),
-                                   self.index_bits).shared_bits
-
-    def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        return P.weight_symbols(self.mask, self.codebook_codes, self.centroids.numel(),
-                                self.index_bits)
 
 
 class DeepCompressionCallback(pl.Callback):

@@ -62,7 +62,6 @@ import math
 import torch
 from qtrain_kernels import layout as L
 
-from qtrain.callbacks.deep_compression import SharedWeightQuantizer
 from qtrain.nn import packed_sparse
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
@@ -81,6 +80,7 @@ from qtrain.nn.learned_quantizers import (
     PolinoDifferentiableQuantizer,
     SoftToHardVQ,
 )
+from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import bucketed as B
 from qtrain.quant import fixed_point, floats, ternary
 from qtrain.quant import uniform as U

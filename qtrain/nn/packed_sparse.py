@@ -9,7 +9,7 @@ Per layer (weight flattened row-major to ``(N, K)``, a conv weight to ``(out, in
   since the previous entry (0 .. 2^index_bits - 1), ``index_bits`` bits per entry,
 * ``ss_codes`` int32 ``(ceil(E * code_bits / 32),)``: per entry its code, 0 .. K - 1 a
   centroid, K the filler zero (the code reserved by
-  :class:`qtrain.callbacks.deep_compression.SharedWeightQuantizer`; with K = 2^b - 1 it is
+  :class:`qtrain.nn.shared_weight_quantizer.SharedWeightQuantizer`; with K = 2^b - 1 it is
   2^b - 1), ``code_bits = ceil(log2(K + 1))`` bits per entry,
 * ``ss_codebook`` float32 ``(K,)``: the shared values, ``bias`` as the float layer,
 * ``ss_meta`` int32 ``(6,)``: ``(N, K_in, nnz, E, code_bits, index_bits)``.
@@ -185,7 +185,7 @@ def validate(m, want) -> None:
 
 # ------------------------------------------------------------------------------ packer
 def pack(wq, w, flat, bias, backend, scale_dtype):
-    """Packer for :class:`~qtrain.callbacks.deep_compression.SharedWeightQuantizer`
+    """Packer for :class:`~qtrain.nn.shared_weight_quantizer.SharedWeightQuantizer`
     (``packed_formats.PACKERS``): exact (the decoded weight is ``C[codes]`` on the mask)."""
     from qtrain.nn.packed import PackedLinear
 
