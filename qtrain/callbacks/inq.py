@@ -14,6 +14,10 @@ Options: ``reset_optimizer`` rebuilds optimizer and LR schedule at each stage af
 first (the paper retrains every stage with the initial learning-rate policy). Under DDP
 the masks are computed on rank 0 and broadcast. State (stage, masks, frozen values,
 levels) is in ``state_dict`` for resuming.
+
+``fp32_metric`` (read by the run summary): the module's last validation metric before the
+first stage (the end of the FP32 phase), None when INQ starts at step/epoch 0. No FP32 weight
+snapshot is kept, so the summary reports the FP32 model by its validation metric only.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class INQCallback(pl.Callback):
         self.levels: dict[str, torch.Tensor] = {}
         self._layers: dict[str, nn.Module] = {}
         self._hooked: dict[int, object] = {}
+        self.fp32_metric: float | None = None  # validation metric before the first stage
 
     # -- selection ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -89,6 +94,9 @@ class INQCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         applied = False
+        if self.stage == 0 and self._now(trainer) >= self.boundaries[0]:
+            value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
+            self.fp32_metric = float(value) if value is not None else None
         while self.stage < len(self.schedule) and self._now(trainer) >= self.boundaries[self.stage]:
             self._apply_stage(trainer, self.stage)
             self.stage += 1
@@ -179,13 +187,15 @@ class INQCallback(pl.Callback):
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {"stage": self.stage, "masks": cpu(self.masks), "frozen": cpu(self.frozen),
-                "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule}
+                "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule,
+                "fp32_metric": self.fp32_metric}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule", self.schedule) != self.schedule:
             raise ValueError(f"inq: checkpoint schedule {state['schedule']} differs from the "
                              f"configured {self.schedule}")
         self.stage = int(state["stage"])
+        self.fp32_metric = state.get("fp32_metric")
         weights = self._weights() if self._layers else {}
         dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731
         self.masks = {n: dev(n, v) for n, v in state["masks"].items()}

@@ -99,3 +99,31 @@ def test_layers_end_as_power_of_two_quantized_with_bits_storage():
     n_w = sum(model.get_submodule(n).weight.numel() for n in ("conv1", "conv2", "fc"))
     saved = fp32_bits - model_storage_bits(model).total_bits
     assert saved == n_w * (32 - 5) - 3 * 8  # 5 bits per weight + an int8 exponent per layer
+
+
+class _ValAcc(pl.Callback):
+    """Records the logged val_acc at the end of every validation."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.values.append(float(trainer.callback_metrics["val_acc"]))
+
+
+def test_fp32_metric_is_the_validation_before_the_first_stage():
+    pl.seed_everything(0)
+    inq = INQCallback(bits=5, schedule=[0.5, 1.0], start=2, stage_length=1, unit="epoch")
+    val = _ValAcc()
+    loader = image_loader(n=32, batch=8)
+    trainer(max_epochs=4, callbacks=[inq, val]).fit(TinyCNN(), loader, loader)
+    assert len(val.values) == 4
+    assert inq.fp32_metric == val.values[1]  # epoch 1 is the last FP32 epoch (stage 0 at 2)
+    fresh = INQCallback(bits=5, schedule=[0.5, 1.0])
+    fresh.load_state_dict(inq.state_dict())
+    assert fresh.fp32_metric == inq.fp32_metric
+    # no FP32 phase: nothing was validated before the first stage
+    pl.seed_everything(0)
+    at0 = INQCallback(bits=5, schedule=[0.5, 1.0], boundaries=[0, 2], unit="step")
+    trainer(max_steps=4, callbacks=[at0]).fit(TinyCNN(), loader, loader)
+    assert at0.fp32_metric is None
