@@ -23,10 +23,12 @@ def test_help_lists_recipes(tmp_path):
 
 
 def test_multirun_two_jobs(tmp_path):
-    r = train_py("-m", "recipe=qat_int4_digits", "debug=smoke", "quant.bits=4,8",
-                 f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    # exactly the documented command (no hydra.sweep.dir override: the default must resolve)
+    r = train_py("-m", "recipe=qat_int4_digits", "debug=smoke", "quant.bits=4,8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
+    (sweep,) = (tmp_path / "multirun").iterdir()  # multirun/<time>/<recipe>/<job>
+    jobs = sorted(p for p in (sweep / "qat_int4_digits").iterdir()
+                  if p.is_dir() and p.name[0].isdigit())
     assert [j.name for j in jobs] == ["0_quant.bits=4", "1_quant.bits=8"]
     bits = []
     for j in jobs:
