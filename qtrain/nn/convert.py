@@ -24,7 +24,11 @@ class LayerSelectionError(ValueError):
     pass
 
 
-def _compile(patterns: Iterable[str], key: str) -> list[re.Pattern]:
+def _compile(patterns: Iterable[str] | str, key: str) -> list[re.Pattern]:
+    """One pattern per list entry; a plain string (``quant.include=fc``) is one pattern, not
+    a sequence of one-character patterns."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
     out = []
     for p in patterns:
         try:

@@ -128,3 +128,13 @@ def test_float_evaluation_after_quantized_one_really_is_float(tmp_path):
     f_ref = ref.test(ImageClassifier(float_copy), datamodule=dm, verbose=False)[0]["test_loss"]
     assert f == pytest.approx(f_ref, rel=1e-6)
     assert abs(q - f) > 1e-3
+
+
+def test_a_plain_string_pattern_is_one_regex():
+    from qtrain.nn.convert import select_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    # quant.include=<regex> from the command line arrives as a string: one pattern, not chars
+    assert list(select_modules(model, "2", (), (nn.Linear,), "quant")) == ["2"]
+    with pytest.raises(LayerSelectionError, match="pattern 'fc' matches no"):
+        select_modules(model, "fc", (), (nn.Linear,), "quant")
