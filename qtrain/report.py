@@ -40,9 +40,12 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("packed_file"):
         rows.insert(6, ("packed file (MB)", fmt(s["packed_mb"], 4)))
+    if s.get("smoke"):
+        rows.insert(1, ("mode", "smoke: tiny generated data and model, metrics meaningless"))
     w = max(len(k) for k, _ in rows)
-    line = "+" + "-" * (w + 2) + "+" + "-" * 72 + "+"
-    body = [f"| {k.ljust(w)} | {str(v)[-70:].ljust(70)} |" for k, v in rows]
+    vw = max(70, *(len(str(v)) for _, v in rows))  # never cut a value (the run dir)
+    line = "+" + "-" * (w + 2) + "+" + "-" * (vw + 2) + "+"
+    body = [f"| {k.ljust(w)} | {str(v).ljust(vw)} |" for k, v in rows]
     return "\n".join([line, *body, line])
 
 

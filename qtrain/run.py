@@ -152,6 +152,7 @@ def train(cfg: DictConfig) -> dict:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "run_dir": os.path.abspath(run_dir),
+        "smoke": bool(OmegaConf.select(cfg, "data.fake", default=False)),
     }
     summary["time_s"] = time.time() - t0
     if trainer.is_global_zero:

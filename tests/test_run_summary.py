@@ -17,3 +17,15 @@ def test_fp32_phase_is_tested_on_the_test_split(tmp_path):
     assert s["fp32_metric"] == pytest.approx(ref["float_weights_metric"], abs=1e-6)
     # and it is not the final float weights' number (the snapshot really was loaded)
     assert s["fp32_metric"] != pytest.approx(s["float_weights_metric"], abs=1e-6)
+
+
+def test_format_summary_keeps_long_paths_and_flags_smoke():
+    from qtrain.report import format_summary
+
+    run_dir = "/a/" + "very_long_directory_name/" * 6 + "2026-11-27_14-34-25"
+    s = {"metric": "acc", "fp32_mb": 1.0, "quant_mb": 0.25, "compression": 4.0,
+         "run_dir": run_dir, "recipe": "r", "epochs": 2, "time_s": 1.0}
+    out = format_summary(s)
+    assert run_dir in out and "mode" not in out
+    assert len({len(line) for line in out.splitlines()}) == 1  # a rectangular table
+    assert "smoke: tiny generated data" in format_summary({**s, "smoke": True})
