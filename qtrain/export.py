@@ -484,6 +484,25 @@ def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto"
     return model
 
 
+def load_run(run_dir: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """The packed model a finished run wrote (``train.py ... export=true``), in eval mode:
+    the architecture from the run's ``config_resolved.yaml`` (``hydra.utils.instantiate`` of
+    its ``model``), the tensors from its ``model_packed.safetensors`` (:func:`load_packed`).
+    Activation quantizers other than ``UniformQuantizer`` are rebuilt only from the trained
+    fake-quant model: then call ``load_packed(path, that_model)`` (it says so)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg_path = os.path.join(run_dir, "config_resolved.yaml")
+    path = os.path.join(run_dir, "model_packed.safetensors")
+    for p in (cfg_path, path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"load_run: {p} not found (a run directory of "
+                                    "`python train.py ... export=true` holds both files)")
+    model = instantiate(OmegaConf.load(cfg_path).model)
+    return load_packed(path, model, backend).eval()
+
+
 def _validate_layer(m: PackedLinear, name: str, path) -> None:
     from qtrain_kernels.layout import container_bits, packed_words
 

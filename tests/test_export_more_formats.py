@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qtrain.export import check_packable, load_packed, pack_model, save_packed
+from qtrain.export import check_packable, load_packed, load_run, pack_model, save_packed
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
@@ -277,8 +277,11 @@ def test_ttq_recipe_smoke_export_loads_and_scores_the_same(tmp_path):
     path = tmp_path / "run" / "model_packed.safetensors"
     assert path.exists() and s["packed_layers"] > 0
     cfg = compose_cfg(overrides, tmp_path / "load")
-    dm = build_datamodule(cfg)  # fills in the model's num_classes
-    q = load_packed(path, instantiate(cfg.model))
+    dm = build_datamodule(cfg)
+    q = load_run(tmp_path / "run")  # architecture from the run's config_resolved.yaml
+    assert not q.training
+    with pytest.raises(FileNotFoundError, match=r"not found \(a run directory of"):
+        load_run(tmp_path / "load")
     fmts = {m.fmt for m in q.modules() if isinstance(m, PackedLinear)}
     assert fmts == {"lut"}
     module = instantiate(cfg.task, model=q)
