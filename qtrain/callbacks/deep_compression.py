@@ -56,12 +56,12 @@ import json
 import logging
 import os
 import re
-import warnings
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
 from qtrain.nn.convert import select_modules, set_submodule
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import kmeans as KM
@@ -223,7 +223,7 @@ class DeepCompressionCallback(pl.Callback):
         if quant:
             self.quantize()
             if self.reset_optimizer:
-                self._rebuild_optimizer(trainer)
+                rebuild_optimizers(trainer)
         if prunes or quant:
             self._sync(trainer)
             self._log_report(trainer)
@@ -247,23 +247,9 @@ class DeepCompressionCallback(pl.Callback):
                 else:
                     w[n].masked_fill_(~mask, 0.0)
 
-    def _rebuild_optimizer(self, trainer) -> None:
-        trainer.strategy.setup_optimizers(trainer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for cfg in trainer.lr_scheduler_configs:  # continue the schedule where it was
-                done = trainer.global_step if cfg.interval == "step" else trainer.current_epoch
-                for _ in range(done // max(1, cfg.frequency)):
-                    cfg.scheduler.step()
-
     # -- enforcement ----------------------------------------------------------------------
     def _hook_optimizers(self, trainer) -> None:
-        live = {id(o) for o in trainer.optimizers}
-        for key in [k for k in self._hooked if k not in live]:
-            self._hooked.pop(key).remove()
-        for opt in trainer.optimizers:
-            if id(opt) not in self._hooked:
-                self._hooked[id(opt)] = opt.register_step_post_hook(lambda *_: self.enforce())
+        hook_optimizer_steps(trainer, self._hooked, self.enforce)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._hook_optimizers(trainer)

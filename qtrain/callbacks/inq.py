@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
 from qtrain.nn.convert import select_modules
 from qtrain.quant import inq as INQ
 
@@ -138,13 +139,7 @@ class INQCallback(pl.Callback):
 
     # -- enforcement ----------------------------------------------------------------------
     def _hook_optimizers(self, trainer) -> None:
-        live = {id(o) for o in trainer.optimizers}
-        for key in [k for k in self._hooked if k not in live]:
-            self._hooked.pop(key).remove()
-        for opt in trainer.optimizers:
-            if id(opt) not in self._hooked:
-                self._hooked[id(opt)] = opt.register_step_post_hook(
-                    lambda *_: self._restore_frozen())
+        hook_optimizer_steps(trainer, self._hooked, self._restore_frozen)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._hook_optimizers(trainer)

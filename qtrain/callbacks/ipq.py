@@ -35,13 +35,13 @@ embeddings 8, conv 3x3 9 (kh*kw), 1x1 4; transformer order FFN -> embeddings -> 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
 from qtrain.nn.convert import LayerSelectionError, select_modules, set_submodule
 from qtrain.nn.pq_layers import (
     is_pq,
@@ -301,14 +301,7 @@ class IterativePQCallback(pl.Callback):
             strategy.model = strategy._setup_model(pl_module)
             if hasattr(strategy, "_register_ddp_hooks"):
                 strategy._register_ddp_hooks()
-        strategy.setup_optimizers(trainer)
-        if self.lr_schedule == "continue":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for cfg in trainer.lr_scheduler_configs:
-                    done = trainer.global_step if cfg.interval == "step" else trainer.current_epoch
-                    for _ in range(done // max(1, cfg.frequency)):
-                        cfg.scheduler.step()
+        rebuild_optimizers(trainer, continue_schedule=self.lr_schedule == "continue")
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

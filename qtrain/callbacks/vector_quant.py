@@ -35,13 +35,13 @@ rebuilds kmeans / PQ / RQ layers from the checkpoint before the weights load; bi
 from __future__ import annotations
 
 import logging
-import warnings
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
+from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
 from qtrain.nn.convert import select_modules, set_submodule
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer
@@ -178,7 +178,7 @@ class VectorQuantizationCallback(pl.Callback):
             log.info("vector_quant: no trainable parameter left (post-training); stopping fit")
             trainer.should_stop = True
             return
-        self._rebuild_optimizer(trainer)
+        rebuild_optimizers(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.applied:  # the FP32 phase ended before start_epoch: quantize now
@@ -194,15 +194,6 @@ class VectorQuantizationCallback(pl.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._apply_outside_fit(trainer, pl_module)
-
-    def _rebuild_optimizer(self, trainer) -> None:
-        trainer.strategy.setup_optimizers(trainer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for cfg in trainer.lr_scheduler_configs:  # continue the schedule where it was
-                done = trainer.global_step if cfg.interval == "step" else trainer.current_epoch
-                for _ in range(done // max(1, cfg.frequency)):
-                    cfg.scheduler.step()
 
     # -- checkpoints ----------------------------------------------------------------------
     def _rebuild_before_load(self, module, state_dict, prefix, *args) -> None:
