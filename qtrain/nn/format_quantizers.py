@@ -111,25 +111,38 @@ class TWNQuantizer(Quantizer):
 class TTQQuantizer(Quantizer):
     """Trained Ternary Quantization with learned scales ``w_p``, ``w_n`` (nn.Parameters).
 
-    The scales are initialised on the first forward to the mean |W| over the positive and
-    negative sets (the paper leaves the initial value open; its code starts from 1 on
-    [-1, 1]-normalised weights) -- or call :meth:`init_scales` explicitly before building
-    the optimizer's state. Storage: 2 bits per weight + two fp32 scales.
+    The scales are initialised on the first forward to ``init_scale`` (conf/quant/ttq.yaml:
+    1.0, as the paper's code starts from 1 on [-1, 1]-normalised weights; the masks and the
+    forward do not depend on that normalisation, only the scales' size relative to their
+    summed gradients does) or, with ``init_scale=None``, to the mean |W| over the positive
+    and negative sets. Measured (resnet20 CIFAR-10, 1 quantized epoch at lr 0.1): mean-|W|
+    init flipped W_p or W_n negative in 16 of 18 layers (17.1%); init 1.0 kept all positive
+    near 1 (34.7%). Call :meth:`init_scales` explicitly to initialise before building the
+    optimizer's state. Storage: 2 bits per weight + two fp32 scales.
     """
 
     min_bits = max_bits = 2
 
-    def __init__(self, bits: int = 2, threshold: float = ternary.TTQ_THRESHOLD) -> None:
+    def __init__(self, bits: int = 2, threshold: float = ternary.TTQ_THRESHOLD,
+                 init_scale: float | None = None) -> None:
         super().__init__(bits)
         if not 0 < threshold < 1:
             raise ValueError(f"TTQQuantizer: threshold={threshold} must be in (0, 1)")
+        if init_scale is not None and not init_scale > 0:
+            raise ValueError(f"TTQQuantizer: init_scale={init_scale} must be > 0 (or None)")
         self.threshold = threshold
+        self.init_scale = init_scale
         self.w_p = nn.Parameter(torch.tensor(1.0))
         self.w_n = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def init_scales(self, weight: torch.Tensor) -> None:
+        if self.init_scale is not None:  # the paper's scale: latent weights in [-1, 1]
+            self.w_p.fill_(self.init_scale)
+            self.w_n.fill_(self.init_scale)
+            self.initialized.fill_(True)
+            return
         pos, neg = ternary.ttq_masks(weight, self.threshold)
         a = weight.detach().abs()
         self.w_p.fill_((a * pos).sum().item() / max(int(pos.sum()), 1))

@@ -80,6 +80,17 @@ def test_ttq_scales_are_learned_parameters():
     assert q.w_p.item() == pytest.approx(w[pos].mean().item(), rel=1e-5)
 
 
+def test_ttq_init_scale_constant_and_bad_value():
+    q = TTQQuantizer(2, init_scale=1.0)
+    w = torch.randn(4, 16) * 0.05
+    out = q(w)
+    assert q.w_p.item() == q.w_n.item() == 1.0
+    pos, neg = w > 0.05 * w.abs().max(), w < -0.05 * w.abs().max()
+    assert torch.equal(out, pos.float() - neg.float())
+    with pytest.raises(ValueError, match="init_scale=0.0 must be > 0"):
+        TTQQuantizer(2, init_scale=0.0)
+
+
 def test_stochastic_uniform_nearest_equals_uniform_and_seed_reproducible():
     w = torch.randn(16, 32)
     a = StochasticUniformQuantizer(4, granularity="channel", rounding="nearest")(w)
