@@ -72,7 +72,7 @@ def packed_words(k: int, bits: int) -> int:
     return -(-k // e)
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+def to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -96,7 +96,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c64 = torch.nn.functional.pad(c64, (0, kw * e - k))
     shifts = torch.arange(e, device=codes.device, dtype=torch.int64) * c
     words = (c64.reshape(n, kw, e) << shifts).sum(-1)  # disjoint bit fields: sum == or
-    return _to_int32(words)
+    return to_int32(words)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:

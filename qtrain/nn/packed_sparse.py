@@ -17,8 +17,8 @@ Per layer (weight flattened row-major to ``(N, K)``, a conv weight to ``(out, in
 Bit streams: value ``i`` of a ``w``-bit stream occupies stream bits ``[i w, (i + 1) w)``,
 stream bit ``j`` being bit ``j % 32`` of word ``j // 32`` (little-endian, least significant
 bit first, a value may straddle two words; the padding after ``E w`` bits is 0). For
-``w`` in 1 / 2 / 4 / 8 this is exactly ``kernels/layout.py``'s ``pack_codes`` of one row
-(which packs them); other widths (3, 5, 6, 7, ... 16) use :func:`pack_bits` here.
+``w`` in 1 / 2 / 4 / 8 these are exactly the words of ``kernels/layout.py``'s ``pack_codes``
+of one row; :func:`pack_bits` packs every width 1..16.
 
 Decoding: ``pos = cumsum(z + 1) - 1``; entries with code K are fillers and are dropped;
 ``W.flat[pos] = codebook[code]``, 0 elsewhere -- exactly the fake-quant weight ``C[codes]``
@@ -52,10 +52,6 @@ def stream_words(n: int, width: int) -> int:
     return -(-n * width // 32)
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     """Exact bit stream of unsigned ``width``-bit ``values`` (1-D) -> int32 words (module
     doc). Vectorised: each value is split into its part in word ``i w // 32`` and the part
@@ -71,7 +67,7 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     out = torch.zeros(stream_words(n, width) + 1, dtype=torch.int64, device=v.device)
     out.index_add_(0, word, (v << shift) & 0xFFFFFFFF)
     out.index_add_(0, word + 1, v >> (32 - shift))  # 0 unless the value straddles
-    return _to_int32(out[:-1])
+    return L.to_int32(out[:-1])
 
 
 def unpack_bits(words: torch.Tensor, width: int, n: int) -> torch.Tensor:
@@ -86,22 +82,6 @@ def unpack_bits(words: torch.Tensor, width: int, n: int) -> torch.Tensor:
     lo = w[word] >> shift
     hi = (w[word + 1] & (2**width - 1)) << (32 - shift)
     return (lo | hi) & (2**width - 1)
-
-
-def pack_stream(values: torch.Tensor, width: int) -> torch.Tensor:
-    """``layout.pack_codes`` (one row) for widths 1 / 2 / 4 / 8, :func:`pack_bits` else."""
-    if width in L.CONTAINERS:
-        return L.pack_codes(values.reshape(1, -1).to(torch.int64), width).reshape(-1)
-    return pack_bits(values, width)
-
-
-def unpack_stream(words: torch.Tensor, width: int, n: int) -> torch.Tensor:
-    if width in L.CONTAINERS:
-        if words.dtype != torch.int32 or words.dim() != 1:
-            raise ValueError(f"bit stream must be 1-D int32; got {words.dtype} "
-                             f"{tuple(words.shape)}")
-        return L.unpack_codes(words.reshape(1, -1), width, n).reshape(-1)
-    return unpack_bits(words, width, n)
 
 
 # ------------------------------------------------------------------------------ encode / decode
@@ -120,7 +100,7 @@ def encode(mask: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor,
     gaps, _, _ = P.relative_index_stream(mask, index_bits, name)
     sym = P.weight_symbols(mask, codes, k, index_bits)
     meta = (m2.shape[0], m2.shape[1], int(mask.sum()), gaps.numel(), cb, index_bits)
-    return {"ss_index": pack_stream(gaps, index_bits), "ss_codes": pack_stream(sym, cb),
+    return {"ss_index": pack_bits(gaps, index_bits), "ss_codes": pack_bits(sym, cb),
             "ss_codebook": centroids.detach().float().reshape(-1).contiguous(),
             "ss_meta": torch.tensor(meta, dtype=torch.int32, device=mask.device)}
 
@@ -133,8 +113,8 @@ def _positions(m):
     """(flat positions, codes) of every stored entry of layer ``m``."""
     md = _meta(m)
     e = md["entries"]
-    gaps = unpack_stream(m.ss_index, md["index_bits"], e)
-    codes = unpack_stream(m.ss_codes, md["code_bits"], e)
+    gaps = unpack_bits(m.ss_index, md["index_bits"], e)
+    codes = unpack_bits(m.ss_codes, md["code_bits"], e)
     return torch.cumsum(gaps + 1, 0) - 1, codes
 
 
