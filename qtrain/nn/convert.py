@@ -24,6 +24,16 @@ class LayerSelectionError(ValueError):
     pass
 
 
+def layer_class_for(module: nn.Module, table: dict, kind: str):
+    """The replacement class ``table[base]`` for the first base type ``module`` is an
+    instance of (e.g. PQ / RQ layers for Linear / Conv2d); ValueError naming the allowed."""
+    for base, cls in table.items():
+        if isinstance(module, base):
+            return cls
+    raise ValueError(f"no {kind} layer for module type {type(module).__name__}; "
+                     f"allowed: {[t.__name__ for t in table]}")
+
+
 def _compile(patterns: Iterable[str] | str, key: str) -> list[re.Pattern]:
     """One pattern per list entry; a plain string (``quant.include=fc``) is one pattern, not
     a sequence of one-character patterns."""

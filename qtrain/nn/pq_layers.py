@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.nn.convert import layer_class_for
 from qtrain.quant import kmeans as KM
 
 
@@ -217,11 +218,7 @@ PQ_TYPES = {nn.Linear: PQLinear, nn.Conv2d: PQConv2d, nn.Embedding: PQEmbedding}
 
 
 def pq_class_for(module: nn.Module):
-    for base, cls in PQ_TYPES.items():
-        if isinstance(module, base):
-            return cls
-    raise ValueError(f"no PQ layer for module type {type(module).__name__}; "
-                     f"allowed: {[t.__name__ for t in PQ_TYPES]}")
+    return layer_class_for(module, PQ_TYPES, "PQ")
 
 
 def is_pq(module: nn.Module) -> bool:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.nn.convert import layer_class_for
 from qtrain.nn.pq_layers import _adopt_bias
 from qtrain.quant import kmeans as KM
 
@@ -144,11 +145,7 @@ RQ_TYPES = {nn.Linear: RQLinear, nn.Conv2d: RQConv2d}
 
 
 def rq_class_for(module: nn.Module):
-    for base, cls in RQ_TYPES.items():
-        if isinstance(module, base):
-            return cls
-    raise ValueError(f"no RQ layer for module type {type(module).__name__}; "
-                     f"allowed: {[t.__name__ for t in RQ_TYPES]}")
+    return layer_class_for(module, RQ_TYPES, "RQ")
 
 
 def is_rq(module: nn.Module) -> bool:
