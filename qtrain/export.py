@@ -85,14 +85,13 @@ from torch import nn
 
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
-from qtrain.nn.format_quantizers import BinaryWeightQuantizer, PowerOfTwoQuantizer, TWNQuantizer
+from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
 from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.pq_layers import rebuild_pq_layers
 from qtrain.nn.quant_noise import QuantNoiseQuantizer
 from qtrain.nn.rq_layers import RQConv2d, is_rq
 from qtrain.nn.uniform_quantizer import UniformQuantizer
-from qtrain.quant import binary, ternary
 from qtrain.quant import uniform as U
 
 
@@ -145,22 +144,6 @@ def _pack_quant_noise(m: nn.Module, wq: QuantNoiseQuantizer, name: str, bias, ba
                                      None, q["codes"].shape[1], bias, backend, torch.float32)
 
 
-def _pack_ternary_binary(weight, wq, bias, backend):
-    """TWN (Li & Liu 2016) and XNOR-Net (Rastegari 2016) weights in the ternary / binary
-    kernel formats: the quantizer's own codes and alpha (per tensor: repeated per row). The
-    formats store alpha as fp16, so outputs match the fake-quant layer to ~1e-3, not bitwise."""
-    w = weight.detach()
-    flat = w.reshape(w.shape[0], -1)
-    if isinstance(wq, TWNQuantizer):
-        _, alpha = ternary.twn_params(w, wq.per_channel, wq.delta_factor)
-        rows = alpha.reshape(-1, 1).expand(flat.shape[0], 1)
-        return PackedLinear.from_ternary(wq.codes(w).reshape_as(flat).float(), rows, bias,
-                                         backend)
-    alpha = binary.xnor_scale(w).reshape(-1, 1)
-    sign = torch.where(flat >= 0, 1.0, -1.0)  # sign_ste: 0 -> +1
-    return PackedLinear.from_binary(sign, alpha, bias, backend)
-
-
 def _pack_groupwise(m: nn.Module, wq: GroupwiseQuantizer, bias, backend, scale_dtype):
     """Q-BERT group-wise weights (Shen et al. 2019, sec. 3.2): every group is a block of whole
     output rows (embedding: whole table rows), so the uniform per-channel format holds it
@@ -198,8 +181,6 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
             return None  # other quantized embeddings stay fake-quant layers (not packed)
         elif isinstance(wq, PowerOfTwoQuantizer):
             packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
-        elif isinstance(wq, TWNQuantizer | BinaryWeightQuantizer):
-            packed = _pack_ternary_binary(m.weight, wq, bias, backend)
         elif not _has_packer(wq):
             raise ValueError(_unpackable_message([(name, type(wq).__name__)]))
         else:
@@ -235,9 +216,9 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "residual quantization (VQ)", "LAB binary", "Deep Compression (sparse_shared)")
 
 
-_PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer, TWNQuantizer,
-                 BinaryWeightQuantizer)  # own packers in _pack_one; packed_formats.PACKERS
-# covers the learned / float / bucketed / calibrated ones; the rest need export_qparams
+_PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer)
+# own packers in _pack_one; packed_formats.PACKERS covers the binary / ternary / learned /
+# float / bucketed / calibrated ones; the rest need export_qparams
 
 
 def _has_packer(wq) -> bool:

@@ -35,8 +35,9 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   pruned + weight-shared layer (``SharedWeightQuantizer``) as its relative-index and code bit
   streams, fp32 codebook and metadata; bit-exact.
 
-* ``binary`` (existing format): DoReFa 1-bit and LAB (Hou et al. 2017; alpha from the
-  quantizer's curvature), alpha stored in fp16 per row.
+* ``binary`` / ``ternary`` (existing formats): XNOR-Net, DoReFa 1-bit and LAB (Hou et al.
+  2017; alpha from the quantizer's curvature) through one ``_binary``; TWN's codes and alpha;
+  alpha stored in fp16 per row.
 
 Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
 bit-exact: TTQ, Polino differentiable (``lut``), float / FP8 training / S2FP8 (``float``),
@@ -66,10 +67,12 @@ from qtrain.nn import packed_sparse
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.format_quantizers import (
+    BinaryWeightQuantizer,
     DynamicFixedPointQuantizer,
     FloatQuantizer,
     S2FP8Quantizer,
     TTQQuantizer,
+    TWNQuantizer,
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
 from qtrain.nn.kmeans_quantizer import KMeansWeightQuantizer
@@ -81,8 +84,8 @@ from qtrain.nn.learned_quantizers import (
     SoftToHardVQ,
 )
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
+from qtrain.quant import binary, fixed_point, floats, ternary
 from qtrain.quant import bucketed as B
-from qtrain.quant import fixed_point, floats, ternary
 from qtrain.quant import uniform as U
 from qtrain.quant import value_aware as VA
 
@@ -250,23 +253,42 @@ def _rel_tol(scale_dtype) -> float:
     return 2e-3 if scale_dtype == torch.float16 else 1e-5
 
 
-def _lab(wq, w, flat, bias, backend, scale_dtype):
-    """LAB (Hou et al. 2017): ``alpha * sign(W)`` with the loss-aware alpha = ||d w||_1 /
-    ||d||_1 of the curvature the quantizer holds; binary format, fp16 alpha repeated per row."""
+def _binary(flat, alpha, bias, backend):
+    """``sign(W) * alpha`` (sign(0) = +1) in the binary format: alpha per tensor (repeated per
+    row) or per row, stored as fp16 (hence the 1e-3 tolerance)."""
     from qtrain.nn.packed import PackedLinear
 
-    sign = torch.where(flat >= 0, 1.0, -1.0)  # sign(0) = +1, as the quantizer
-    alpha = wq.alpha(w).float().reshape(1, 1).expand(flat.shape[0], 1)
-    return PackedLinear.from_binary(sign, alpha, bias, backend), 1e-3
+    sign = torch.where(flat >= 0, 1.0, -1.0)
+    rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
+    return PackedLinear.from_binary(sign, rows, bias, backend), 1e-3
+
+
+def _lab(wq, w, flat, bias, backend, scale_dtype):
+    """LAB (Hou et al. 2017): ``alpha * sign(W)`` with the loss-aware alpha = ||d w||_1 /
+    ||d||_1 of the curvature the quantizer holds."""
+    return _binary(flat, wq.alpha(w), bias, backend)
+
+
+def _xnor(wq, w, flat, bias, backend, scale_dtype):
+    """XNOR-Net (Rastegari et al. 2016): ``sign(W) * mean|W|`` per output channel."""
+    return _binary(flat, binary.xnor_scale(w), bias, backend)
+
+
+def _twn(wq, w, flat, bias, backend, scale_dtype):
+    """TWN (Li & Liu 2016): the quantizer's ternary codes and alpha (per tensor: repeated per
+    row) in the ternary format, alpha stored as fp16."""
+    from qtrain.nn.packed import PackedLinear
+
+    _, alpha = ternary.twn_params(w, wq.per_channel, wq.delta_factor)
+    rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
+    return PackedLinear.from_ternary(wq.codes(w).reshape_as(flat).float(), rows, bias,
+                                     backend), 1e-3
 
 
 def _dorefa(wq, w, flat, bias, backend, scale_dtype):
-    from qtrain.nn.packed import PackedLinear
 
-    if wq.bits == 1:  # eqs. (7)-(8): sign(w) E|w| (sign(0) = +1); binary format, fp16 alpha
-        sign = torch.where(flat >= 0, 1.0, -1.0)
-        alpha = w.abs().mean().reshape(1, 1).expand(flat.shape[0], 1)
-        return PackedLinear.from_binary(sign, alpha, bias, backend), 1e-3
+    if wq.bits == 1:  # eqs. (7)-(8): sign(w) E|w| (sign(0) = +1)
+        return _binary(flat, w.abs().mean(), bias, backend)
     n = float(2**wq.bits - 1)  # eq. (9), computed as E.dorefa_weight does
     t = torch.tanh(flat)
     t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
@@ -397,6 +419,7 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
            KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
+           TWNQuantizer: _twn, BinaryWeightQuantizer: _xnor,
            SharedWeightQuantizer: packed_sparse.pack}
 
 
