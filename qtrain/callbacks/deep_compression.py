@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
-from qtrain.nn.convert import select_modules, set_submodule
+from qtrain.nn.convert import as_patterns, select_modules, set_submodule
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import kmeans as KM
 from qtrain.quant import pruning as P
@@ -123,7 +123,7 @@ class DeepCompressionCallback(pl.Callback):
             raise ValueError(f"deep_compression.init={init!r}; allowed: {KM.INITS}")
         self.start = int(start)
         self.quantize_epoch = None if quantize_epoch is None else int(quantize_epoch)
-        self.include, self.exclude = list(include), list(exclude)
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
         self.n_iter, self.init, self.seed = int(n_iter), init, int(seed)
         self.reset_optimizer, self.finalize_at_end = reset_optimizer, finalize_at_end
         self.report_file = report_file

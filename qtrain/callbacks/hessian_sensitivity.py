@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qtrain.hessian import report
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
-from qtrain.nn.convert import select_modules
+from qtrain.nn.convert import as_patterns, select_modules
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.quantizer_base import Quantizer
 
@@ -99,7 +99,7 @@ class HessianSensitivity(pl.Callback):
             num_batches = min(num_batches, max(self.cfg.qbert_subsamples, 1))
         self.smoke = smoke
         self.num_batches, self.at_epoch = num_batches, at_epoch
-        self.include, self.exclude = list(include), list(exclude)
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
         self.tie_patterns = [list(t) for t in ties]
         self.loss_fn = loss_fn or default_loss
         self.analyze_float = analyze_float

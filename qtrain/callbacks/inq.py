@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
-from qtrain.nn.convert import select_modules
+from qtrain.nn.convert import as_patterns, select_modules
 from qtrain.quant import inq as INQ
 
 LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
@@ -71,7 +71,7 @@ class INQCallback(pl.Callback):
             raise ValueError(f"inq.boundaries={boundaries}: need {len(self.schedule)} "
                              "non-decreasing stage starts (one per schedule entry)")
         self.bits, self.strategy, self.unit, self.seed = bits, strategy, unit, seed
-        self.include, self.exclude = list(include), list(exclude)
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
         self.types = tuple(LAYER_TYPES[t] for t in types)
         self.boundaries, self.reset_optimizer = boundaries, reset_optimizer
         self.stage = 0  # number of stages applied

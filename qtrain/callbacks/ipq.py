@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
-from qtrain.nn.convert import LayerSelectionError, select_modules, set_submodule
+from qtrain.nn.convert import LayerSelectionError, as_patterns, select_modules, set_submodule
 from qtrain.nn.pq_layers import (
     is_pq,
     pq_class_for,
@@ -146,7 +146,7 @@ class IterativePQCallback(pl.Callback):
             raise ValueError(f"ipq.unit={unit!r}; allowed: {UNITS}")
         if lr_schedule not in ("continue", "restart"):
             raise ValueError(f"ipq.lr_schedule={lr_schedule!r}; allowed: 'continue', 'restart'")
-        self.stages_cfg, self.exclude = stages, list(exclude)
+        self.stages_cfg, self.exclude = stages, as_patterns(exclude)
         self.n_centroids, self.n_iter, self.seed = n_centroids, n_iter, seed
         self.clamp_centroids = bool(clamp_centroids)
         self.k_for: dict[str, int] = {}
@@ -169,7 +169,7 @@ class IterativePQCallback(pl.Callback):
             cfg = network_order_stages(model, self.exclude) if cfg == "cnn" else PRESETS[cfg]
         out = []
         for s in cfg:
-            s = dict(s) if isinstance(s, Mapping) else {"include": list(s)}  # DictConfig too
+            s = dict(s) if isinstance(s, Mapping) else {"include": as_patterns(s)}  # DictConfig too
             out.append(s)
         return out
 

@@ -63,7 +63,7 @@ class QATCallback(pl.Callback):
             raise ValueError("quant: both quant.weight and quant.act are null: nothing to quantize")
         self.bits, self.act_bits = bits, act_bits if act_bits is not None else bits
         self.weight_factory, self.act_factory = weight, act
-        self.include, self.exclude = list(include), list(exclude)
+        self.include, self.exclude = C.as_patterns(include), C.as_patterns(exclude)
         self.types = tuple(LAYER_TYPES[t] for t in types)
         self.first_last, self.overrides = first_last, dict(overrides or {})
         self.start_epoch = start_epoch

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtrain.nn.convert import convert
+from qtrain.nn.convert import as_patterns, convert
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
 from qtrain.nn.quant_noise import QuantNoiseQuantizer
 from qtrain.quant.quant_noise import noise_block_size
@@ -75,7 +75,8 @@ class QuantNoiseCallback(pl.Callback):
         self.block_size = self._per_type(block_size, "block_size", types,
                                          {"Linear": 8, "Embedding": 8, "Conv2d": 4})
         self.mode, self.bits, self.granularity = mode, bits, granularity
-        self.include, self.exclude, self.types = list(include), list(exclude), list(types)
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
+        self.types = list(types)
         self.compare_eval, self.max_eval_batches, self.seed = compare_eval, max_eval_batches, seed
         self.metric_fn = metric_fn or default_metric_fn
         self.pq_refresh, self.clamp_centroids = pq_refresh, bool(clamp_centroids)

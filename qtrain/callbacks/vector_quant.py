@@ -42,7 +42,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
-from qtrain.nn.convert import select_modules, set_submodule
+from qtrain.nn.convert import as_patterns, select_modules, set_submodule
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer
 from qtrain.nn.kmeans_quantizer import KMeansWeightQuantizer
@@ -94,7 +94,7 @@ class VectorQuantizationCallback(pl.Callback):
             raise ValueError(f"vector_quant.start_epoch={start_epoch}: must be >= 0")
         self.method, self.bits, self.n_centroids = method, bits, n_centroids
         self.block_size, self.n_stages, self.clamp_centroids = block_size, n_stages, clamp_centroids
-        self.include, self.exclude = list(include), list(exclude)
+        self.include, self.exclude = as_patterns(include), as_patterns(exclude)
         self.types = tuple(LAYER_TYPES[t] for t in types)
         self.start_epoch, self.n_iter, self.init, self.seed = int(start_epoch), n_iter, init, seed
         # state

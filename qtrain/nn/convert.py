@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 FIRST_LAST_POLICIES = ("quantize", "keep", "8bit")
 
 
-class LayerSelectionError(ValueError):
-    pass
+class LayerSelectionError(ConfigError):
+    """An include/exclude/overrides rule that is invalid or selects no layer."""
 
 
 def layer_class_for(module: nn.Module, table: dict, kind: str):
@@ -34,13 +36,22 @@ def layer_class_for(module: nn.Module, table: dict, kind: str):
                      f"allowed: {[t.__name__ for t in table]}")
 
 
+def as_patterns(patterns: Iterable[str] | str | None) -> list[str]:
+    """The one reading of an include/exclude value for every callback: a plain string
+    (``quant.include=fc.*`` from the command line) is ONE regex, a list (or ListConfig) is one
+    regex per entry, None is no pattern. ``list("fc.*")`` would give one pattern per character."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    return [str(p) for p in patterns]
+
+
 def _compile(patterns: Iterable[str] | str, key: str) -> list[re.Pattern]:
     """One pattern per list entry; a plain string (``quant.include=fc``) is one pattern, not
     a sequence of one-character patterns."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
     out = []
-    for p in patterns:
+    for p in as_patterns(patterns):
         try:
             out.append(re.compile(p))
         except re.error as e:
