@@ -13,8 +13,13 @@ Losses (pure functions, logits of shape (N, C) or (N, ..., C), flattened to (-1,
   constant (it carries no gradient) and only shifts the logged loss.
 * Polino et al. 2018 ("Model compression via distillation and quantization", ICLR, sec. 2):
       L = w T^2 KL(p_T^T || p_S^T) + (1 - w) H(y, p_S),   w = 0.7, T = 2
-  where p^T = softmax(z / T). KL uses ``reduction='batchmean'`` (the true per-sample KL;
-  the authors' code used PyTorch 0.3's element-mean KLDivLoss, which also divides by C).
+  where p^T = softmax(z / T). The KL term is scaled as in the authors' code
+  (antspy/quantized_distillation, ``cnn_models/help_fun.py::forward_and_backward``:
+  ``0.7 * T**2 * nn.KLDivLoss()(log_softmax(z_S / T), softmax(z_T / T))``): PyTorch's default
+  ``reduction='mean'``, the element-wise mean over batch x classes, i.e. the per-sample KL
+  divided by N * C (``kl_reduction='mean'``, the default). ``kl_reduction='batchmean'`` (the
+  true per-sample KL, divided by N only) is a named option: it makes the distillation term C
+  times stronger relative to the cross-entropy (10x on CIFAR-10, 1000x on ImageNet).
 
 Apprentice schemes (``scheme``):
 
@@ -25,8 +30,12 @@ Apprentice schemes (``scheme``):
   ``kd_to_teacher=True`` (default False: the soft targets are detached, as in standard KD --
   the paper's eq. (1) does not say; this is our choice).
 * ``'B'``: frozen teacher, student trained from scratch (quantized by a QAT callback).
-* ``'C'``: as B, with a full-precision pretrained student (``student_checkpoint`` or the model
-  config's own weights) finetuned to low precision under the teacher (QAT callback).
+* ``'C'``: as B, with a full-precision pretrained student (``student_checkpoint``, or the model
+  config's own weights, passed as ``student_pretrained``; recipes set it to
+  ``${oc.select:model.weights,null}``) finetuned to low precision under the teacher (QAT
+  callback). Scheme C without either is a ``ConfigError`` at construction (it would silently
+  be scheme B), unless ``allow_untrained_student=True`` (recipes: ``${model.tiny}``, smoke
+  runs only).
 
 Frozen teachers (B, C) are held by this callback, not by the LightningModule: their parameters
 are in neither the optimizer nor the checkpoint, have ``requires_grad=False``, stay in eval
@@ -61,9 +70,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.errors import ConfigError, DataFileError
+
 log = logging.getLogger(__name__)
 SCHEMES = ("A", "B", "C")
 LOSSES = ("apprentice", "polino")
+KL_REDUCTIONS = ("mean", "batchmean")
 
 
 # -- losses -------------------------------------------------------------------------------
@@ -77,13 +89,18 @@ def soft_cross_entropy(student_logits, teacher_logits, temperature: float = 1.0)
     return -(p_t * F.log_softmax(_flat(student_logits) / temperature, dim=-1)).sum(-1).mean()
 
 
-def kl_teacher_student(student_logits, teacher_logits, temperature: float = 2.0) -> torch.Tensor:
-    """KL(softmax(z_T/T) || softmax(z_S/T)), averaged over samples (batchmean)."""
-    return F.kl_div(
-        F.log_softmax(_flat(student_logits) / temperature, dim=-1),
-        F.log_softmax(_flat(teacher_logits) / temperature, dim=-1),
-        reduction="batchmean", log_target=True,
-    )
+def kl_teacher_student(student_logits, teacher_logits, temperature: float = 2.0,
+                       reduction: str = "mean") -> torch.Tensor:
+    """KL(softmax(z_T/T) || softmax(z_S/T)) summed over samples and classes, then divided by
+    N * C (``reduction='mean'``: PyTorch's ``nn.KLDivLoss()`` default, as the Polino authors'
+    code) or by N (``'batchmean'``: the per-sample KL)."""
+    if reduction not in KL_REDUCTIONS:
+        raise ConfigError(f"distillation.kl_reduction={reduction!r}; allowed: {KL_REDUCTIONS}")
+    zs = _flat(student_logits)
+    kl = F.kl_div(F.log_softmax(zs / temperature, dim=-1),
+                  F.log_softmax(_flat(teacher_logits) / temperature, dim=-1),
+                  reduction="sum", log_target=True)
+    return kl / (zs.numel() if reduction == "mean" else zs.shape[0])
 
 
 def apprentice_loss(student_ce, teacher_ce, student_logits, teacher_logits, alpha: float = 1.0,
@@ -94,9 +111,11 @@ def apprentice_loss(student_ce, teacher_ce, student_logits, teacher_logits, alph
 
 
 def polino_loss(student_ce, student_logits, teacher_logits, temperature: float = 2.0,
-                kd_weight: float = 0.7):
-    """Polino et al. 2018: w T^2 KL(p_T || p_S) + (1 - w) H(y, p_S), w = 0.7, T = 2."""
-    kl = kl_teacher_student(student_logits, teacher_logits, temperature)
+                kd_weight: float = 0.7, kl_reduction: str = "mean"):
+    """Polino et al. 2018 sec. 2: w T^2 KL(p_T || p_S) + (1 - w) H(y, p_S), w = 0.7, T = 2; the
+    KL scaled as the authors' code (element-wise mean, module docstring) unless
+    ``kl_reduction='batchmean'``."""
+    kl = kl_teacher_student(student_logits, teacher_logits, temperature, kl_reduction)
     return kd_weight * temperature**2 * kl + (1.0 - kd_weight) * student_ce
 
 
@@ -108,7 +127,7 @@ def load_state(path: str, prefix: str = "model.") -> dict:
 
     sd = load_state_dict_file(path)
     if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path!r}: no state dict inside (got {type(sd).__name__})")
+        raise DataFileError(f"checkpoint {path!r}: no state dict inside (got {type(sd).__name__})")
     if any(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
@@ -120,10 +139,10 @@ def load_float_weights(model: nn.Module, sd: dict, what: str) -> None:
     try:
         res = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches raise even when not strict
-        raise ValueError(f"{what}: checkpoint does not fit the model: {e}") from None
+        raise DataFileError(f"{what}: checkpoint does not fit the model: {e}") from None
     missing = [k for k in res.missing_keys if "_quantizer." not in k]
     if missing or res.unexpected_keys:
-        raise ValueError(
+        raise DataFileError(
             f"{what}: checkpoint does not fit the model: missing {missing[:5]}, "
             f"unexpected {res.unexpected_keys[:5]}")
 
@@ -141,8 +160,13 @@ class DistillationCallback(pl.Callback):
         loss: 'apprentice' | 'polino'.
         alpha, beta, gamma: Apprentice weights; temperature: tau (Apprentice) / T (Polino).
         kd_weight: Polino's w (0.7).
+        kl_reduction: Polino's KL scale: 'mean' (authors' code: / (N * C); default) |
+            'batchmean' (/ N).
         kd_to_teacher: scheme A only: let the gamma term train the teacher too.
         student_checkpoint: float weights loaded into the student in ``setup`` (scheme C).
+        student_pretrained: the model config's own full-precision weights (e.g.
+            ``model.weights``), if any: scheme C's student then starts from them.
+        allow_untrained_student: let scheme C start without FP student weights (smoke tests).
         allow_untrained_teacher: let scheme B/C freeze a factory-built teacher that has no
             ``teacher_checkpoint`` (random weights; for smoke tests only).
     """
@@ -154,22 +178,23 @@ class DistillationCallback(pl.Callback):
         scheme: str = "B", loss: str = "apprentice", alpha: float = 1.0, beta: float = 0.5,
         gamma: float = 0.5, temperature: float | None = None, kd_weight: float = 0.7,
         kd_to_teacher: bool = False, student_checkpoint: str | None = None,
-        allow_untrained_teacher: bool = False,
+        allow_untrained_teacher: bool = False, kl_reduction: str = "mean",
+        student_pretrained: str | None = None, allow_untrained_student: bool = False,
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
-            raise ValueError(f"distillation.scheme={scheme!r}; allowed: {SCHEMES}")
+            raise ConfigError(f"distillation.scheme={scheme!r}; allowed: {SCHEMES}")
         if loss not in LOSSES:
-            raise ValueError(f"distillation.loss={loss!r}; allowed: {LOSSES}")
+            raise ConfigError(f"distillation.loss={loss!r}; allowed: {LOSSES}")
         if (teacher is None) == (teacher_pretrained is None):
-            raise ValueError("distillation: set exactly one of distillation.teacher (a model or "
+            raise ConfigError("distillation: set exactly one of distillation.teacher (a model or "
                              "factory) and distillation.teacher_pretrained (a transformers name/path)")
         if teacher_checkpoint is not None and teacher is None:
-            raise ValueError("distillation.teacher_checkpoint needs distillation.teacher (the "
+            raise ConfigError("distillation.teacher_checkpoint needs distillation.teacher (the "
                              "model to load it into)")
         if (scheme != "A" and teacher is not None and not isinstance(teacher, nn.Module)
                 and teacher_checkpoint is None and not allow_untrained_teacher):
-            raise ValueError(
+            raise ConfigError(
                 f"distillation.scheme={scheme} freezes the teacher, but distillation.teacher is "
                 "built from a config and distillation.teacher_checkpoint is null: the teacher "
                 "would be untrained. Set distillation.teacher_checkpoint=/path/to/teacher.ckpt "
@@ -178,16 +203,27 @@ class DistillationCallback(pl.Callback):
         if temperature is None:
             temperature = 1.0 if loss == "apprentice" else 2.0
         if not temperature > 0:
-            raise ValueError(f"distillation.temperature={temperature}: must be > 0")
+            raise ConfigError(f"distillation.temperature={temperature}: must be > 0")
         if not 0.0 <= kd_weight <= 1.0:
-            raise ValueError(f"distillation.kd_weight={kd_weight}: must be in [0, 1]")
+            raise ConfigError(f"distillation.kd_weight={kd_weight}: must be in [0, 1]")
         if min(alpha, beta, gamma) < 0:
-            raise ValueError(f"distillation alpha/beta/gamma=({alpha}, {beta}, {gamma}): must be >= 0")
+            raise ConfigError(f"distillation alpha/beta/gamma=({alpha}, {beta}, {gamma}): must be >= 0")
         if scheme == "A" and (loss != "apprentice" or alpha <= 0):
-            raise ValueError("distillation.scheme=A trains the teacher through alpha H(y, p_T): "
+            raise ConfigError("distillation.scheme=A trains the teacher through alpha H(y, p_T): "
                              "it needs loss=apprentice and alpha > 0")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(f"distillation.kl_reduction={kl_reduction!r}; allowed: {KL_REDUCTIONS}")
+        if (scheme == "C" and student_checkpoint is None and not student_pretrained
+                and not allow_untrained_student):
+            raise ConfigError(
+                "distillation.scheme=C finetunes a trained full-precision student (Mishra & Marr "
+                "2018), but distillation.student_checkpoint and distillation.student_pretrained "
+                "are both null: the student would start from random weights (that is scheme B). "
+                "Set distillation.student_checkpoint=/path/to/float_student.ckpt (a state dict or "
+                "a Lightning checkpoint of a float run of the student), or model weights passed "
+                "as distillation.student_pretrained, or use scheme=B")
         if kd_to_teacher and scheme != "A":
-            raise ValueError("distillation.kd_to_teacher=true needs scheme=A (a frozen teacher "
+            raise ConfigError("distillation.kd_to_teacher=true needs scheme=A (a frozen teacher "
                              "gets no gradient)")
         self.teacher_src, self.teacher_checkpoint = teacher, teacher_checkpoint
         self.teacher_checkpoint_prefix = teacher_checkpoint_prefix
@@ -196,7 +232,8 @@ class DistillationCallback(pl.Callback):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.temperature, self.kd_weight = float(temperature), kd_weight
         self.kd_to_teacher = kd_to_teacher
-        self.student_checkpoint = student_checkpoint
+        self.student_checkpoint, self.student_pretrained = student_checkpoint, student_pretrained
+        self.kl_reduction = kl_reduction
         self.teacher: nn.Module | None = None  # frozen teacher (B, C); scheme A: pl_module.teacher
 
     # -- teacher construction -------------------------------------------------------------
@@ -208,18 +245,18 @@ class DistillationCallback(pl.Callback):
         t = self.teacher_src
         if not isinstance(t, nn.Module):
             if not callable(t):
-                raise ValueError(f"distillation.teacher: expected an nn.Module or a factory, "
+                raise ConfigError(f"distillation.teacher: expected an nn.Module or a factory, "
                                  f"got {type(t).__name__}")
             t = t()
             if not isinstance(t, nn.Module):
-                raise ValueError(f"distillation.teacher factory returned {type(t).__name__}, "
+                raise ConfigError(f"distillation.teacher factory returned {type(t).__name__}, "
                                  "not an nn.Module")
         if self.teacher_checkpoint is not None:
             sd = load_state(self.teacher_checkpoint, self.teacher_checkpoint_prefix)
             try:
                 t.load_state_dict(sd)
             except RuntimeError as e:
-                raise ValueError(f"distillation.teacher_checkpoint={self.teacher_checkpoint!r} "
+                raise DataFileError(f"distillation.teacher_checkpoint={self.teacher_checkpoint!r} "
                                  f"does not fit distillation.teacher: {e}") from None
         return t
 
@@ -267,11 +304,12 @@ class DistillationCallback(pl.Callback):
         inputs, targets = module.split_batch(batch)
         z_t = self.teacher_outputs(module, inputs)
         if z_t.shape != outputs.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"distillation: teacher output shape {tuple(z_t.shape)} differs from the "
                 f"student's {tuple(outputs.shape)} (same number of classes/positions needed)")
         if self.loss == "polino":
-            return polino_loss(loss, outputs, z_t, self.temperature, self.kd_weight)
+            return polino_loss(loss, outputs, z_t, self.temperature, self.kd_weight,
+                               self.kl_reduction)
         teacher_ce = module.task_loss(z_t, targets)
         soft_t = z_t if self.kd_to_teacher else z_t.detach()
         return apprentice_loss(loss, teacher_ce, outputs, soft_t, self.alpha, self.beta,

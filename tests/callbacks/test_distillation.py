@@ -6,15 +6,24 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qtrain.callbacks.distillation import DistillationCallback, load_float_weights, load_state
+from qtrain.callbacks.distillation import (
+    DistillationCallback,
+    kl_teacher_student,
+    load_float_weights,
+    load_state,
+)
 from qtrain.callbacks.qat import QATCallback
+from qtrain.errors import ConfigError
 from qtrain.modules.classification import ImageClassifier
 from qtrain.nn.uniform_quantizer import UniformQuantizer
+from tests.hydra_helpers import compose_cfg
 
 ZS = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 ZT = [[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
@@ -40,10 +49,12 @@ def hand_apprentice(a, b, g, tau):
     return a * h_t + b * h_s + g * soft
 
 
-def hand_polino(w, t):
-    n = len(Y)
+def hand_polino(w, t, per_sample=False):
+    """Polino's loss as the authors' code computes it: 0.7 T^2 KLDivLoss() (PyTorch's default
+    element-wise mean over N x C) + 0.3 CE; ``per_sample``: the KL divided by N only."""
+    n, c = len(Y), len(ZS[0])
     kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(ZT[i], t), softmax(ZS[i], t)))
-             for i in range(n)) / n
+             for i in range(n)) / (n if per_sample else n * c)
     return w * t * t * kl + (1 - w) * sum(ce(ZS[i], Y[i]) for i in range(n)) / n
 
 
@@ -80,9 +91,52 @@ def test_apprentice_loss_hand_computed(a, b, g, tau):
 
 def test_polino_loss_hand_computed():
     cb = DistillationCallback(teacher=Fixed(ZT), loss="polino")
-    assert cb.temperature == 2.0 and cb.kd_weight == 0.7
+    assert cb.temperature == 2.0 and cb.kd_weight == 0.7 and cb.kl_reduction == "mean"
     total, _ = run_hook(cb)
     assert total.item() == pytest.approx(hand_polino(0.7, 2.0), rel=1e-6)
+    cb = DistillationCallback(teacher=Fixed(ZT), loss="polino", kl_reduction="batchmean")
+    total, _ = run_hook(cb)
+    assert total.item() == pytest.approx(hand_polino(0.7, 2.0, per_sample=True), rel=1e-6)
+
+
+@pytest.mark.parametrize("c", [10, 100])
+def test_polino_kl_scale_matches_authors_code_numpy(c):
+    """The authors' code (antspy/quantized_distillation, cnn_models/help_fun.py):
+    0.7 T^2 nn.KLDivLoss()(log_softmax(z_S/T), softmax(z_T/T)) + 0.3 CE, PyTorch's default
+    element-wise mean over N x C. Worked in numpy (float64), plus the PyTorch built-in, and
+    the gradient w.r.t. the student logits."""
+    n, t, w = 16, 2.0, 0.7
+    rng = np.random.default_rng(c)
+    zs, zt = rng.normal(size=(n, c)) * 3, rng.normal(size=(n, c)) * 3
+    y = rng.integers(0, c, size=n)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    ls, lt = log_softmax(zs / t), log_softmax(zt / t)
+    kl_elem = np.exp(lt) * (lt - ls)  # KLDivLoss(input=log p_S, target=p_T), element-wise
+    ce_np = -log_softmax(zs)[np.arange(n), y].mean()
+    ref = w * t * t * kl_elem.mean() + (1 - w) * ce_np
+    zs_t = torch.tensor(zs, dtype=torch.float32, requires_grad=True)
+    zt_t = torch.tensor(zt, dtype=torch.float32)
+    cb = DistillationCallback(teacher=nn.Identity(), loss="polino")
+    module = ImageClassifier(nn.Identity(), num_classes=c)
+    cb.teacher = cb._freeze(cb.build_teacher())
+    ce_t = module.task_loss(zs_t, torch.tensor(y))
+    got = cb.loss_hook(module, (zt_t, torch.tensor(y)), zs_t, ce_t)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    builtin = w * t * t * nn.KLDivLoss()(F.log_softmax(zs_t / t, 1), F.softmax(zt_t / t, 1)) \
+        + (1 - w) * ce_t
+    assert got.item() == pytest.approx(builtin.item(), rel=1e-5)
+    # gradient of the KL term: w T^2 (p_S - p_T) / (T N C)
+    got.backward()
+    g_ce = (np.exp(log_softmax(zs)) - np.eye(c)[y]) / n
+    g_ref = w * t * (np.exp(ls) - np.exp(lt)) / (n * c) + (1 - w) * g_ce
+    np.testing.assert_allclose(zs_t.grad.numpy(), g_ref, rtol=1e-4, atol=1e-8)
+    # batchmean (named option) is exactly C times the KL term
+    kl_bm = kl_teacher_student(zs_t, zt_t, t, "batchmean")
+    assert kl_bm.item() == pytest.approx(c * kl_elem.mean(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kd_to_teacher", [False, True])
@@ -118,10 +172,35 @@ def test_teacher_shape_mismatch_raises():
     (dict(teacher=nn.Linear(2, 2), kd_to_teacher=True), "kd_to_teacher"),
     (dict(teacher=nn.Linear(2, 2), temperature=0.0), "temperature"),
     (dict(teacher_pretrained="x", teacher_checkpoint="c.pt"), "teacher_checkpoint"),
+    (dict(teacher=nn.Linear(2, 2), loss="polino", kl_reduction="sum"), "kl_reduction.*batchmean"),
+    (dict(teacher=nn.Linear(2, 2), scheme="C"), "scheme=C.*student_checkpoint"),
 ])
 def test_bad_config(kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         DistillationCallback(**kw)
+
+
+def test_scheme_c_without_student_weights_stops_before_training(tmp_path):
+    """Apprentice scheme C (Mishra & Marr 2018) starts from the trained FP student: the real
+    recipe composed by Hydra with scheme=C and no FP student weights stops at instantiation
+    with a ConfigError (it used to run scheme B silently); with student_checkpoint it runs."""
+    from qtrain.cli import _user_error
+    from tests.hydra_helpers import run
+
+    base = ["recipe=apprentice_resnet20_cifar10", "debug=smoke", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "extra_callbacks.distillation.scheme=C",
+            "extra_callbacks.distillation.allow_untrained_student=false"]
+    with pytest.raises(Exception) as info:
+        run(base, tmp_path / "bad")
+    err = _user_error(info.value)
+    assert isinstance(err, ConfigError), info.value
+    assert "distillation.scheme=C" in str(err) and "student_checkpoint" in str(err)
+    assert not list((tmp_path / "bad").rglob("*.ckpt"))  # nothing trained
+    # smoke runs keep working through allow_untrained_student=${model.tiny}
+    cfg = compose_cfg(base[:-1], tmp_path / "smoke")
+    assert cfg.extra_callbacks.distillation.allow_untrained_student is True
+    assert cfg.extra_callbacks.distillation.student_pretrained is None
 
 
 # -- real fits -------------------------------------------------------------------------------
