@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 def rebuild_optimizers(trainer, continue_schedule: bool = True) -> None:
     """Fresh optimizers from the LightningModule's ``configure_optimizers`` (no momentum or
-    Adam moments carried across a change of parameters); with ``continue_schedule`` every LR
-    scheduler is stepped to where the run is (by step or by epoch, per its ``interval``)."""
+    Adam moments carried across a change of parameters) with the same parameter groups
+    (:meth:`qtrain.modules.base.TaskModule.param_groups`: weights decayed, quantizer
+    parameters not); with ``continue_schedule`` every LR scheduler is stepped to where the
+    run is (by step or by epoch, per its ``interval``)."""
     trainer.strategy.setup_optimizers(trainer)
     if not continue_schedule:
         return

@@ -5,6 +5,13 @@
   ``configure_optimizers`` (callbacks that add quantizer parameters do so in ``setup``, which
   runs first; callbacks that swap layers mid-run rebuild the optimizer via
   ``trainer.strategy.setup_optimizers``).
+* two parameter groups (:meth:`TaskModule.param_groups`): the network's weights with the
+  optimizer's ``weight_decay``, and every learned quantizer parameter (PACT alpha, LSQ step
+  sizes, DSQ alpha / bounds, TTQ scales, Polino points, soft-to-hard centres: the parameters
+  owned by a :class:`~qtrain.nn.quantizer_base.Quantizer` module, found structurally) with
+  ``weight_decay=0``. Weight decay would pull clip values and scales towards 0, which none of
+  these papers does; PACT's own L2 on alpha (``regularization()``) still applies. Callbacks that
+  rebuild the optimizer go through ``configure_optimizers`` and keep the same groups.
 * ``regularization()``: the sum of ``regularization()`` of every submodule that has one
   (e.g. PACT's L2 on alpha) is added to the training loss.
 * ``loss_hook``: an optional callable ``(module, batch, outputs, loss) -> loss`` installed by a
@@ -19,6 +26,8 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from qtrain.nn.quantizer_base import Quantizer
 
 
 class TaskModule(pl.LightningModule):
@@ -95,11 +104,28 @@ class TaskModule(pl.LightningModule):
         return {"loss": loss, self.metric: self.batch_metric(outputs, targets, loss)}
 
     # -- optimisation -------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """[{'params': weights}, {'params': quantizer parameters, 'weight_decay': 0.0}] over
+        the trainable parameters (empty groups left out). A parameter is a quantizer
+        parameter when a :class:`Quantizer` module registers it (its own or a submodule's),
+        whatever its name; a parameter shared with a non-quantizer module stays decayed."""
+        inside = {id(m) for q in self.modules() if isinstance(q, Quantizer) for m in q.modules()}
+        quant_ids = {id(p) for m in self.modules() if id(m) in inside
+                     for p in m.parameters(recurse=False)}
+        quant_ids -= {id(p) for m in self.modules() if id(m) not in inside
+                      for p in m.parameters(recurse=False)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if id(p) not in quant_ids]
+        no_decay = [p for p in params if id(p) in quant_ids]
+        groups = [{"params": decay}] if decay else []
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("optimizer is not configured (set optimizer=sgd|adam|adamw)")
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = self.optimizer_factory(params)
+        opt = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {

@@ -119,8 +119,9 @@ class PACTQuantizer(Quantizer):
         alpha_init: initial clipping level (paper: ~10; Distiller uses 8).
         l2_decay: lambda of the paper's L2 regulariser on alpha. It is *not* applied by the
             optimizer: ``regularization()`` returns ``lambda * alpha^2``, which the
-            LightningModule adds to its loss (see :func:`regularization_loss`). Put alpha in an
-            optimizer group without weight decay when using it.
+            LightningModule adds to its loss (see :func:`regularization_loss`); the
+            TaskModule's optimizer puts alpha, like every quantizer parameter, in a group
+            without weight decay (:meth:`qtrain.modules.base.TaskModule.param_groups`).
     """
 
     min_bits, max_bits = 1, 8
