@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 from qtrain.quant import binary, fixed_point, floats, pow2, ternary
@@ -233,7 +234,8 @@ class StochasticUniformQuantizer(_SeededRounding, UniformQuantizer):
 
 
 class DynamicFixedPointQuantizer(_SeededRounding, Quantizer):
-    """Das 2018 dynamic fixed point: b-bit integers with a shared per-tensor exponent.
+    """Das 2018 dynamic fixed point: b-bit integers with a shared per-tensor exponent
+    (not Gupta 2015's static <IL, FL> format: that is :class:`FixedPointQuantizer`).
 
     Storage: ``bits`` per element + one int8 exponent.
     """
@@ -252,6 +254,59 @@ class DynamicFixedPointQuantizer(_SeededRounding, Quantizer):
 
     def storage_bits(self, weight):
         return self.bits * weight.numel() + fixed_point.EXPONENT_BITS
+
+
+class FixedPointQuantizer(_SeededRounding, Quantizer):
+    """Gupta et al. 2015 static fixed point <IL, FL>: WL = ``bits`` = IL + FL, step 2^-FL,
+    saturation to [-2^(IL-1), 2^(IL-1) - 2^-FL] (see :mod:`qtrain.quant.fixed_point`).
+
+    Args:
+        bits: word length WL (2..32).
+        frac_bits: FL, the fractional bits (IL = bits - frac_bits must be >= 1).
+        rounding: 'stochastic' (Gupta eq. 2, default) | 'nearest' (eq. 1) | 'truncate'.
+        seed: seeds this module's generator for stochastic rounding (None: global RNG).
+    Unlike :class:`DynamicFixedPointQuantizer` the format does not adapt to the tensor:
+    values beyond the range saturate. Storage: ``bits`` per element (the format is static,
+    no scale or exponent is stored).
+    """
+
+    min_bits, max_bits = 2, fixed_point.FIXED_MAX_WORD_LENGTH
+
+    def __init__(self, bits: int = 16, frac_bits: int = 14, rounding: str = "stochastic",
+                 seed: int | None = None) -> None:
+        super().__init__(bits)
+        self.frac_bits = frac_bits
+        self._check_format(bits)
+        self._init_rounding(rounding, seed)
+
+    def _check_format(self, bits: int) -> None:
+        fl = self.frac_bits
+        if not isinstance(fl, int) or isinstance(fl, bool) or not 0 <= fl <= bits - 1:
+            raise ConfigError(f"FixedPointQuantizer: frac_bits={fl!r} with bits={bits}; allowed: "
+                              f"an int in 0..{bits - 1} (IL = bits - frac_bits >= 1: the sign bit)")
+
+    @property
+    def int_bits(self) -> int:
+        return self.bits - self.frac_bits
+
+    def set_bits(self, bits: int) -> None:
+        """Change the word length, keeping FL (IL = bits - FL must stay >= 1)."""
+        self._check_format(self._check_bits(bits))
+        super().set_bits(bits)
+
+    def quantize(self, x):
+        return fixed_point.fake_fixed(x, self.int_bits, self.frac_bits, self.rounding,
+                                      self.generator(x.device))
+
+    def codes(self, weight):
+        return fixed_point.fixed_codes(weight, self.int_bits, self.frac_bits).to(torch.int32)
+
+    def storage_bits(self, weight):
+        return self.bits * weight.numel()
+
+    def extra_repr(self):
+        return (f"bits={self.bits}, <IL, FL>=<{self.int_bits}, {self.frac_bits}>, "
+                f"rounding={self.rounding}, enabled={self.enabled}")
 
 
 class FloatQuantizer(_SeededRounding, Quantizer):
