@@ -9,7 +9,8 @@ then freeze) and QAT range tracking (update every training step), see
 * :class:`MinMaxObserver`     running min/max, or an EMA of batch min/max (``momentum``,
   Jacob et al. 2018 Sec. 3.1) for QAT.
 * :class:`HistogramObserver`  histogram of |x| -> 'percentile', 'mse' or 'kl' (TensorRT)
-  clipping. When a batch exceeds the current range the histogram is re-binned onto the
+  clipping; KL searches with 2^(b-1) quantized bins for a signed grid and 2^b for an
+  unsigned one (an affine quantizer on a non-negative stream), as NVIDIA's calibrator. When a batch exceeds the current range the histogram is re-binned onto the
   wider range, each old bin's count moving to the new bin holding its centre (an
   approximation of the same kind as PyTorch's HistogramObserver). Non-negative streams
   (ReLU outputs) get (0, t), others (-t, t).
@@ -92,14 +93,15 @@ class HistogramObserver(Observer):
     METHODS = ("kl", "percentile", "mse")
 
     def __init__(self, method: str = "kl", bins: int = calibration.KL_BINS,
-                 percentile: float = 99.99, kl_levels: int = calibration.KL_LEVELS,
+                 percentile: float = 99.99, kl_start: int = calibration.KL_START,
                  name: str = "observer") -> None:
         super().__init__(name)
         if method not in self.METHODS:
             raise ValueError(f"{name}: method={method!r}; allowed: {self.METHODS}")
-        if bins <= kl_levels:
-            raise ValueError(f"{name}: bins={bins} must exceed kl_levels={kl_levels}")
-        self.method, self.bins, self.percentile, self.kl_levels = method, bins, percentile, kl_levels
+        if not isinstance(bins, int) or not 1 <= kl_start < bins:
+            raise ValueError(f"{name}: need 1 <= kl_start < bins; got kl_start={kl_start}, "
+                             f"bins={bins}")
+        self.method, self.bins, self.percentile, self.kl_start = method, bins, percentile, kl_start
         self.register_buffer("hist", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("amax", torch.tensor(0.0))
         self.register_buffer("min_val", torch.tensor(0.0))
@@ -122,11 +124,17 @@ class HistogramObserver(Observer):
         self.hist += torch.histc(a, self.bins, 0.0, self.amax.item()).double()
         self.count += 1
 
-    def threshold(self, bits: int) -> float:
+    def unsigned(self, symmetric: bool) -> bool:
+        """Unsigned grid: an affine quantizer on a non-negative stream (range (0, t), 2^b
+        levels); a symmetric quantizer, or signed data, spends 2^(b-1) levels on [0, t]."""
+        return not symmetric and self.min_val.item() >= 0
+
+    def threshold(self, bits: int, symmetric: bool = True) -> float:
         self._require_data()
         w = self.amax.item() / self.bins
         if self.method == "kl":
-            return calibration.kl_threshold_from_hist(self.hist, w, self.kl_levels)
+            return calibration.kl_threshold_from_hist(
+                self.hist, w, bits, self.unsigned(symmetric), self.kl_start)
         if self.method == "percentile":
             cdf = self.hist.cumsum(0) / self.hist.sum()
             i = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=cdf.dtype)))
@@ -137,7 +145,7 @@ class HistogramObserver(Observer):
         return hi.item()
 
     def compute_range(self, bits, symmetric=True):
-        t = torch.tensor(self.threshold(bits))
+        t = torch.tensor(self.threshold(bits, symmetric))
         lo = torch.zeros(()) if self.min_val.item() >= 0 else -t
         return lo, t
 

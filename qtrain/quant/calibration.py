@@ -6,14 +6,22 @@ calls these. ACIQ is in :mod:`qtrain.quant.aciq`, value-aware quantization in
 :mod:`qtrain.quant.value_aware`. Every entry point rejects NaN/inf with a ValueError that
 names ``name`` (the layer).
 
-KL divergence (Migacz 2017, "8-bit Inference with TensorRT", GTC, slides 30-37):
-histogram of |x| in 2048 bins over [0, max|x|]; for each candidate i = 128 .. 2047:
-P = bins[0:i] with the tail sum(bins[i:]) folded into bin i-1; Q = bins[0:i] merged into 128
-levels (``i // 128`` bins per level, the last level takes the remainder, as in the
-MXNet/TVM implementations) and expanded back, each level's mass spread evenly over its
-non-empty bins (empty bins stay 0); P and Q normalised; threshold = (m + 0.5) * bin_width
-for m = argmin_i KL(P || Q). Where P > 0 but Q = 0 (the tail folded into an empty bin) Q is
-set to 1e-12 (such a candidate is effectively never chosen). Vectorised over candidates.
+KL divergence (Migacz 2017, "8-bit Inference with TensorRT", GTC, slides 30-37; NVIDIA
+pytorch-quantization ``calib/histogram.py::_compute_amax_entropy`` for the bit widths):
+histogram of |x| in 2048 bins over [0, max|x|]; the quantized distribution has
+``L = 2^(b-1)`` levels for signed data and ``2^b`` for unsigned data at b bits (NVIDIA:
+``nbins = 1 << (num_bits - 1 + unsigned)``; 128 at int8 signed, 8 at int4 signed: a 4-bit
+threshold is chosen for 8 levels, not 128). For each candidate i = start .. 2047 (``start``
+128, NVIDIA's ``start_bin``): P = bins[0:i] with the tail sum(bins[i:]) folded into bin i-1;
+Q = bins[0:i] merged into L levels (``max(1, i // L)`` bins per level, the last level takes
+the remainder, as in the MXNet/TVM implementations; with i < L every bin is its own level)
+and expanded back, each level's mass spread evenly over its non-empty bins (empty bins stay
+0); P and Q normalised; threshold = (m + 0.5) * bin_width for m = argmin_i KL(P || Q)
+(Migacz). Where P > 0 but Q = 0 (the tail folded into an empty bin) Q is set to 1e-12 (such
+a candidate is effectively never chosen). Vectorised over candidates. Departures from
+NVIDIA's code, kept from Migacz's slides: the merge (NVIDIA splits [0, i) at
+``linspace(0, i, L + 1)``), the threshold (NVIDIA: the bin edge i * width), the first
+argmin (NVIDIA: the last), and bin 0 (NVIDIA overwrites it with bin 1).
 """
 
 from __future__ import annotations
@@ -22,7 +30,16 @@ import torch
 
 from qtrain.quant import uniform as U
 
-KL_BINS, KL_LEVELS = 2048, 128
+KL_BINS, KL_START = 2048, 128
+
+
+def kl_levels(bits: int, unsigned: bool) -> int:
+    """Quantized bins of the KL search: 2^(b-1) signed, 2^b unsigned (NVIDIA's rule)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
+        raise ValueError(f"KL calibration: bits={bits!r} not supported; allowed 1..16")
+    if bits == 1 and not unsigned:
+        raise ValueError("KL calibration: signed data needs bits >= 2 (1 bit: unsigned only)")
+    return 1 << (bits - 1 + int(bool(unsigned)))
 
 
 def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -98,13 +115,14 @@ def abs_histogram(x: torch.Tensor, bins: int = KL_BINS, name: str = "tensor"):
     return hist, width
 
 
-def kl_divergences(hist: torch.Tensor, levels: int = KL_LEVELS, start: int | None = None):
+def kl_divergences(hist: torch.Tensor, levels: int, start: int = KL_START):
     """KL(P_i || Q_i) for every candidate i in [start, len(hist)) (module docstring)."""
     hist = hist.double().flatten()
     nb = hist.numel()
-    start = levels if start is None else start
-    if nb <= start or start < levels:
-        raise ValueError(f"KL calibration needs bins > start >= levels; got {nb}, {start}, {levels}")
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"KL calibration: levels={levels!r} must be a positive int")
+    if not 1 <= start < nb:
+        raise ValueError(f"KL calibration needs 1 <= start < bins; got start={start}, bins={nb}")
     tail = hist.flip(0).cumsum(0).flip(0)  # tail[i] = sum(hist[i:])
     j = torch.arange(nb)
     nonempty = hist > 0
@@ -112,7 +130,7 @@ def kl_divergences(hist: torch.Tensor, levels: int = KL_LEVELS, start: int | Non
     for c0 in range(start, nb, 256):
         cand = torch.arange(c0, min(c0 + 256, nb))
         valid = j[None, :] < cand[:, None]
-        merged = (cand // levels)[:, None]
+        merged = (cand // levels).clamp_min(1)[:, None]
         chunk = (j[None, :] // merged).clamp(max=levels - 1)
         p = torch.where(valid, hist[None, :], torch.zeros(()))
         p[torch.arange(cand.numel()), cand - 1] += tail[cand]  # P[i-1] += sum(hist[i:])
@@ -130,15 +148,20 @@ def kl_divergences(hist: torch.Tensor, levels: int = KL_LEVELS, start: int | Non
     return torch.arange(start, nb), torch.cat(out)
 
 
-def kl_threshold_from_hist(hist, bin_width: float, levels: int = KL_LEVELS,
-                           start: int | None = None) -> float:
-    cand, kl = kl_divergences(hist, levels, start)
+def kl_threshold_from_hist(hist, bin_width: float, bits: int = 8, unsigned: bool = False,
+                           start: int = KL_START) -> float:
+    """Threshold (m + 0.5) * bin_width minimising KL at ``bits`` (signed or unsigned data)."""
+    cand, kl = kl_divergences(hist, kl_levels(bits, unsigned), start)
     m = int(cand[int(kl.argmin())])
     return (m + 0.5) * bin_width
 
 
-def kl_threshold(x: torch.Tensor, bins: int = KL_BINS, levels: int = KL_LEVELS,
-                 name: str = "tensor") -> float:
-    """TensorRT entropy-calibration threshold of ``x`` (symmetric clip +-threshold)."""
+def kl_threshold(x: torch.Tensor, bits: int = 8, unsigned: bool | None = None,
+                 bins: int = KL_BINS, start: int = KL_START, name: str = "tensor") -> float:
+    """TensorRT entropy-calibration threshold of ``x`` for ``bits``-bit quantization: clip
+    to +-threshold (signed) or [0, threshold] (unsigned; default: ``x`` has no negative
+    value)."""
+    if unsigned is None:
+        unsigned = bool(_flat(x, name).min() >= 0)
     hist, width = abs_histogram(x, bins, name)
-    return kl_threshold_from_hist(hist, width, levels)
+    return kl_threshold_from_hist(hist, width, bits, unsigned, start)

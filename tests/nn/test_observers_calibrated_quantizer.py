@@ -24,11 +24,23 @@ def test_minmax_and_ema_by_hand():
 
 def test_histogram_kl_single_batch_equals_function():
     x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
-    o = HistogramObserver("kl", bins=512, kl_levels=32)
+    o = HistogramObserver("kl", bins=512)
     o.update(x)
-    t = calibration.kl_threshold(x, 512, 32)
-    lo, hi = o.compute_range(8)
-    assert hi.item() == pytest.approx(t, rel=1e-6) and lo.item() == pytest.approx(-t, rel=1e-6)
+    for bits in (8, 4, 2):
+        t = calibration.kl_threshold(x, bits, bins=512)
+        lo, hi = o.compute_range(bits)
+        assert hi.item() == pytest.approx(t, rel=1e-6) and lo.item() == pytest.approx(-t, rel=1e-6)
+
+
+def test_histogram_kl_unsigned_grid_only_for_affine_non_negative_stream():
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,)).abs()
+    o = HistogramObserver("kl", bins=512)
+    o.update(x)
+    t_u = calibration.kl_threshold(x, 4, unsigned=True, bins=512)  # 16 levels on [0, t]
+    t_s = calibration.kl_threshold(x, 4, unsigned=False, bins=512)  # 8 levels on [0, t]
+    assert t_u != t_s
+    assert o.compute_range(4, symmetric=False)[1].item() == pytest.approx(t_u, rel=1e-6)
+    assert o.compute_range(4, symmetric=True)[1].item() == pytest.approx(t_s, rel=1e-6)
 
 
 def test_histogram_rebinning_keeps_counts_and_percentile():
@@ -75,7 +87,7 @@ def test_observer_nan_names_layer():
 @pytest.mark.parametrize("calib", ["minmax", "percentile", "kl", "mse", "aciq"])
 def test_calibrate_then_freeze_flow(calib):
     torch.manual_seed(0)
-    kw = {"bins": 512, "kl_levels": 64} if calib == "kl" else {}
+    kw = {"bins": 512} if calib == "kl" else {}
     q = CalibratedQuantizer(8, calib, symmetric=False, **kw)
     batches = [torch.relu(torch.randn(64, 100)) for _ in range(3)]
     q.calibrating = True

@@ -11,6 +11,7 @@ from qtrain.quant import uniform as U
 from qtrain.quant.aciq import aciq_alpha, aciq_range, gaussian_mse, laplace_mse
 from qtrain.quant.calibration import (
     abs_histogram,
+    kl_levels,
     kl_threshold,
     minmax_range,
     mse_range_search,
@@ -19,18 +20,20 @@ from qtrain.quant.calibration import (
 from qtrain.quant.value_aware import value_aware_fake_quantize, value_aware_storage_bits
 
 
-def _brute_force_kl_threshold(hist, width, levels=128):
-    """Migacz's pseudo-code, one candidate and one level at a time (numpy, loops)."""
+def _brute_force_kl_threshold(hist, width, bits, unsigned, start=128):
+    """Migacz's pseudo-code, one candidate and one level at a time (numpy, loops), with
+    NVIDIA's count of quantized bins: 2^(b-1) for signed data, 2^b for unsigned."""
+    levels = 2**bits if unsigned else 2 ** (bits - 1)
     hist = np.asarray(hist, dtype=np.float64)
     best, best_i = math.inf, None
-    for i in range(levels, len(hist)):
+    for i in range(start, len(hist)):
         p = hist[:i].copy()
         p[i - 1] += hist[i:].sum()
-        merged = i // levels
+        merged = max(1, i // levels)
         q = np.zeros(i)
         for lv in range(levels):
             a = lv * merged
-            b = i if lv == levels - 1 else (lv + 1) * merged
+            b = i if lv == levels - 1 else min((lv + 1) * merged, i)
             seg = hist[a:b]
             nz = seg > 0
             if nz.any():
@@ -45,29 +48,51 @@ def _brute_force_kl_threshold(hist, width, levels=128):
     return (best_i + 0.5) * width
 
 
-def _kl_case(dist, bins, levels):
+def _kl_sample(dist):
     g = torch.Generator().manual_seed(0)
     if dist == "laplace":
-        x = torch.distributions.Laplace(0.0, 1.0).sample((50000,))
-    else:
+        return torch.distributions.Laplace(0.0, 1.0).sample((50000,))
+    if dist == "relu_gaussian":  # unsigned data: post-ReLU activations with outliers
         x = torch.randn(50000, generator=g)
-        x[:20] *= 12  # a few outliers: the optimum clips well below max|x|
+        x[:20] = x[:20].abs() * 12
+        return x.relu()
+    x = torch.randn(50000, generator=g)
+    x[:20] *= 12  # a few outliers: the optimum clips well below max|x|
+    return x
+
+
+def _kl_case(dist, bins, bits):
+    x = _kl_sample(dist)
+    unsigned = dist == "relu_gaussian"
     hist, width = abs_histogram(x, bins)
-    ref = _brute_force_kl_threshold(hist.numpy(), width, levels)
-    assert kl_threshold(x, bins, levels) == pytest.approx(ref, rel=1e-12)
-    if dist != "laplace":
+    ref = _brute_force_kl_threshold(hist.numpy(), width, bits, unsigned)
+    got = kl_threshold(x, bits, bins=bins)  # signedness read from the data
+    assert got == pytest.approx(ref, rel=1e-12)
+    if dist == "gaussian_with_outliers":
         assert ref < 0.5 * x.abs().max().item()
+    return got
 
 
-@pytest.mark.parametrize("dist", ["laplace", "gaussian_with_outliers"])
-def test_kl_threshold_equals_brute_force_small_histogram(dist):
-    _kl_case(dist, 512, 32)
+@pytest.mark.parametrize("dist", ["laplace", "gaussian_with_outliers", "relu_gaussian"])
+def test_kl_threshold_equals_brute_force_small_histogram_per_bit_width(dist):
+    t8, t4 = _kl_case(dist, 512, 8), _kl_case(dist, 512, 4)
+    assert t4 != t8  # 8 (signed) / 16 (unsigned) levels at 4 bits, not 128 / 256
+
+
+def test_kl_levels_nvidia_rule():
+    # NVIDIA pytorch-quantization: nbins = 1 << (num_bits - 1 + int(unsigned))
+    for bits in range(2, 9):
+        for unsigned in (False, True):
+            assert kl_levels(bits, unsigned) == 1 << (bits - 1 + int(unsigned))
+    assert (kl_levels(8, False), kl_levels(8, True), kl_levels(4, False)) == (128, 256, 8)
+    with pytest.raises(ValueError, match="bits"):
+        kl_levels(0, True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dist", ["laplace", "gaussian_with_outliers"])
 def test_kl_threshold_equals_brute_force_tensorrt_defaults(dist):
-    _kl_case(dist, 2048, 128)
+    _kl_case(dist, 2048, 8)
 
 
 # Banner et al. 2018 (ACIQ), published optimal clipping values alpha*/b and alpha*/sigma
