@@ -11,7 +11,8 @@ one or the other, not both.
 * :class:`PACTQuantizer` -- Choi et al. 2018 (PACT), learned clipping level alpha.
 * :class:`LSQQuantizer` -- Esser et al. 2020 (Learned Step Size Quantization).
 * :class:`DSQQuantizer` -- Gong et al. 2019 (Differentiable Soft Quantization).
-* :class:`PolinoDifferentiableQuantizer` -- Polino et al. 2018, differentiable quantization.
+* :class:`PolinoDifferentiableQuantizer` -- Polino et al. 2018, differentiable quantization
+  (lives in :mod:`qtrain.nn.polino_quantizer`; re-exported here).
 * :class:`SoftToHardVQ` -- Agustsson et al. 2017, soft-to-hard vector quantization.
 
 Regularisers: quantizers with a ``regularization()`` method (PACT's L2 on alpha) are summed by
@@ -25,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from qtrain.nn.polino_quantizer import PolinoDifferentiableQuantizer  # noqa: F401 (re-export)
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant import estimators as E
 
@@ -329,64 +331,6 @@ class DSQQuantizer(Quantizer):
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return self.bits * weight.numel() + 64  # codes + fp32 l and u (alpha: training only)
-
-
-class PolinoDifferentiableQuantizer(Quantizer):
-    """Differentiable quantization (Polino et al. 2018, sec. 2.2 / Algorithm 2).
-
-    Learned points p_1..p_n, n = 2^bits, initialised at the quantiles (i + 1/2)/n of the first
-    weight seen (linear interpolation, as ``torch.quantile``). Each weight maps to its
-    nearest point; d loss / d p_j = sum of the gradients of the weights assigned to p_j.
-    Simplification: points live directly in weight space (one set per tensor); the paper's
-    bucketing with per-bucket min-max scaling is not implemented. The weight itself gets no
-    gradient (the true derivative; the paper trains only the points) unless ``ste=True``.
-    Call :meth:`resort` after each optimizer step (the paper re-sorts the points); note the
-    optimizer's per-point state (momentum) is not permuted with them.
-    """
-
-    min_bits, max_bits = 1, 8
-
-    def __init__(self, bits: int = 2, ste: bool = False) -> None:
-        super().__init__(bits)
-        self.ste = ste
-        self.points = nn.Parameter(torch.zeros(2**bits))
-        self.register_buffer("initialized", torch.tensor(False))
-
-    def set_bits(self, bits: int) -> None:
-        super().set_bits(bits)
-        self.points = nn.Parameter(torch.zeros(2**bits, device=self.points.device))
-        self.initialized.fill_(False)
-
-    @staticmethod
-    def quantiles(x: torch.Tensor, n: int) -> torch.Tensor:
-        """Quantiles (i + 1/2)/n, i < n, of ``x`` (linear interpolation; any size)."""
-        v = x.detach().flatten().sort().values
-        pos = (torch.arange(n, dtype=torch.float64, device=v.device) + 0.5) / n * (v.numel() - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp_max(v.numel() - 1)
-        frac = (pos - lo).to(v.dtype)
-        return v[lo] + frac * (v[hi] - v[lo])
-
-    def assignments(self, x: torch.Tensor) -> torch.Tensor:
-        """Index (into ``points``) of the nearest point for every element of ``x``."""
-        p, perm = self.points.detach().sort()
-        j = torch.bucketize(x.detach().contiguous(), ((p[1:] + p[:-1]) / 2).contiguous())
-        return perm[j]
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
-            with torch.no_grad():
-                self.points.copy_(self.quantiles(x, self.points.numel()))
-                self.initialized.fill_(True)
-        out = self.points[self.assignments(x)]
-        return out + (x - x.detach()) if self.ste else out
-
-    @torch.no_grad()
-    def resort(self) -> None:
-        self.points.copy_(self.points.sort().values)
-
-    def storage_bits(self, weight: torch.Tensor) -> int:
-        return self.bits * weight.numel() + 32 * self.points.numel()
 
 
 class SoftToHardVQ(Quantizer):

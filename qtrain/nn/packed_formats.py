@@ -12,7 +12,8 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   (Das et al. 2018: symmetric, scale ``2^E``), calibrated (KL / ACIQ / ...) uniform weights.
 * ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): TTQ (Zhu
   et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
-  quantization (learned points, sec. 2.2), scalar soft-to-hard VQ (Agustsson et al. 2017),
+  quantization with one bucket per tensor (``bucket_size=None``: table ``alpha p + beta``),
+  scalar soft-to-hard VQ (Agustsson et al. 2017),
   scalar k-means weight sharing (Gong et al. 2014 sec. 3.2; ``KMeansWeightQuantizer``: the
   fp16 shared values as a float16 table, bit-exact).
 * ``float`` (torch path only, no Triton kernel): ``fweight`` (N, K) in the real torch dtype
@@ -24,7 +25,10 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
 * ``bucketed`` (torch path only): Polino buckets that are not groups of the rows (the bucket
   size does not divide the row length K): the flattened weight, zero-padded to whole buckets,
   as ``packed`` (n_buckets, words(bs)) codes with float32 ``scales`` / ``zeros``
-  (n_buckets, 1); ``group_size`` = bs. ``W.flat[:numel] = dequantized buckets``.
+  (n_buckets, 1); ``group_size`` = bs. ``W.flat[:numel] = dequantized buckets``. With a
+  ``lut`` (1, 2^c) float32 buffer (Polino differentiable quantization, sec. 2.2: learned
+  points shared by the buckets): ``W = lut[u] * scales + zeros`` (scales = alpha, zeros = beta
+  per bucket; the padding copies the last weight).
 * ``value_aware`` (torch path only; Park et al. 2018 sec. 3): the dense ``bits``-bit uniform
   part (``packed`` / ``scales`` / ``zeros``, every position) plus the outliers: ``sp_values``
   (k,) float32 and their flat indices (row-major over (N, K)) as ``ceil(log2 numel)`` bit
@@ -40,7 +44,7 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   alpha stored in fp16 per row.
 
 Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
-bit-exact: TTQ, Polino differentiable (``lut``), float / FP8 training / S2FP8 (``float``),
+bit-exact: TTQ, Polino differentiable (``lut`` / ``bucketed``), float / FP8 training / S2FP8 (``float``),
 dynamic fixed point; scalar soft-to-hard VQ up to one fp32 rounding (its forward is
 ``soft + (hard - soft)``); up to the rounding of ``scales`` / ``zeros`` to ``scale_dtype``
 (float16: ~2^-11 of the weight range; float32: ~1 ulp, e.g. DoReFa's ``(u - z) s`` vs.
@@ -64,6 +68,7 @@ import torch
 from qtrain_kernels import layout as L
 
 from qtrain.nn import packed_sparse
+from qtrain.nn import polino_quantizer as polino_q
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.format_quantizers import (
@@ -80,9 +85,9 @@ from qtrain.nn.lab_quantizer import LABWeightQuantizer
 from qtrain.nn.learned_quantizers import (
     DoReFaWeightQuantizer,
     DSQQuantizer,
-    PolinoDifferentiableQuantizer,
     SoftToHardVQ,
 )
+from qtrain.nn.polino_quantizer import PolinoDifferentiableQuantizer
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import binary, fixed_point, floats, ternary
 from qtrain.quant import bucketed as B
@@ -146,6 +151,10 @@ def dequantize(m) -> torch.Tensor:
     ``sparse_shared`` layer."""
     if m.fmt == packed_sparse.FMT:
         return packed_sparse.dequantize(m)
+    if m.fmt == "bucketed" and "lut" in m._buffers:  # Polino differentiable (module doc)
+        u = L.unpack_codes(m.packed, L.container_bits(m.bits), m.group_size)
+        w = m.lut[0].float()[u] * m.scales + m.zeros
+        return w.reshape(-1)[:m.out_features * m.in_features].reshape(m.out_features, -1)
     if m.fmt == "bucketed":
         w = L.dequantize_uniform(m.packed, m.scales, m.zeros, L.container_bits(m.bits),
                                  m.group_size)
@@ -188,6 +197,8 @@ def validate(m, want) -> None:
         want("packed", (torch.int32,), (nb, L.packed_words(bs, L.container_bits(m.bits))))
         want("scales", (torch.float32,), (nb, 1))
         want("zeros", (torch.float32,), (nb, 1))
+        if "lut" in m._buffers:
+            want("lut", (torch.float32,), (1, 2**L.container_bits(m.bits)))
     elif m.fmt == "float":
         want("fweight", FLOAT_DTYPES, (n, k))
         for b, size in (("fscale", 1), ("s2fp8", 2)):
@@ -313,8 +324,21 @@ def _ttq(wq, w, flat, bias, backend, scale_dtype):
 
 
 def _polino(wq, w, flat, bias, backend, scale_dtype):
-    return lut_layer(wq.assignments(flat), wq.points.detach().reshape(1, -1), wq.bits, bias,
-                     backend), None
+    """Polino differentiable quantization: codes = nearest learned point of each scaled weight,
+    ``alpha p + beta`` as the quantizer computes it (bit-exact)."""
+    n, k = flat.shape
+    s, alpha, beta = wq.scale(flat)
+    codes = polino_q.nearest_points(s, wq.points)  # (n_buckets, bs), padding included
+    p = wq.points.detach().float()
+    if wq.bucket_size is None:  # one bucket: one table (Triton-capable lut format)
+        return lut_layer(codes.reshape(n, k), (p * alpha + beta).reshape(1, -1), wq.bits, bias,
+                         backend), None
+    c = L.container_bits(wq.bits)
+    layer = bucketed_layer(codes, alpha, beta, wq.bits, n, k, bias, backend)
+    lut = torch.zeros(1, 2**c, dtype=torch.float32, device=p.device)
+    lut[0, :p.numel()] = p
+    layer.register_buffer("lut", lut)
+    return layer, None
 
 
 def _soft_to_hard(wq, w, flat, bias, backend, scale_dtype):

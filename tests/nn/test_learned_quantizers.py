@@ -219,40 +219,7 @@ def test_dsq_init_range_and_bad_args():
 
 
 # ---------------------------------------------------------------- Polino
-def test_polino_quantile_init_and_nearest_assignment():
-    w = torch.randn(37, 11, generator=torch.Generator().manual_seed(0))
-    q = LQ.PolinoDifferentiableQuantizer(2)
-    y = q(w)
-    qs = torch.tensor([(i + 0.5) / 4 for i in range(4)])
-    assert torch.allclose(q.points, torch.quantile(w.flatten(), qs), atol=1e-6)
-    ref_idx = (w.unsqueeze(-1) - q.points.detach()).abs().argmin(-1)
-    assert torch.equal(q.assignments(w), ref_idx)
-    assert torch.equal(y, q.points.detach()[ref_idx])
-    # unsorted points (between a step and resort) still map to the nearest point
-    with torch.no_grad():
-        q.points.copy_(q.points[[2, 0, 3, 1]])
-    ref_idx = (w.unsqueeze(-1) - q.points.detach()).abs().argmin(-1)
-    assert torch.equal(q.assignments(w), ref_idx)
-    q.resort()
-    assert torch.equal(q.points.detach(), q.points.detach().sort().values)
-    assert q.storage_bits(w) == 2 * w.numel() + 4 * 32
-
-
-def test_polino_point_gradient_is_sum_of_assigned_weight_gradients():
-    w = torch.randn(6, 5, requires_grad=True)
-    g = torch.randn(6, 5)
-    q = LQ.PolinoDifferentiableQuantizer(2)
-    q(w).backward(g)
-    idx = q.assignments(w).flatten().tolist()
-    ref = [0.0] * 4
-    for j, gj in zip(idx, g.flatten().tolist()):
-        ref[j] += gj
-    assert torch.allclose(q.points.grad, torch.tensor(ref), atol=1e-6)
-    assert w.grad is None  # piecewise constant: the weight gets no gradient
-    q2 = LQ.PolinoDifferentiableQuantizer(2, ste=True)
-    w2 = w.detach().clone().requires_grad_(True)
-    q2(w2).backward(g)
-    assert torch.equal(w2.grad, g)
+# Polino differentiable quantization (bucketed points in [0, 1]): tests/nn/test_polino_quantizer.py
 
 
 # ---------------------------------------------------------------- soft-to-hard VQ
