@@ -25,6 +25,16 @@ Simplification: the shared codebook is fitted with the objective of the layer th
 (for an activation-aware embedding: token-frequency row weights), not a joint objective of
 both uses.
 
+Runs that end before the last stage (``max_steps`` / ``max_epochs`` too short for the
+schedule, early stopping): with ``on_incomplete='quantize'`` (default) every stage not yet
+applied is applied at the end of fit (``on_train_end``), in stage order, with the same
+k-means fit as a scheduled stage (activation-aware: on the last training batch), so the
+model that is tested and exported is fully product-quantized, as INQ and Deep Compression
+do at the end of fit; those late stages get no finetuning (a warning at train start says so
+when the schedule cannot fit). ``on_incomplete='error'`` instead stops with a
+:class:`~qtrain.errors.ConfigError` before the first training step when the last stage start
+is not reached by the trainer's ``max_steps`` / ``max_epochs``.
+
 Resume: the callback registers a ``load_state_dict`` pre-hook on the LightningModule that
 rebuilds PQ layers for every ``<layer>.centroids`` found in the checkpoint before the
 weights are loaded, so a run resumed mid-stage continues with the same modules, optimizer
@@ -34,14 +44,17 @@ embeddings 8, conv 3x3 9 (kh*kw), 1x1 4; transformer order FFN -> embeddings -> 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
+from qtrain.errors import ConfigError
 from qtrain.nn.convert import LayerSelectionError, as_patterns, select_modules, set_submodule
 from qtrain.nn.pq_layers import (
     is_pq,
@@ -65,6 +78,7 @@ PRESETS = {
 }
 DEFAULT_BLOCKS = {"fc": 8, "attention": 4, "embedding": 8, "conv1x1": 4}
 UNITS = ("epoch", "step")
+ON_INCOMPLETE = ("quantize", "error")
 
 
 def default_block_size(name: str, m: nn.Module, blocks: dict) -> int:
@@ -131,14 +145,21 @@ class IterativePQCallback(pl.Callback):
         activation_aware: fit with sampled inputs of the current batch (max_sample_rows).
         forward_fn: f(pl_module, batch) running the model (activation sampling).
         lr_schedule: 'continue' or 'restart' after each optimizer rebuild.
+        on_incomplete: 'quantize' (apply the stages the run did not reach at the end of fit)
+            or 'error' (ConfigError before training when the schedule cannot fit).
     """
 
     def __init__(self, stages="fairseq_transformer", exclude=(), n_centroids: int = 256,
                  n_iter: int = 20, block_sizes=None, boundaries=None, stage_length: int = 1,
                  start: int = 0, unit: str = "epoch", activation_aware: bool = False,
                  max_sample_rows: int = 4096, forward_fn=None, lr_schedule: str = "continue",
-                 seed: int = 0, clamp_centroids: bool = False) -> None:
+                 seed: int = 0, clamp_centroids: bool = False,
+                 on_incomplete: str = "quantize") -> None:
         super().__init__()
+        if on_incomplete not in ON_INCOMPLETE:
+            raise ConfigError(f"ipq.on_incomplete={on_incomplete!r}; allowed: {ON_INCOMPLETE}")
+        self.on_incomplete = on_incomplete
+        self._last_batch = None
         if isinstance(stages, str) and stages not in (*PRESETS, "cnn"):
             raise ValueError(f"ipq.stages={stages!r}; allowed presets: {[*PRESETS, 'cnn']} "
                              "or a list of regex groups")
@@ -221,7 +242,48 @@ class IterativePQCallback(pl.Callback):
     def _now(self, trainer) -> int:
         return trainer.global_step if self.unit == "step" else trainer.current_epoch
 
+    def _last_reached(self, trainer) -> float:
+        """The last epoch / step index at whose start a training batch runs (inf: no limit)."""
+        total = trainer.estimated_stepping_batches  # optimizer steps of the whole fit
+        if self.unit == "step":
+            return total - 1
+        per_epoch = trainer.num_training_batches
+        if per_epoch == float("inf") or total == float("inf"):
+            return float("inf") if trainer.max_epochs in (None, -1) else trainer.max_epochs - 1
+        steps_per_epoch = max(1, math.ceil(per_epoch / trainer.accumulate_grad_batches))
+        return (int(total) - 1) // steps_per_epoch
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.stage >= len(self.plan):
+            return
+        last = self._last_reached(trainer)
+        late = [t for t in range(self.stage, len(self.plan)) if self.boundaries[t] > last]
+        if not late:
+            return
+        what = (f"ipq stages {late} start at {self.unit}s {[self.boundaries[t] for t in late]}, "
+                f"but this run's last {self.unit} is {last}")
+        if self.on_incomplete == "error":
+            raise ConfigError(f"{what} (ipq.boundaries / ipq.start / ipq.stage_length vs "
+                              "trainer.max_steps / max_epochs); lengthen the run, move the stages "
+                              "earlier, or set ipq.on_incomplete='quantize'")
+        rank_zero_warn(f"{what}: they will be quantized at the end of fit without finetuning "
+                       "(ipq.on_incomplete='quantize')")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Apply every stage the run did not reach (``on_incomplete='quantize'``)."""
+        if self.on_incomplete != "quantize" or self.stage >= len(self.plan):
+            self._last_batch = None
+            return
+        was = pl_module.training
+        while self.stage < len(self.plan):
+            self._apply_stage(trainer, pl_module, self.stage, self._last_batch)
+            self.stage += 1
+        pl_module.train(was)
+        self._last_batch = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.activation_aware:
+            self._last_batch = batch  # for stages applied at the end of fit
         changed = False
         while self.stage < len(self.plan) and self._now(trainer) >= self.boundaries[self.stage]:
             self._apply_stage(trainer, pl_module, self.stage, batch)
@@ -273,7 +335,11 @@ class IterativePQCallback(pl.Callback):
         group = self._fit_group(pl_module, t)
         fitted = None
         if trainer.global_rank == 0:
-            samples = self._sample_inputs(pl_module, group, batch) if self.activation_aware else {}
+            if self.activation_aware and batch is None:  # no training batch ran in this fit
+                rank_zero_warn(f"ipq stage {t}: no training batch to sample inputs from; "
+                               "fitted with the plain ||W - W_hat||^2 objective")
+            samples = (self._sample_inputs(pl_module, group, batch)
+                       if self.activation_aware and batch is not None else {})
             fitted = {}
             for i, (name, bs) in enumerate(group.items()):
                 m = pl_module.get_submodule(name)

@@ -3,6 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from qtrain.callbacks.ipq import IterativePQCallback
 from qtrain.nn.pq_layers import PQConv2d, PQEmbedding, PQLinear, is_pq
@@ -53,10 +54,12 @@ def test_resume_mid_stage_equals_uninterrupted(tmp_path):
 
     pl.seed_everything(0)
     part = TinyTransformerish()
-    t1 = make_trainer(max_epochs=2, callbacks=[_ipq()])  # 8 steps: inside stage 1 (5..8)
+    # 8 steps: inside stage 1 (5..8); the checkpoint the run writes at the end of its last
+    # epoch (before on_train_end, which quantizes the stages not reached: test_ipq_incomplete)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="mid", save_top_k=1)
+    t1 = make_trainer(max_epochs=2, callbacks=[_ipq(), saver], enable_checkpointing=True)
     t1.fit(part, token_loader())
     ckpt = tmp_path / "mid.ckpt"
-    t1.save_checkpoint(ckpt)
 
     pl.seed_everything(123)  # different init: everything must come from the checkpoint
     resumed = TinyTransformerish()
