@@ -32,9 +32,10 @@
     :func:`qtrain.nn.packed_formats.pack_weight` with the quantizer's eval-mode weight:
     DoReFa (k-bit: ``uniform`` codes, scale 2/(2^k - 1), float zero-point (2^k - 1)/2;
     1 bit: ``binary``), DSQ (hard test-time value: ``uniform``, float zero-point -l/Delta),
-    TTQ / Polino differentiable / scalar soft-to-hard VQ (``lut``: codes into the
-    {-W_n, 0, W_p} table, the learned points or centres; bit-exact), vector soft-to-hard VQ
-    (``codebook``), Polino bucketed min-max (``uniform`` per group when the bucket size
+    TTQ / scalar soft-to-hard VQ (``lut``: codes into the {-W_n, 0, W_p} table or the
+    centres; bit-exact), Polino differentiable (``bucketed`` with the learned points as a
+    ``lut`` and alpha, beta per bucket; ``lut`` with bucket_size=None; bit-exact), vector
+    soft-to-hard VQ (``codebook``), Polino bucketed min-max (``uniform`` per group when the bucket size
     divides the row length, else ``bucketed``: buckets of the flattened weight, torch only),
     dynamic fixed point (``uniform`` symmetric with scale 2^E up to 8 bits, else ``float``
     int16 / int32 codes), FloatQuantizer / FP8 training (``float``: the weight in its torch
