@@ -5,6 +5,11 @@ objects (conversion never copies or overwrites the float master weight) and comp
 forward with ``weight_quantizer(self.weight)`` and ``act_quantizer(input)``. Any
 :class:`qtrain.nn.quantizer_base.Quantizer` can fill either slot (uniform, binary,
 ternary, PACT, LSQ, FP8, ...); ``None`` means "keep float".
+
+An activation quantizer may also scale the layer's output per position: XNOR-Net's K
+(Rastegari et al. 2016 eq. 11; :class:`qtrain.nn.format_quantizers.XNORActQuantizer`)
+depends on the layer's geometry, so the layer asks ``act_quantizer.input_scale(x, geometry)``
+for it (:func:`input_scale`) and computes ``(x_q (*) w_q) . K + bias``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.nn.quantizer_base import Quantizer
+
+
+def input_scale(aq, x: torch.Tensor, geometry: dict | None = None) -> torch.Tensor | None:
+    """The output scale K an activation quantizer asks for (None: none). ``geometry`` is
+    :func:`conv_geometry` of a convolution, None for a linear layer."""
+    fn = getattr(aq, "input_scale", None)
+    return None if fn is None else fn(x, geometry)
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict:
+    return {"kernel_size": tuple(conv.kernel_size), "stride": conv.stride,
+            "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups,
+            "out_channels": conv.out_channels, "padding_mode": conv.padding_mode}
+
+
+def scaled_output(y: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, channel_dim: int):
+    """``y . K + bias`` (bias broadcast along ``channel_dim``)."""
+    y = y * k
+    if bias is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y + bias.reshape(shape)
 
 
 class _FakeQuantMixin:
@@ -68,7 +96,11 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 
 class QuantLinear(_FakeQuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        k = input_scale(self.act_quantizer, x)
+        if k is None:
+            return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.quantized_input(x), self.quantized_weight())
+        return scaled_output(y, k, self.bias, -1)
 
     @classmethod
     def from_float(cls, m: nn.Linear, weight_quantizer=None, act_quantizer=None) -> QuantLinear:
@@ -81,7 +113,11 @@ class QuantLinear(_FakeQuantMixin, nn.Linear):
 
 class QuantConv2d(_FakeQuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        k = input_scale(self.act_quantizer, x, conv_geometry(self))
+        if k is None:
+            return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), None)
+        return scaled_output(y, k, self.bias, 1)
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, weight_quantizer=None, act_quantizer=None) -> QuantConv2d:

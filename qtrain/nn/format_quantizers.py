@@ -81,6 +81,44 @@ class BinaryActQuantizer(Quantizer):
         return weight.numel()
 
 
+XNOR_ACT_SCALINGS = ("mean_abs", "none")
+
+
+class XNORActQuantizer(BinaryActQuantizer):
+    """XNOR-Net binary inputs (Rastegari et al. 2016, Sec. 3.2): sign(I) with the clipped
+    STE, and the layer's output scaled by K of eq. (11) (see :mod:`qtrain.quant.binary`),
+    so the binary conv is (sign(I) (*) sign(W)) . K alpha (+ bias).
+
+    Args:
+        act_scaling: 'mean_abs' (the paper's K = A * k, A = mean over input channels of
+            |I|, k the kernel-sized box filter at the conv's stride/padding/dilation; a
+            Linear layer gets K = mean |x| per sample) | 'none' (K = 1: BNN's plain sign,
+            as :class:`BinaryActQuantizer`).
+        scale_grad: differentiate K with respect to I (default) or treat it as a constant.
+    The layer applies K (it knows the geometry): :mod:`qtrain.nn.fake_quant` and the packed
+    layers call :meth:`input_scale`. Storage: 1 bit per element (K is computed from the
+    input at run time; nothing is stored).
+    """
+
+    def __init__(self, bits: int = 1, act_scaling: str = "mean_abs", scale_grad: bool = True):
+        super().__init__(bits)
+        if act_scaling not in XNOR_ACT_SCALINGS:
+            raise ConfigError(f"XNORActQuantizer: act_scaling={act_scaling!r}; allowed: "
+                              f"{XNOR_ACT_SCALINGS}")
+        self.act_scaling, self.scale_grad = act_scaling, scale_grad
+
+    def input_scale(self, x: torch.Tensor, geometry: dict | None) -> torch.Tensor | None:
+        """K for the raw input ``x`` of a layer with conv ``geometry`` (keys kernel_size,
+        stride, padding, dilation, groups, out_channels, padding_mode; None: linear), or None
+        when no scaling applies (disabled, or act_scaling='none')."""
+        if not self.enabled or self.act_scaling == "none":
+            return None
+        return binary.xnor_input_scale(x, **(geometry or {}), scale_grad=self.scale_grad)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, act_scaling={self.act_scaling}"
+
+
 class TWNQuantizer(Quantizer):
     """Ternary Weight Networks (Delta = 0.7 mean|W|, fitted alpha), straight-through.
 

@@ -42,6 +42,7 @@ from qtrain_kernels.lowbit_matmul import lowbit_linear
 from qtrain_kernels.w8a8 import w8a8_linear, w8a8_linear_reference
 from torch import nn
 
+from qtrain.nn.fake_quant import input_scale, scaled_output
 from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
@@ -320,8 +321,17 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input has {x.shape[-1]} features; this layer expects {self.in_features}")
+        k = None
         if self.act_quantizer is not None:
+            k = input_scale(self.act_quantizer, x)  # XNOR-Net's K (qtrain.nn.fake_quant)
             x = self.act_quantizer(x)
+        if k is not None:
+            bias, self.bias = self.bias, None
+            try:
+                y = self._linear(x)
+            finally:
+                self.bias = bias
+            return scaled_output(y, k, None if bias is None else bias.to(y.dtype), -1)
         return self._linear(x)
 
     def spec(self) -> dict:
@@ -367,12 +377,20 @@ class PackedConv2d(PackedLinear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
         a = self.conv_args
+        pad = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
+        k = None
+        if self.act_quantizer is not None:  # XNOR-Net's K (qtrain.nn.fake_quant)
+            k = input_scale(self.act_quantizer, x, {
+                "kernel_size": tuple(a["weight_shape"][2:]), "stride": tuple(a["stride"]),
+                "padding": pad, "dilation": tuple(a["dilation"]), "groups": a["groups"],
+                "out_channels": a["weight_shape"][0]})
+            x = self.act_quantizer(x)
         w = self.dequantize().reshape(a["weight_shape"]).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        pad = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
+        if k is not None:
+            y = F.conv2d(x, w, None, tuple(a["stride"]), pad, tuple(a["dilation"]), a["groups"])
+            return scaled_output(y, k, bias, 1)
         return F.conv2d(x, w, bias, tuple(a["stride"]), pad, tuple(a["dilation"]), a["groups"])
 
     def spec(self) -> dict:
