@@ -131,18 +131,21 @@ def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pack_quant_noise(m: nn.Module, wq: QuantNoiseQuantizer, name: str, bias, backend):
-    """The fully quantized (p = 1) Quant-Noise weight: int modes as the symmetric uniform
-    format with float32 scales (exactly ``QuantNoiseQuantizer.quantized_value``; a per-tensor
-    scale is repeated per row, as the format stores one scale per row), 'pq' as the codebook
-    format (uint8 codes, float16 centroids)."""
+    """The fully quantized (p = 1) Quant-Noise weight: int modes as the uniform format with
+    float32 scales -- per tensor affine (codes 0..2^N-1, uint8 zero-point), per channel
+    symmetric -- exactly ``QuantNoiseQuantizer.quantized_value`` (a per-tensor scale and
+    zero-point are repeated per row, as the format stores one per row); 'pq' / 'drop' as the
+    codebook format (uint8 codes of the current weight's nearest codewords, float16
+    centroids). Output-activation ranges (int modes) are not part of the packed layer."""
     q = wq.export_qparams(m.weight)
     if "centroids" in q:
         if q["centroids"].shape[0] > 256:
             raise ValueError(f"{name}: Quant-Noise pq with {q['centroids'].shape[0]} centroids; "
                              "the packed codebook format allows at most 256 (bits <= 8)")
         return PackedLinear.from_codebook(q["codes"], q["centroids"], bias, backend)
-    return PackedLinear.from_qparams(q["codes"], q["scale"], torch.zeros(()), q["bits"], True,
-                                     None, q["codes"].shape[1], bias, backend, torch.float32)
+    return PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"], q["bits"],
+                                     q["symmetric"], None, q["codes"].shape[1], bias, backend,
+                                     torch.float32)
 
 
 def _pack_groupwise(m: nn.Module, wq: GroupwiseQuantizer, bias, backend, scale_dtype):

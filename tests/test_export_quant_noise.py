@@ -1,7 +1,9 @@
 """Export of Quant-Noise layers (Fan et al. 2020) as their fully quantized (p = 1) model.
 
-int8 / int4 -> symmetric uniform format with the forward's codes and float32 scales;
-pq -> codebook format (uint8 codes, fp16 centroids). Linear, Conv2d and Embedding layers.
+int8 / int4 -> uniform format with the forward's codes and float32 scales (per tensor:
+min-max codes 0..2^N-1 with a uint8 zero-point; per channel: symmetric); pq -> codebook
+format (uint8 codes = nearest codeword of the current weight, fp16 centroids). Linear,
+Conv2d and Embedding layers.
 """
 
 import json
@@ -48,6 +50,8 @@ def make_qn(mode, gran, train_steps=2):
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     m.train()
     for _ in range(train_steps):  # noisy training steps: pq codebooks are fitted here
+        for q in _quantizers(m):
+            q.new_step()
         opt.zero_grad()
         m(*_inputs(seed=10)).square().mean().backward()
         opt.step()
@@ -64,16 +68,20 @@ def _quantizers(m):
 
 
 def test_int_codes_hand_worked():
-    """int4 per tensor: S = max|w| / ((7 - (-8)) / 2) = 7.5 / 7.5 = 1; codes round(w / S),
-    half to even (2.5 -> 2, 1.5 -> 2, -3.5 -> -4, -7.5 -> -8), clamped to [-8, 7] (7.5 -> 7)."""
-    w = torch.tensor([[3.0, -7.5, 2.5, 0.4], [7.5, 1.5, -3.5, 0.6]])
+    """int4 per tensor (Fan 2020 sec. 3.1): S = (max - min) / (2^4 - 1) = (3 + 0.75) / 15 =
+    0.25, Z = round(0.75 / 0.25) = 3; codes round(w / S) + Z, half to even (0.5 -> 0,
+    1.5 -> 2): 3.0 -> 15, -0.75 -> 0, 2.5 -> 13, 0.4 -> 5, 0.125 -> 3, 1.5 -> 9, -0.25 -> 2,
+    0.375 -> 5 (the symmetric amax scale, 3 / 7.5, would put 3.0 on code 7 of [-8, 7])."""
+    w = torch.tensor([[3.0, -0.75, 2.5, 0.4], [0.125, 1.5, -0.25, 0.375]])
     qn = QuantNoiseQuantizer(None, mode="int4", granularity="tensor")
     q = qn.export_qparams(w)
-    assert q["codes"].tolist() == [[3, -8, 2, 0], [7, 2, -4, 1]]
-    assert q["scale"].tolist() == [1.0] and q["bits"] == 4
-    assert torch.equal(q["codes"] * q["scale"], qn.quantized_value(w))
+    assert q["codes"].tolist() == [[15, 0, 13, 5], [3, 9, 2, 5]]
+    assert q["scale"].tolist() == [0.25] and q["zero_point"].tolist() == [3.0]
+    assert q["bits"] == 4 and not q["symmetric"]
+    assert torch.equal((q["codes"] - q["zero_point"]) * q["scale"], qn.quantized_value(w))
     qc = QuantNoiseQuantizer(None, mode="int8", granularity="channel").export_qparams(w * 2)
-    assert torch.allclose(qc["scale"], torch.full((2,), 15 / 127.5))  # per row: max|w| = 15
+    assert torch.allclose(qc["scale"], torch.tensor([6.0, 3.0]) / 127.5)  # per row max|2w|
+    assert qc["symmetric"] and qc["zero_point"].tolist() == [0.0, 0.0]
     s = qc["scale"][:, None]
     assert torch.equal(qc["codes"], torch.mul(w * 2, s.reciprocal()).round().clamp(-128, 127)
                        .int())
@@ -105,17 +113,30 @@ def test_pack_save_load_identical_to_fully_quantized(mode, gran, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(w_before, m.parameters()))  # float kept
     if mode != "pq":
         assert loaded.lin.bits == int(mode[3:]) and loaded.lin.scales.dtype == torch.float32
-        if gran == "tensor":  # one scale, repeated per row
+        if gran == "tensor":  # one scale and zero-point, repeated per row
             assert loaded.lin.scales.unique().numel() == 1
+            assert loaded.lin.zeros.dtype == torch.uint8 and loaded.lin.zeros.unique().numel() == 1
 
 
-def test_pq_fp16_codebook_close_and_codes_are_assignments():
+def _brute_nearest(w, centroids, bs):
+    """Index of the nearest codeword (squared distance, float64) of every block, by a loop."""
+    blocks = w.detach().reshape(-1, bs).double()
+    c = centroids.double()
+    return torch.tensor([int(((c - b) ** 2).sum(1).argmin()) for b in blocks])
+
+
+def test_pq_fp16_codebook_close_and_codes_are_nearest_of_current_weight():
     m = make_qn("pq", "tensor")
     x = _inputs()
+    q = m.lin.weight_quantizer
+    cents = q.centroids.clone()
+    with torch.no_grad():  # an update after the last refit (pq_refresh = 1000 steps)
+        m.lin.weight.mul_(1.5).add_(0.01)
     p = pack_model(m, backend="torch")
     torch.testing.assert_close(p(*x), m(*x), rtol=2e-3, atol=2e-3)  # fp16 centroids only
-    q = m.lin.weight_quantizer
-    assert torch.equal(p.lin.codes.long(), q.assignments.reshape(64, 1024 // 8))
+    assert torch.equal(q.centroids, cents)
+    ref = _brute_nearest(m.lin.weight, cents, 8).reshape(64, 1024 // 8)
+    assert torch.equal(p.lin.codes.long(), ref)
     assert p.lin.centroids.shape == (256, 8) and p.conv.centroids.shape == (256, 9)
 
 
@@ -126,7 +147,8 @@ def test_pq_never_run_is_fitted_on_export(tmp_path):
     assert all(q.centroids.numel() == 0 for q in _quantizers(m))  # model itself untouched
     x = _inputs()
     ref = m(*x)  # the eval forward fits the same codebook (same seed and step)
-    assert torch.equal(p.lin.codes.long(), m.lin.weight_quantizer.assignments.reshape(64, -1))
+    ref_codes = _brute_nearest(m.lin.weight, m.lin.weight_quantizer.centroids, 8)
+    assert torch.equal(p.lin.codes.long(), ref_codes.reshape(64, -1))
     torch.testing.assert_close(p(*x), ref, rtol=2e-3, atol=2e-3)
 
 
@@ -143,8 +165,8 @@ def test_file_bytes_within_one_percent_of_summary(mode, gran, tmp_path):
         assert abs(bits - summary[layer]) / summary[layer] < 0.01, (layer, bits, summary[layer])
     # hand-worked summary of the Linear: codes + fp32 scale(s) + fp32 bias, or
     # 8-bit indices + 256 x 8 fp16 centroids + fp32 bias
-    n_scales = 1 if gran == "tensor" else 64
-    want = {"int8": 8 * 65536 + 32 * n_scales, "int4": 4 * 65536 + 32 * n_scales,
+    qparams = {"int8": 32 + 8, "int4": 32 + 4}.get(mode, 0) if gran == "tensor" else 32 * 64
+    want = {"int8": 8 * 65536 + qparams, "int4": 4 * 65536 + qparams,
             "pq": 8 * 65536 // 8 + 16 * 256 * 8}[mode] + 32 * 64
     assert summary["lin"] == want
 
@@ -235,7 +257,10 @@ def test_quant_noise_recipe_smoke_export(tmp_path):
     from qtrain.run import build_datamodule
     from tests.hydra_helpers import compose_cfg, run
 
-    overrides = ["recipe=quant_noise_int8_lm_wikitext103", "debug=smoke", "export=true"]
+    # the packed file holds the weights (activation ranges are not part of a packed layer):
+    # compare with the run's weights-only quantized metric
+    overrides = ["recipe=quant_noise_int8_lm_wikitext103", "debug=smoke", "export=true",
+                 "quant.quantize_activations=false"]
     s = run(overrides, tmp_path / "run")
     path = tmp_path / "run" / "model_packed.safetensors"
     assert s["packed_file"] == str(path) and path.exists() and s["packed_layers"] == 14

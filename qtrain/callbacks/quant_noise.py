@@ -3,14 +3,25 @@
 In ``setup`` the selected Linear / Conv2d / Embedding layers (module-name regexes, each must
 match a layer) become fake-quant layers (:mod:`qtrain.nn.fake_quant`, sharing the float
 parameters) whose weight slot holds a :class:`qtrain.nn.quant_noise.QuantNoiseQuantizer`
-with the per-type rate ``p`` and ``block_size`` (Linear/Embedding default 8, 1x1 conv 4;
-kxk conv kernels are whole blocks). Each layer gets its own mask seed; layers that share one
-weight Parameter (tied LM embedding / output projection) share one quantizer when their
-per-type ``p`` and ``block_size`` agree (one mask per step, one codebook).
+with the per-type rate ``p`` and ``block_size`` (PQ / drop blocks: Linear/Embedding default
+8, 1x1 conv 4; kxk conv kernels are whole blocks; int modes noise every weight
+independently). Each layer gets its own mask seed; layers that share one weight Parameter
+(tied LM embedding / output projection) share one quantizer when their per-type ``p`` and
+``block_size`` agree (one mask per step, one codebook).
+
+Int modes (fairseq's scalar ``quantize_model_``): every noised layer's output is also
+quantized (:class:`qtrain.nn.quant_noise.OutputQuantNoise`, same bits, per-tensor min-max;
+training: noise rate ``act_p``, fairseq's 0 = clamp to the range only; fully quantized in
+the quantized evaluation). ``quantize_activations=False`` keeps activations float (option).
+
+Steps: ``on_train_batch_start`` advances every quantizer once per training batch (a new
+random mask; PQ codebooks refitted every ``pq_refresh`` steps), whatever the optimizer
+(fused / foreach / plain updates alike).
 
 Evaluation: after each validation (and test) epoch the callback evaluates the model twice
 on the same dataloaders -- float (noise off, ``eval_p = 0``) and fully quantized
-(``eval_p = 1``) -- and logs ``<prefix>_<metric>_float`` and ``<prefix>_<metric>_quant``.
+(``eval_p = 1``: weights and, int modes, outputs; PQ: the nearest codeword of the
+current weight) -- and logs ``<prefix>_<metric>_float`` and ``<prefix>_<metric>_quant``.
 The trainer's own test pass runs at ``test_eval_p`` (default 1: the fully quantized
 model), so the run summary's quantized metric is the compressed model and its
 float-weights metric (quantizers disabled) the float one; validation runs at p = 0.
@@ -31,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, convert
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
-from qtrain.nn.quant_noise import QuantNoiseQuantizer
+from qtrain.nn.quant_noise import OutputQuantNoise, QuantNoiseQuantizer, attach_output_quantizer
 from qtrain.quant.quant_noise import noise_block_size
 
 TYPE_KEYS = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -50,9 +62,13 @@ def default_metric_fn(pl_module, batch) -> dict:
 class QuantNoiseCallback(pl.Callback):
     """Args:
         p: noise rate, a float or per type {Linear, Conv2d, Embedding}.
-        block_size: int or per type {Linear, Conv2d (1x1), Embedding}.
-        mode: 'int8', 'int4' or 'pq'; bits: PQ log2(K) (mode 'pq').
-        granularity: scale per 'tensor' or 'channel'.
+        block_size: PQ / drop block, int or per type {Linear, Conv2d (1x1), Embedding}.
+        mode: 'int8', 'int4', 'pq' or 'drop'; bits: PQ log2(K) (modes 'pq', 'drop').
+        granularity: int modes: 'tensor' (min-max with zero-point, the paper's) or
+            'channel' (symmetric per output channel).
+        quantize_activations: int modes: quantize every noised layer's output (fairseq's
+            scalar path; default True); act_p: its training noise rate (fairseq: 0);
+            act_update_step: steps between its range refits (fairseq: 1000).
         include / exclude: module-name regexes; types: among Linear, Conv2d, Embedding.
         compare_eval: log float and fully-quantized metrics after val/test epochs.
         metric_fn, max_eval_batches: see module docstring. seed: base mask seed.
@@ -66,11 +82,12 @@ class QuantNoiseCallback(pl.Callback):
                  types=("Linear", "Conv2d", "Embedding"), compare_eval: bool = True,
                  metric_fn=None, max_eval_batches: int | None = None, seed: int = 0,
                  pq_refresh: int = 1000, clamp_centroids: bool = False,
-                 test_eval_p: float = 1.0) -> None:
+                 test_eval_p: float = 1.0, quantize_activations: bool = True,
+                 act_p: float = 0.0, act_update_step: int = 1000) -> None:
         super().__init__()
         bad = [t for t in types if t not in TYPE_KEYS]
         if bad:
-            raise ValueError(f"quant_noise.types: {bad} unknown; allowed: {sorted(TYPE_KEYS)}")
+            raise ConfigError(f"quant_noise.types: {bad} unknown; allowed: {sorted(TYPE_KEYS)}")
         self.p = self._per_type(p, "p", types)
         self.block_size = self._per_type(block_size, "block_size", types,
                                          {"Linear": 8, "Embedding": 8, "Conv2d": 4})
@@ -81,11 +98,20 @@ class QuantNoiseCallback(pl.Callback):
         self.metric_fn = metric_fn or default_metric_fn
         self.pq_refresh, self.clamp_centroids = pq_refresh, bool(clamp_centroids)
         if not 0.0 <= float(test_eval_p) <= 1.0:
-            raise ValueError(f"quant_noise.test_eval_p={test_eval_p} must be in [0, 1]")
+            raise ConfigError(f"quant_noise.test_eval_p={test_eval_p} must be in [0, 1]")
         self.test_eval_p = float(test_eval_p)
         self.layers: dict[str, nn.Module] = {}
         self.fp32_metric: float | None = None
-        QuantNoiseQuantizer(bits, 0.0, 8, mode, granularity)  # validate mode/bits early
+        probe = QuantNoiseQuantizer(bits, 0.0, 8, mode, granularity)  # validate mode/bits early
+        self.is_pq = probe.is_pq
+        self.quantize_activations = bool(quantize_activations) and not probe.is_pq
+        self.act_p, self.act_update_step = act_p, act_update_step
+        if isinstance(act_p, bool) or not isinstance(act_p, (int, float)) or not 0 <= act_p <= 1:
+            raise ConfigError(f"quant_noise.act_p={act_p!r} must be a number in [0, 1]")
+        if isinstance(act_update_step, bool) or not isinstance(act_update_step, int) \
+                or act_update_step < 1:
+            raise ConfigError(f"quant_noise.act_update_step={act_update_step!r} must be a "
+                              "positive int")
 
     @staticmethod
     def _per_type(value, key, types, defaults=None):
@@ -94,7 +120,8 @@ class QuantNoiseCallback(pl.Callback):
         value = dict(value)
         extra = set(value) - set(TYPE_KEYS)
         if extra:
-            raise ValueError(f"quant_noise.{key}: keys {sorted(extra)}; allowed: {sorted(TYPE_KEYS)}")
+            raise ConfigError(f"quant_noise.{key}: keys {sorted(extra)}; "
+                              f"allowed: {sorted(TYPE_KEYS)}")
         return {t: value.get(t, (defaults or {}).get(t)) for t in types}
 
     def _type_key(self, m) -> str:
@@ -108,19 +135,18 @@ class QuantNoiseCallback(pl.Callback):
 
         def build(name, m):
             if is_fake_quant(m):
-                raise ValueError(f"quant_noise: layer {name} is already a fake-quant layer")
+                raise ConfigError(f"quant_noise: layer {name} is already a fake-quant layer")
             key = self._type_key(m)
             tied = shared.get(id(m.weight))
             if tied is not None and tied[:2] == (self.p[key], self.block_size[key]):
                 # a weight tied to an earlier layer (LM embedding / output projection): one
                 # quantizer, so one noise mask per step, one codebook, counted and exported once
                 return FAKE_QUANT_TYPES[type(m)].from_float(m, tied[2])
-            bs = noise_block_size(m.weight, self.block_size[key], name)  # divides input dim
             bits = self.bits
-            if self.mode == "pq" and self.clamp_centroids:
-                n_blocks = m.weight.numel() // bs
-                if 2 ** (bits or 8) > n_blocks:
-                    bits = max(1, (n_blocks // 4).bit_length() - 1)
+            if self.is_pq:  # PQ / drop blocks must divide the input dimension
+                bs = noise_block_size(m.weight, self.block_size[key], name)
+                if self.clamp_centroids and 2 ** (bits or 8) > m.weight.numel() // bs:
+                    bits = max(1, (m.weight.numel() // bs // 4).bit_length() - 1)
             q = QuantNoiseQuantizer(bits, self.p[key], self.block_size[key], self.mode,
                                     self.granularity, self.seed * 100003 + next(counter),
                                     pq_refresh=self.pq_refresh)
@@ -129,13 +155,32 @@ class QuantNoiseCallback(pl.Callback):
 
         types = tuple(TYPE_KEYS[t] for t in self.types)
         self.layers = convert(pl_module, build, self.include, self.exclude, types, "quant_noise")
+        if self.quantize_activations:
+            for m in self.layers.values():
+                attach_output_quantizer(m, OutputQuantNoise(
+                    m.weight_quantizer.bits, self.act_p, 0.0, self.act_update_step))
 
     def quantizers(self):
+        """The weight quantizer of every noised layer (a tied pair's shared one twice)."""
         return [m.weight_quantizer for m in self.layers.values()]
 
+    def output_quantizers(self):
+        return [m.output_quantizer for m in self.layers.values()
+                if isinstance(getattr(m, "output_quantizer", None), OutputQuantNoise)]
+
+    def _all_quantizers(self):
+        unique = {id(q): q for q in self.quantizers() + self.output_quantizers()}
+        return list(unique.values())
+
     def set_eval_p(self, eval_p: float) -> None:
-        for q in self.quantizers():
+        for q in self._all_quantizers():
             q.eval_p = float(eval_p)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """A new training step for every quantizer (each shared one once): new masks,
+        PQ codebook / activation range refits when due."""
+        for q in self._all_quantizers():
+            q.new_step()
 
     # -- float vs quantized evaluation ----------------------------------------------------
     @torch.no_grad()
@@ -194,6 +239,6 @@ class QuantNoiseCallback(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         if self.layers and sorted(self.layers) != state["layers"]:
-            raise ValueError(f"quant_noise: checkpoint layers {state['layers']} differ from the "
+            raise ConfigError(f"quant_noise: checkpoint layers {state['layers']} differ from the "
                              f"configured selection {sorted(self.layers)}")
         self.fp32_metric = state.get("fp32_metric", self.fp32_metric)

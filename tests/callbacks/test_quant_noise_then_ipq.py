@@ -77,8 +77,9 @@ def test_quant_noise_then_ipq_fits_from_float_weight_and_composes(monkeypatch):
         # iPQ replaced the Quant-Noise layer and fitted from its float master weight
         assert f["type"] in (QuantLinear, QuantEmbedding)
         assert f["weight"] is float_params[name]
-        # the noise ran on this layer in every training step until its stage
-        assert f["noise_step"] == f["step"]
+        # the noise ran on this layer in every training step until its stage (the stage's
+        # own batch had started, and advanced the noise step, when iPQ replaced the layer)
+        assert f["noise_step"] == f["step"] + 1
         ref = KM.pq_fit(f["snapshot"], f["bs"], K, N_ITER, f["seed"], name=name)
         pq = model.get_submodule(name)
         assert isinstance(pq, PQEmbedding if name == "embed_tokens" else PQLinear)
