@@ -183,9 +183,16 @@ def test_bad_config(kw, match):
 def test_scheme_c_without_student_weights_stops_before_training(tmp_path):
     """Apprentice scheme C (Mishra & Marr 2018) starts from the trained FP student: the real
     recipe composed by Hydra with scheme=C and no FP student weights stops at instantiation
-    with a ConfigError (it used to run scheme B silently); with student_checkpoint it runs."""
-    from qtrain.cli import _user_error
+    with a ConfigError (it used to run scheme B silently); with FP student weights configured
+    (student_checkpoint, or model.weights as in the ImageNet recipe) the callback builds."""
+    from hydra.utils import instantiate
+
     from tests.hydra_helpers import run
+
+    def config_error(e):  # Hydra wraps errors raised while instantiating: walk the chain
+        while e is not None and not isinstance(e, ConfigError):
+            e = e.__cause__ or e.__context__
+        return e
 
     base = ["recipe=apprentice_resnet20_cifar10", "debug=smoke", "trainer.max_epochs=1",
             "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
@@ -193,7 +200,7 @@ def test_scheme_c_without_student_weights_stops_before_training(tmp_path):
             "extra_callbacks.distillation.allow_untrained_student=false"]
     with pytest.raises(Exception) as info:
         run(base, tmp_path / "bad")
-    err = _user_error(info.value)
+    err = config_error(info.value)
     assert isinstance(err, ConfigError), info.value
     assert "distillation.scheme=C" in str(err) and "student_checkpoint" in str(err)
     assert not list((tmp_path / "bad").rglob("*.ckpt"))  # nothing trained
@@ -201,6 +208,13 @@ def test_scheme_c_without_student_weights_stops_before_training(tmp_path):
     cfg = compose_cfg(base[:-1], tmp_path / "smoke")
     assert cfg.extra_callbacks.distillation.allow_untrained_student is True
     assert cfg.extra_callbacks.distillation.student_pretrained is None
+    cfg = compose_cfg(base + ["extra_callbacks.distillation.student_checkpoint=/x/fp.ckpt"],
+                      tmp_path / "ok")
+    assert instantiate(cfg.extra_callbacks.distillation).student_checkpoint == "/x/fp.ckpt"
+    cfg = compose_cfg(["recipe=apprentice_resnet18_imagenet", "debug=smoke",
+                       "extra_callbacks.distillation.allow_untrained_student=false"], tmp_path / "in")
+    cb = instantiate(cfg.extra_callbacks.distillation)
+    assert cb.scheme == "C" and cb.student_pretrained == "DEFAULT"
 
 
 # -- real fits -------------------------------------------------------------------------------
