@@ -10,6 +10,12 @@ An activation quantizer may also scale the layer's output per position: XNOR-Net
 (Rastegari et al. 2016 eq. 11; :class:`qtrain.nn.format_quantizers.XNORActQuantizer`)
 depends on the layer's geometry, so the layer asks ``act_quantizer.input_scale(x, geometry)``
 for it (:func:`input_scale`) and computes ``(x_q (*) w_q) . K + bias``.
+
+Gradient quantization of the layer's output: DoReFa-Net (Zhou et al. 2016, Alg. 1; tensorpack
+applies ``fg`` right after each quantized conv / fc) quantizes the gradient of the layer's
+output, so the error entering both backward GEMMs is k-bit. An activation quantizer with a
+``quantize_output_grad`` method (:class:`qtrain.nn.learned_quantizers.DoReFaActQuantizer`)
+gets the layer's output to wrap (:func:`output_grad`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ def input_scale(aq, x: torch.Tensor, geometry: dict | None = None) -> torch.Tens
     :func:`conv_geometry` of a convolution, None for a linear layer."""
     fn = getattr(aq, "input_scale", None)
     return None if fn is None else fn(x, geometry)
+
+
+def output_grad(aq, y: torch.Tensor) -> torch.Tensor:
+    """``y``, with the gradient quantizer the activation quantizer asks for (if any)."""
+    fn = getattr(aq, "quantize_output_grad", None)
+    return y if fn is None else fn(y)
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict:
@@ -98,9 +110,11 @@ class QuantLinear(_FakeQuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = input_scale(self.act_quantizer, x)
         if k is None:
-            return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
-        y = F.linear(self.quantized_input(x), self.quantized_weight())
-        return scaled_output(y, k, self.bias, -1)
+            y = F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        else:
+            y = F.linear(self.quantized_input(x), self.quantized_weight())
+            y = scaled_output(y, k, self.bias, -1)
+        return output_grad(self.act_quantizer, y)
 
     @classmethod
     def from_float(cls, m: nn.Linear, weight_quantizer=None, act_quantizer=None) -> QuantLinear:
@@ -115,9 +129,11 @@ class QuantConv2d(_FakeQuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = input_scale(self.act_quantizer, x, conv_geometry(self))
         if k is None:
-            return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-        y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), None)
-        return scaled_output(y, k, self.bias, 1)
+            y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        else:
+            y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), None)
+            y = scaled_output(y, k, self.bias, 1)
+        return output_grad(self.act_quantizer, y)
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, weight_quantizer=None, act_quantizer=None) -> QuantConv2d:

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn.polino_quantizer import PolinoDifferentiableQuantizer  # noqa: F401 (re-export)
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant import estimators as E
@@ -53,23 +54,36 @@ class DoReFaWeightQuantizer(Quantizer):
         return self.bits * weight.numel() + (32 if self.bits == 1 else 0)
 
 
-class DoReFaActQuantizer(Quantizer):
-    """DoReFa-Net activations ``quantize_k(clip(x, 0, 1))`` (eq. 11).
+DOREFA_GRAD_AT = ("output", "input")
 
-    ``grad_bits``: if set, the gradient flowing back through this quantizer (towards the
-    layer input) is quantized with eq. (12) (uniform noise; ``seed`` makes it reproducible).
+
+class DoReFaActQuantizer(Quantizer):
+    """DoReFa-Net activations ``quantize_k(clip(x, 0, 1))`` (eq. 11) of a layer's input, and
+    the k-bit gradient quantizer of eq. (12) for that layer.
+
+    ``grad_bits``: if set, gradients are quantized with eq. (12) (per-sample max, uniform
+    noise; ``seed`` makes it reproducible). ``grad_at``: where --
+    'output' (default; DoReFa Alg. 1 and the authors' tensorpack code, which apply ``fg``
+    right after each quantized conv / fc, before BatchNorm): the gradient of the layer's
+    OUTPUT, so the error entering both backward GEMMs of the layer is k-bit (the fake-quant
+    layer calls :meth:`quantize_output_grad`); 'input': the gradient flowing back through
+    this input quantizer towards the previous layer (the old behaviour; BatchNorm's backward
+    turns it back to full precision before it reaches a convolution).
     """
 
     min_bits, max_bits = 1, 8
 
     def __init__(
         self, bits: int = 4, grad_bits: int | None = None, per_sample: bool = True,
-        seed: int | None = None,
+        seed: int | None = None, grad_at: str = "output",
     ) -> None:
         super().__init__(bits)
         if grad_bits is not None:
             E._check_bits(grad_bits, f"{type(self).__name__} grad_bits")
-        self.grad_bits = grad_bits
+        if grad_at not in DOREFA_GRAD_AT:
+            raise ConfigError(f"{type(self).__name__}: grad_at={grad_at!r}; allowed: "
+                              f"{DOREFA_GRAD_AT}")
+        self.grad_bits, self.grad_at = grad_bits, grad_at
         self.per_sample = per_sample
         self.seed = seed
         self._gen: torch.Generator | None = None
@@ -82,15 +96,23 @@ class DoReFaActQuantizer(Quantizer):
         return self._gen
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_bits is not None:
+        if self.grad_bits is not None and self.grad_at == "input":
             x = E.quantize_gradient(x, self.grad_bits, self.per_sample, self._generator(x.device))
         return E.dorefa_activation(x, self.bits)
+
+    def quantize_output_grad(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``y`` unchanged, its gradient quantized with eq. (12)
+        (``grad_at='output'`` and enabled; otherwise ``y`` as is)."""
+        if not self.enabled or self.grad_bits is None or self.grad_at != "output":
+            return y
+        return E.quantize_gradient(y, self.grad_bits, self.per_sample, self._generator(y.device))
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return self.bits * weight.numel()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, grad_bits={self.grad_bits}, enabled={self.enabled}"
+        return (f"bits={self.bits}, grad_bits={self.grad_bits}, grad_at={self.grad_at}, "
+                f"enabled={self.enabled}")
 
 
 class _PACTFn(torch.autograd.Function):

@@ -27,7 +27,7 @@ def test_dorefa_weight_module_values_and_storage():
 
 def test_dorefa_act_gradient_bits_order_and_seed():
     x = torch.tensor([[-0.3, 0.2, 0.7, 1.5], [0.1, 0.4, 0.9, 0.6]], requires_grad=True)
-    q = LQ.DoReFaActQuantizer(2, grad_bits=2, seed=11)
+    q = LQ.DoReFaActQuantizer(2, grad_bits=2, seed=11, grad_at="input")  # the named option
     y = q(x)
     assert torch.allclose(y, E.dorefa_activation(x.detach(), 2))
     g = torch.tensor([[1.0, -0.5, 0.25, 3.0], [0.3, -0.2, 0.1, 0.05]])
@@ -37,7 +37,7 @@ def test_dorefa_act_gradient_bits_order_and_seed():
     assert torch.allclose(x.grad, ref)
     # a fresh module with the same seed reproduces the same quantized gradient
     x2 = x.detach().clone().requires_grad_(True)
-    LQ.DoReFaActQuantizer(2, grad_bits=2, seed=11)(x2).backward(g)
+    LQ.DoReFaActQuantizer(2, grad_bits=2, seed=11, grad_at="input")(x2).backward(g)
     assert torch.equal(x2.grad, x.grad)
     with pytest.raises(ValueError, match="grad_bits"):
         LQ.DoReFaActQuantizer(2, grad_bits=0)
