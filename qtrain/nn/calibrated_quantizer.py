@@ -8,6 +8,12 @@ PTQ flow with :class:`CalibratedQuantizer` (per-tensor, e.g. activations)::
     for q in quantizers: q.freeze()                 # range from the observer -> scale/zp
     # from now on forward fake-quantizes with the frozen range (saved in state_dict)
 
+Grid convention (:func:`qtrain.quant.uniform.qparams_from_clip`): the calibrated clip value
+alpha is the grid's end level, so ``q(alpha) == alpha``: symmetric S = alpha / (2^(b-1) - 1)
+(NVIDIA / TensorRT), affine on a non-negative stream S = alpha / (2^b - 1), Z = 0. (The
+observer convention of :func:`~qtrain.quant.uniform.qparams_from_range`, S = alpha /
+(2^(b-1) - 0.5), would clip a 4-bit KL / ACIQ / percentile threshold at 0.93 alpha.)
+
 QAT range tracking: leave ``calibrating`` False and do not freeze; in training mode every
 forward updates the observer (use ``calibration='ema'`` or 'minmax') and quantizes with its
 current range; in eval mode the last range is used.
@@ -59,7 +65,7 @@ class CalibratedQuantizer(Quantizer):
 
     def _qparams_from_observer(self) -> U.QParams:
         lo, hi = self.observer.compute_range(self.bits, self.symmetric)
-        return U.qparams_from_range(lo, hi, self.bits, self.symmetric)
+        return U.qparams_from_clip(lo, hi, self.bits, self.symmetric)
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -141,7 +141,9 @@ class HistogramObserver(Observer):
             return min(i + 1, self.bins) * w
         centres = ((torch.arange(self.bins, dtype=torch.float64) + 0.5) * w).float()
         nz = self.hist > 0
-        _, hi = calibration.mse_range_search(centres[nz], bits, True, self.hist[nz], name=self.name)
+        # |x| >= 0: an unsigned grid is affine on [0, t], a signed one symmetric
+        _, hi = calibration.mse_range_search(centres[nz], bits, not self.unsigned(symmetric),
+                                             self.hist[nz], name=self.name)
         return hi.item()
 
     def compute_range(self, bits, symmetric=True):

@@ -75,7 +75,7 @@ def percentile_range(
 
 def _fq_err(values, weights, lo, hi, bits, symmetric):
     """Weighted squared error of quantizing ``values`` (N) with ranges lo, hi (C, 1)."""
-    qp = U.qparams_from_range(lo, hi, bits, symmetric)
+    qp = U.qparams_from_clip(lo, hi, bits, symmetric)
     deq = U.dequantize(U.quantize(values[None, :], qp), qp)
     return ((deq - values[None, :]) ** 2 * weights[None, :]).sum(1)
 
@@ -91,7 +91,9 @@ def mse_range_search(
     """Range (lo*f, hi*f), f in {1/n, 2/n, .., 1}, minimising sum w (Q(v) - v)^2.
 
     ``values`` are samples (or histogram bin centres with ``weights`` = counts). The grid
-    shrinks the min-max range; chunked over candidates to bound memory.
+    shrinks the min-max range; each candidate is scored on the grid it will quantize to,
+    the range's end being a level (:func:`qtrain.quant.uniform.qparams_from_clip`); chunked
+    over candidates to bound memory.
     """
     v = _flat(values, name)
     w = torch.ones_like(v) if weights is None else weights.detach().float().flatten()

@@ -13,6 +13,20 @@ Code ranges:
   Z = q_min - round(min / S) (1..8 bits); the range is widened to contain 0 so that 0 is
   exactly representable (zero padding, ReLU outputs).
 
+Calibrated clip ranges (:func:`qparams_from_clip`, used by
+:class:`qtrain.nn.calibrated_quantizer.CalibratedQuantizer` and the MSE search): the clip
+value a calibrator computes (KL, percentile, ACIQ, MSE, min-max) is the end *level* of the
+grid, so a value at the threshold is represented exactly instead of being clipped at
+(2^(b-1) - 1) / (2^(b-1) - 0.5) of it (0.67 at 2 bits, 0.93 at 4) as with the observer
+convention above:
+* symmetric: S = alpha / (2^(b-1) - 1), Z = 0, codes [-2^(b-1), 2^(b-1) - 1] (NVIDIA
+  pytorch-quantization / TensorRT: scale amax / 127 at 8 bits, narrow_range off): +-alpha are
+  levels; the one extra negative code is -alpha - S.
+* affine: the larger end M = max(hi, -lo) is the end code exactly (S = M / k); the smaller
+  end m gets the remaining 2^b - 1 - k steps, k = floor((2^b - 1) / (1 + m / M)) the most that
+  still cover it, so 0 stays exact. A non-negative range [0, hi]: S = hi / (2^b - 1), Z = 0.
+  (1-bit affine on a signed range: k = 1, the smaller side collapses to 0.)
+
 Gradient: the straight-through estimator clipped to the representable range, identical to
 PyTorch's fake-quant backward: dL/dr = dL/dr_hat where q_min <= round(r/S)+Z <= q_max, else 0.
 """
@@ -64,6 +78,31 @@ def qparams_from_range(
     else:
         scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(eps)
         zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax)
+    return QParams(scale, zero_point, qmin, qmax)
+
+
+def qparams_from_clip(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool, eps: float = 1e-8
+) -> QParams:
+    """Scale / zero-point whose end level is the calibrated clip value (module docstring):
+    ``dequantize(quantize(hi)) == hi`` (and ``== lo`` for the larger end / symmetric +-alpha)
+    up to one fp32 rounding. Elementwise over channels or candidate ranges."""
+    qmin, qmax = code_range(bits, symmetric)
+    min_val = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_val = torch.maximum(max_val, torch.zeros_like(max_val))
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = (amax / qmax).clamp_min(eps)
+        return QParams(scale, torch.zeros_like(scale), qmin, qmax)
+    n = qmax - qmin
+    big = torch.maximum(max_val, -min_val)
+    small = torch.minimum(max_val, -min_val)
+    ratio = torch.where(big > 0, small.double() / big.double(), torch.zeros_like(big, dtype=torch.float64))
+    # 1e-4 of a step: the fp32 rounding of lo / hi must not cost a whole step
+    k = torch.floor(n / (1 + ratio) + 1e-4).clamp(1, n).to(big.dtype)
+    scale = (big / k).clamp_min(eps)
+    top = max_val >= -min_val  # the larger end is hi: hi -> q_max, else lo -> q_min
+    zero_point = torch.where(top, qmax - k, qmin + k)
     return QParams(scale, zero_point, qmin, qmax)
 
 

@@ -148,7 +148,8 @@ def test_mse_search_equals_loop():
     best, best_f = math.inf, None
     for k in range(1, 51):
         f = k / 50
-        qp = U.qparams_from_range(x.min() * f, x.max() * f, 3, True)
+        amax = max(-x.min().item(), x.max().item()) * f  # the grid: +-amax are levels
+        qp = U.QParams(torch.tensor(amax / 3), torch.tensor(0.0), -4, 3)
         err = ((U.dequantize(U.quantize(x, qp), qp) - x) ** 2).sum().item()
         if err < best:
             best, best_f = err, f
