@@ -20,6 +20,19 @@ SDPA kernels have no double backward). Under DDP only global rank 0 runs the ana
 rank applies the same bits; only rank 0 writes the report and logs. ``state_dict`` holds the bits and table: a resumed run
 re-applies them and does not recompute.
 
+Stage-wise fine-tuning (HAWQ V1, Dong et al. 2019 sec. 3.3; ``stagewise``, default on for
+``hawq_v1`` only): the analysis ranks the blocks by Omega_i = lambda_i * ||Q(W_i) - W_i||^2
+at their chosen bits (descending; a tie group is one stage) and the blocks are quantized
+one stage at a time: when the analysis ends every analysed layer's weight goes back to
+float (its weight quantizer's output is replaced by its input through a forward hook, so
+no other callback's ``enabled`` switch is touched; activations keep their quantizers),
+stage 0 is quantized at once and stage t at ``t * stage_length`` epochs (or optimizer steps,
+``stage_unit``) after the analysis; everything trains in between (quantized blocks through
+the quantizer's STE). Stages the run does not reach are quantized at the end of fit, so
+the tested / exported model is the fully quantized one (a warning says they got no
+fine-tuning). Simplification: the paper does not say whether blocks quantized in earlier
+stages keep training; here they do (QAT). ``stagewise=False``: all layers quantized at once.
+
 ``smoke=True`` (recipes pass ``${model.tiny}``) caps the estimators at 2 Hutchinson
 iterations (min_iter = max_iter = 2, the least allowed) and one power iteration, and the
 calibration subset at ``qbert_subsamples`` batches of ``SMOKE_SAMPLES`` samples, so a smoke
@@ -37,14 +50,22 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from qtrain.errors import ConfigError
 from qtrain.hessian import report
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
 from qtrain.nn.convert import as_patterns, select_modules
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.quantizer_base import Quantizer
+
+STAGE_UNITS = ("epoch", "step")
+
+
+def _float_weight_hook(quantizer, args, output):
+    """Forward hook: the weight quantizer returns its input (block not yet in its stage)."""
+    return args[0]
 
 
 def default_loss(module: torch.nn.Module, batch) -> torch.Tensor:
@@ -69,8 +90,9 @@ class HessianSensitivity(pl.Callback):
     """Args: see :class:`qtrain.hessian.sensitivity.SensitivityConfig` for the analysis
     options (method, bit_choices, budget_bits / average_bits, ties, mode, tol, max_iter, ...),
     plus ``num_batches``, ``at_epoch``, ``include``/``exclude`` (regexes over module names of
-    the LightningModule), ``ties`` as lists of regexes, ``loss_fn``, ``analyze_float`` and
-    ``smoke`` (see the module docstring)."""
+    the LightningModule), ``ties`` as lists of regexes, ``loss_fn``, ``analyze_float``,
+    ``stagewise`` (None: on for hawq_v1), ``stage_length`` / ``stage_unit`` ('epoch' |
+    'step') and ``smoke`` (see the module docstring)."""
 
     FILE = "hessian_sensitivity"
     SMOKE_SAMPLES = 4
@@ -86,8 +108,25 @@ class HessianSensitivity(pl.Callback):
         loss_fn: Callable | None = None,
         analyze_float: bool = True,
         smoke: bool = False,
+        stagewise: bool | None = None,
+        stage_length: int = 1,
+        stage_unit: str = "epoch",
         **analysis,
     ) -> None:
+        if stagewise is None:
+            stagewise = method == "hawq_v1"
+        if stagewise and method != "hawq_v1":
+            raise ConfigError(f"hessian.stagewise=true needs method='hawq_v1' (the Omega order "
+                              f"of HAWQ sec. 3.3), got method={method!r}")
+        if not isinstance(stage_length, int) or stage_length < 1:
+            raise ConfigError(f"hessian.stage_length must be an int >= 1, got {stage_length!r}")
+        if stage_unit not in STAGE_UNITS:
+            raise ConfigError(f"hessian.stage_unit={stage_unit!r}; allowed: {STAGE_UNITS}")
+        self.stagewise, self.stage_length, self.stage_unit = bool(stagewise), stage_length, stage_unit
+        self.stages: list[list[str]] = []  # HAWQ V1 fine-tuning stages, Omega descending
+        self.stage = 0  # stages quantized so far
+        self.stage_start = 0  # epoch / step of the analysis (stage 0)
+        self._held: dict[str, object] = {}  # layer -> hook keeping its weight float
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"hessian.num_batches must be an int >= 1, got {num_batches!r}")
         if at_epoch is not None and (not isinstance(at_epoch, int) or at_epoch < 0):
@@ -111,6 +150,7 @@ class HessianSensitivity(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.done:
             self._apply(pl_module)
+            self._hold(pl_module, [n for g in self.stages[self.stage:] for n in g])
         elif self.at_epoch is None:
             self.run(trainer, pl_module)
 
@@ -118,13 +158,51 @@ class HessianSensitivity(pl.Callback):
         if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
             self.run(trainer, pl_module)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._advance(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.stage < len(self.stages):
+            late = self.stages[self.stage:]
+            rank_zero_warn(f"HessianSensitivity: HAWQ stages {late} were not reached by the "
+                           "run; quantized at the end of fit without fine-tuning")
+            self._release([n for g in late for n in g])
+            self.stage = len(self.stages)
+
+    def _now(self, trainer) -> int:
+        return trainer.current_epoch if self.stage_unit == "epoch" else trainer.global_step
+
+    def _advance(self, trainer) -> None:
+        """Quantize every stage whose start (stage_start + t * stage_length) has come."""
+        while (self.stage < len(self.stages)
+               and self._now(trainer) >= self.stage_start + self.stage * self.stage_length):
+            self._release(self.stages[self.stage])
+            self.stage += 1
+
+    def _hold(self, pl_module, names) -> None:
+        for n in names:
+            if n not in self._held:
+                wq = pl_module.get_submodule(n).weight_quantizer
+                self._held[n] = wq.register_forward_hook(_float_weight_hook)
+
+    def _release(self, names) -> None:
+        for n in names:
+            h = self._held.pop(n, None)
+            if h is not None:
+                h.remove()
+
     def state_dict(self) -> dict:
-        return {"bits": dict(self.bits), "rows": list(self.rows), "done": self.done}
+        return {"bits": dict(self.bits), "rows": list(self.rows), "done": self.done,
+                "stages": [list(g) for g in self.stages], "stage": self.stage,
+                "stage_start": self.stage_start}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.bits = dict(state_dict["bits"])
         self.rows = list(state_dict["rows"])
         self.done = bool(state_dict["done"])
+        self.stages = [list(g) for g in state_dict.get("stages", [])]
+        self.stage = int(state_dict.get("stage", 0))
+        self.stage_start = int(state_dict.get("stage_start", 0))
 
     # ---------------------------------------------------------------- analysis
     def layers(self, pl_module) -> dict[str, torch.nn.Module]:
@@ -188,6 +266,13 @@ class HessianSensitivity(pl.Callback):
         self.rows, self.bits = result
         self.done = True
         self._apply(pl_module)
+        if self.stagewise:
+            order = sorted((r for r in self.rows if "stage" in r), key=lambda r: r["stage"])
+            self.stages = [[r["layer"] for r in order if r["stage"] == i]
+                           for i in dict.fromkeys(r["stage"] for r in order)]
+            self.stage, self.stage_start = 0, self._now(trainer)
+            self._hold(pl_module, [n for g in self.stages for n in g])
+            self._advance(trainer)  # stage 0 now
         # Trainer.log_dir is itself a broadcast: every rank must read it, not rank 0 alone
         out = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:

@@ -2,9 +2,11 @@
 
 Methods (see the modules they call for the equations):
 
-* ``hawq_v1``  -- lambda_i / n_i from the top eigenvalue of each layer's block H_ii (power
-  iteration per block on a shared first-order graph); bits from the exact size-budget
-  allocator with Omega_i(b) = lambda_i / n_i * ||Q_b(W_i) - W_i||^2 (:mod:`.hawq`).
+* ``hawq_v1``  -- S_i = lambda_i / n_i from the top eigenvalue of each layer's block H_ii
+  (power iteration per block on a shared first-order graph); bits from the S_i order under
+  the size budget (:func:`.hawq.hawq_v1_bits`: a larger S_i never gets fewer bits), and the
+  stage-wise fine-tuning order by Omega_i = lambda_i * ||Q(W_i) - W_i||^2 at those bits,
+  descending (:func:`.hawq.hawq_v1_stage_order`; rows carry ``omega`` and ``stage``).
 * ``hawq_v2``  -- Tr(H_ii) / n_i from Hutchinson (:mod:`.trace`; ``trace_estimator`` "shared":
   all layers from the same products, or "per_layer": one run per block); bits from the
   allocator with HAWQ-V2's Omega_i(b) = Tr(H_ii) / n_i * ||Q_b(W_i) - W_i||^2.
@@ -27,7 +29,7 @@ from torch import nn
 
 from qtrain.hessian.allocation import allocate_bits
 from qtrain.hessian.eigen import top_eigenvalues
-from qtrain.hessian.hawq import omega_table
+from qtrain.hessian.hawq import hawq_v1_bits, hawq_v1_omega, hawq_v1_stage_order, omega_table
 from qtrain.hessian.hvp import HessianOperator, batch_losses, hessian_mode, layer_groups
 from qtrain.hessian.qbert import assign_tier_bits, block_eigenvalues, qbert_omega
 from qtrain.hessian.trace import TraceResult, hutchinson_traces, per_layer_traces
@@ -150,16 +152,24 @@ def analyze(
                 for n in layer_names:
                     e = top_eigenvalues(op, 1, cfg.eig_max_iter, cfg.eig_tol, cfg.seed, group=n)
                     curv[n], err[n] = e.values[0], float("nan")
-            table = omega_table(curv, weights, cfg.bit_choices)
             total = sum(numel.values())
             budget = cfg.budget_bits if cfg.budget_bits is not None else int(
                 cfg.average_bits * total)
-            alloc = allocate_bits(table, numel, budget, cfg.bit_choices, cfg.ties)
-            bits = alloc.bits
+            if cfg.method == "hawq_v1":
+                sens = {n: curv[n] / numel[n] for n in layer_names}
+                bits = hawq_v1_bits(sens, numel, budget, cfg.bit_choices, cfg.ties)
+                omega = hawq_v1_omega(curv, weights, bits)
+                for i, stage in enumerate(hawq_v1_stage_order(omega, cfg.ties)):
+                    for n in stage:
+                        rows[n]["stage"] = i
+            else:
+                table = omega_table(curv, weights, cfg.bit_choices)
+                bits = allocate_bits(table, numel, budget, cfg.bit_choices, cfg.ties).bits
+                omega = {n: table[n][bits[n]] for n in layer_names}
             for n in layer_names:
                 rows[n].update(curvature=curv[n], stderr=err[n],
                                sensitivity=curv[n] / numel[n],
-                               omega=table[n][bits[n]], **extra)
+                               omega=omega[n], **extra)
     for n in layer_names:
         rows[n]["bits"] = bits[n]
     return [rows[n] for n in layer_names], bits
