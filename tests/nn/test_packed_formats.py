@@ -74,7 +74,8 @@ def test_from_qparams_zero_point_dtypes():
         torch.testing.assert_close(p.dequantize(), (codes - zp) * 0.1, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("make", [TTQQuantizer, lambda: PolinoDifferentiableQuantizer(4),
+@pytest.mark.parametrize("make", [TTQQuantizer,
+                                  lambda: PolinoDifferentiableQuantizer(4, bucket_size=None),
                                   lambda: DSQQuantizer(3), lambda: DynamicFixedPointQuantizer(4)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 def test_triton_backend_matches_torch(make, scale_dtype):
