@@ -211,6 +211,18 @@ def gemm_candidates_for(m: int, candidates: Sequence[dict]) -> list[dict]:
     return [c for c in candidates if lo <= c["BLOCK_M"] <= hi] or list(candidates)
 
 
+def fp32_gemm_default(m: int) -> dict:
+    """GPU GEMM default for fp32 activations. ``tl.dot(..., input_precision="ieee")`` on fp32
+    tiles runs on FMA units with 4-byte operands, so the fp16 defaults (64-128 x 128 x 64)
+    spill 10-20 KB per thread (ptxas, sm_80 and sm_90); these tiles compile without spills
+    (``qtrain_kernels.compile_check``: 203-235 registers, 13 KB shared)."""
+    if m <= 256:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4,
+                "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "SPLIT_K": 1, "num_warps": 4,
+            "num_stages": 3}
+
+
 def splitk_linear(
     x: torch.Tensor, x2: torch.Tensor, weights: Sequence, sizes: Sequence[int], n: int, k: int,
     bias: torch.Tensor | None, *, gemv: DualKernel, gemm: DualKernel, flags: dict, name: str,
@@ -256,9 +268,10 @@ def splitk_linear(
         if small:
             default = ({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp else
                        {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4})
+        elif interp:
+            default = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
         else:
-            default = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1} if interp
-                       else gemm_default)
+            default = fp32_gemm_default(m) if xin.dtype == torch.float32 else gemm_default
         kind = "gemv" if small else "gemm"
         key = f"{name}|{kind}|M{m_bucket(m)}|N{n}|K{k}|{key_extra}|{x.dtype}"
         cands = candidates[0] if small else gemm_candidates_for(m, candidates[1])

@@ -1,0 +1,348 @@
+"""Ahead-of-time compile check of the Triton kernels for real GPUs, on a machine without one.
+
+The CPU tests run the kernels under Triton's interpreter, which accepts code a GPU compiler
+may reject and says nothing about registers or shared memory. This module compiles the
+kernels the way a GPU run would launch them -- through the project's own host functions
+(``lowbit_linear``, ``codebook_linear``, ``w8a8_linear``, ``bitserial_matmul``), with their
+GPU default launch configurations or an explicit autotune candidate -- for a named target
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``: Triton's bundled
+ptxas turns the PTX into a cubin), then reads the cubin's resource usage with the bundled
+``cuobjdump -res-usage`` (registers per thread, local memory = spills, static shared
+memory) and Triton's metadata (shared memory per block including the pipeline buffers).
+
+How a launch is captured: inside :func:`record_gpu_launches` every ``DualKernel`` launch is
+recorded instead of run, and the host code takes its GPU branch (``interpreting`` is False,
+autotuning off so the GPU default configuration is used unless ``config=`` is given).
+Arguments are specialised as Triton's JIT does at launch: an int argument equal to 1
+becomes a constant, pointers and ints divisible by 16 get the 16-divisibility attribute.
+
+Limits per target (per block): sm_80 164 KiB and sm_90 228 KiB of shared memory (227 KiB
+usable by one block on sm_90; we use the issue's 228 KiB), 255 registers per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import bitserial, codebook_matmul, lowbit_matmul, runtime, w8a8
+
+TARGETS = {"sm_80": 80, "sm_90": 90}
+SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+_MODULES = (runtime, lowbit_matmul, codebook_matmul, w8a8, bitserial)
+_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+          torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64"}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the host code issued it (plain python function, args, kwargs)."""
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        cfg = {k: v for k, v in self.kwargs.items() if k.startswith("BLOCK") or k in (
+            "SPLIT_K", "num_warps", "num_stages")}
+        return f"{self.fn.__name__}[{self.label}]{cfg}"
+
+
+@dataclass
+class CompileReport:
+    launch: Launch
+    target: int
+    seconds: float
+    registers: int = -1
+    local_bytes: int = -1   # per thread: register spills (and local arrays)
+    shared_bytes: int = -1  # per block: Triton's metadata (pipeline buffers included)
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        head = f"sm_{self.target} {self.launch.name}"
+        if self.error:
+            return f"{head}: COMPILE ERROR {self.error}"
+        return (f"{head}: {self.registers} regs, {self.local_bytes} B local, "
+                f"{self.shared_bytes} B shared, {self.seconds:.1f} s"
+                + (f"  <- {'; '.join(self.problems)}" if self.problems else ""))
+
+
+class _Recorder:
+    def __init__(self, fn: Callable, out: list[Launch], label: str) -> None:
+        self.fn, self.out, self.label = fn, out, label
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.out.append(Launch(self.fn, args, dict(kwargs), self.label))
+        return launch
+
+
+@contextlib.contextmanager
+def record_gpu_launches(label: str = "") -> Iterator[list[Launch]]:
+    """Within the block, kernel launches are recorded (not run) and host code takes its GPU
+    branch with autotuning off; CPU tensors stand in for device tensors."""
+    launches: list[Launch] = []
+    saved = [(m, m.__dict__.get("interpreting")) for m in _MODULES]
+    old_getitem = runtime.DualKernel.__getitem__
+    old_env = os.environ.get("QTRAIN_AUTOTUNE")
+    runtime.DualKernel.__getitem__ = lambda self, device: _Recorder(self.fn, launches, label)
+    for m, f in saved:
+        if f is not None:
+            m.interpreting = lambda device: False
+    os.environ["QTRAIN_AUTOTUNE"] = "0"
+    try:
+        yield launches
+    finally:
+        runtime.DualKernel.__getitem__ = old_getitem
+        for m, f in saved:
+            if f is not None:
+                m.interpreting = f
+        if old_env is None:
+            os.environ.pop("QTRAIN_AUTOTUNE", None)
+        else:
+            os.environ["QTRAIN_AUTOTUNE"] = old_env
+
+
+def _source(launch: Launch) -> tuple[ASTSource, dict]:
+    jit = triton.jit(launch.fn)
+    sig, const, attrs = {}, {}, {}
+    pos = list(launch.args)
+    for i, name in enumerate(jit.arg_names):
+        if name in launch.kwargs:
+            sig[name], const[name] = "constexpr", launch.kwargs[name]
+            continue
+        if i >= len(pos):
+            raise ValueError(f"{launch.fn.__name__}: argument {name!r} was not passed")
+        a = pos[i]
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + _DTYPE[a.dtype]
+            if a.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, bool):
+            sig[name] = "i1"
+        elif isinstance(a, int):
+            if a == 1:  # the JIT specialises 1 into a constant
+                sig[name], const[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{launch.fn.__name__}: argument {name!r} of type {type(a).__name__}")
+    opts = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    return ASTSource(jit, sig, const, attrs), opts
+
+
+_RES = re.compile(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)")
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread) of the cubin's kernel, by the
+    bundled ``cuobjdump -res-usage``: the stack frame (where ptxas puts register spills) plus
+    LOCAL. Checked against ``ptxas -v`` on a spilling fp32 GEMM: STACK 9568 B for 19980 B of
+    spill stores."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    m = _RES.search(out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{out}")
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def compile_launch(launch: Launch, target: int) -> CompileReport:
+    """Compile ``launch`` for ``sm_<target>``; the report lists spills (local memory) and
+    shared memory over the target's per-block limit as problems."""
+    t0 = time.time()
+    try:
+        src, opts = _source(launch)
+        ck = triton.compile(src, target=GPUTarget("cuda", target, 32), options=opts)
+        regs, local = _resource_usage(ck.asm["cubin"])
+    except Exception as e:  # noqa: BLE001 - reported as the check's finding
+        msg = str(e).strip().splitlines()
+        return CompileReport(launch, target, time.time() - t0,
+                             error=f"{type(e).__name__}: {msg[-1] if msg else ''}")
+    rep = CompileReport(launch, target, time.time() - t0, regs, local, int(ck.metadata.shared))
+    if local:
+        rep.problems.append(f"spills {local} B/thread to local memory")
+    if rep.shared_bytes > SHARED_LIMIT[target]:
+        rep.problems.append(f"shared {rep.shared_bytes} B > {SHARED_LIMIT[target]} B limit")
+    return rep
+
+
+def ok(report: CompileReport) -> bool:
+    return report.error is None and not report.problems
+
+
+# -- the launches to check ------------------------------------------------------------------
+
+def _lowbit_args(m: int, n: int, k: int, bits: int, group: int | None, zeros: str | None,
+                 mode: str = "affine", dtype=torch.float16, bias: bool = False,
+                 lut_rows: int = 1) -> tuple[tuple, dict]:
+    from .layout import container_bits, pack_codes
+
+    c = container_bits(bits)
+    hi = 1 if mode == "binary" else 2 ** bits - 1
+    codes = torch.randint(0, hi + 1, (n, k), dtype=torch.int32)
+    g = k if group is None else group
+    scales = torch.rand(n, k // g, dtype=torch.float16)
+    z = None
+    if zeros == "uint8":
+        z = torch.randint(0, 2 ** c, (n, k // g), dtype=torch.uint8)
+    elif zeros is not None:
+        z = torch.rand(n, k // g, dtype=getattr(torch, zeros))
+    kw = {"bits": bits, "k": k, "mode": mode}
+    if mode == "lut":
+        kw["lut"] = torch.rand(lut_rows, 2 ** c, dtype=torch.float16)
+    x = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    return (x, pack_codes(codes, c), scales, z, b), kw
+
+
+LOWBIT_CASES = {  # label: (bits, group, zeros, mode, dtype, bias)
+    "int8-channel": (8, None, None, "affine", torch.float16, False),
+    "int4-g128-u8zp-bias": (4, 128, "uint8", "affine", torch.float16, True),
+    "int2-g64-fp16zp": (2, 64, "float16", "affine", torch.float16, False),
+    "binary-channel": (1, None, None, "binary", torch.float16, False),
+    "lut3-row": (3, None, None, "lut", torch.float16, False),
+    "int4-g128-u8zp-bf16": (4, 128, "uint8", "affine", torch.bfloat16, False),
+    "int4-g128-u8zp-fp32": (4, 128, "uint8", "affine", torch.float32, False),
+}
+
+
+def lowbit_launches(ms=(1, 64, 512), cases=None, config: dict | None = None) -> list[Launch]:
+    """``lowbit_linear`` launches (GEMV for M <= 8, GEMM above) at N = 256, K = 1024."""
+    out: list[Launch] = []
+    for label, (bits, group, zeros, mode, dtype, bias) in (cases or LOWBIT_CASES).items():
+        for m in ms:
+            args, kw = _lowbit_args(m, 256, 1024, bits, group, zeros, mode, dtype, bias,
+                                    lut_rows=256 if mode == "lut" else 1)
+            with record_gpu_launches(f"lowbit {label} M={m}") as rec:
+                lowbit_matmul.lowbit_linear(*args, **kw, config=config)
+            out += rec
+    return out
+
+
+def codebook_launches(ms=(1, 64), block_sizes=(8, 9), config: dict | None = None,
+                      dtype=torch.float16) -> list[Launch]:
+    out: list[Launch] = []
+    for bs in block_sizes:
+        k = 1152 if bs == 9 else 1024
+        codes = torch.randint(0, 256, (256, k // bs), dtype=torch.uint8)
+        cents = torch.rand(256, bs, dtype=torch.float16)
+        for m in ms:
+            with record_gpu_launches(f"codebook bs={bs} M={m} {dtype}") as rec:
+                codebook_matmul.codebook_linear(torch.randn(m, k, dtype=dtype), codes,
+                                                cents, config=config)
+            out += rec
+    return out
+
+
+def w8a8_launches(ms=(64,), config: dict | None = None) -> list[Launch]:
+    out: list[Launch] = []
+    q = torch.randint(-127, 128, (256, 1024), dtype=torch.int8)
+    s = torch.rand(256, dtype=torch.float32)
+    for m in ms:
+        with record_gpu_launches(f"w8a8 M={m}") as rec:
+            w8a8.w8a8_linear(torch.randn(m, 1024, dtype=torch.float16), q, s, config=config)
+        out += rec
+    return out
+
+
+def bitserial_launches(bits=((4, 4), (2, 2)), config: dict | None = None) -> list[Launch]:
+    out: list[Launch] = []
+    for abits, wbits in bits:
+        xp = torch.randint(-2**31, 2**31 - 1, (abits, 64, 32), dtype=torch.int32)
+        wp = torch.randint(-2**31, 2**31 - 1, (wbits, 256, 32), dtype=torch.int32)
+        with record_gpu_launches(f"bitserial {abits}x{wbits}") as rec:
+            bitserial.bitserial_matmul(xp, wp, 1024, config=config)
+        out += rec
+    return out
+
+
+def default_launches() -> list[Launch]:
+    """Every kernel entry point with its GPU default configuration over a representative set
+    of flags: bit widths and modes, per-channel and grouped scales, integer and float
+    zero-points, bias, fp16 / bf16 / fp32 activations, GEMV (M = 1) and GEMM (M = 64, 512)."""
+    return (lowbit_launches() + codebook_launches()
+            + codebook_launches((64,), (8,), dtype=torch.float32) + w8a8_launches()
+            + bitserial_launches())
+
+
+def candidate_launches() -> list[Launch]:
+    """Every autotune candidate of every kernel for one representative format each (the
+    fuller sweep): lowbit int4 g128 with uint8 zero-points, codebook bs 8, w8a8."""
+    out: list[Launch] = []
+    case = {"int4-g128-u8zp-bias": LOWBIT_CASES["int4-g128-u8zp-bias"]}
+    for cfg in lowbit_matmul._GEMV_CANDIDATES:
+        out += lowbit_launches((1,), case, cfg)
+    for cfg in lowbit_matmul._GEMM_CANDIDATES:
+        out += lowbit_launches((64,), case, cfg)
+    for cfg in codebook_matmul._GEMV_CANDIDATES:
+        out += codebook_launches((1,), (8,), cfg)
+    for cfg in codebook_matmul._GEMM_CANDIDATES:
+        out += codebook_launches((64,), (8,), cfg)
+    for cfg in w8a8._CANDIDATES:
+        out += [la for la in w8a8_launches((64,), cfg) if la.fn is w8a8._w8a8_body]
+    return out
+
+
+def _compile_one(job: tuple[Launch, int]) -> CompileReport:
+    return compile_launch(*job)
+
+
+def check(launches: list[Launch], targets=(80, 90), workers: int = 1) -> list[CompileReport]:
+    """Compile every launch for every target (``workers`` processes); one report each."""
+    jobs = [(la, t) for la in launches for t in targets]
+    if workers <= 1:
+        return [_compile_one(j) for j in jobs]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        return list(ex.map(_compile_one, jobs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qtrain_kernels.compile_check [--full] [--target sm_80 sm_90] [--jobs N]``:
+    prints one line per compilation; exit status 1 on any error, spill or shared overflow."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--full", action="store_true", help="every autotune candidate as well")
+    ap.add_argument("--target", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    a = ap.parse_args(argv)
+    launches = default_launches() + (candidate_launches() if a.full else [])
+    reports = check(launches, [TARGETS[t] for t in a.target], a.jobs)
+    for r in reports:
+        print(r.line(), flush=True)
+    bad = [r for r in reports if not ok(r)]
+    print(f"{len(reports)} compilations, {len(bad)} with problems")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
