@@ -6,8 +6,11 @@ buffers so calibration results travel in checkpoints. Used for PTQ calibration (
 then freeze) and QAT range tracking (update every training step), see
 :class:`qtrain.nn.calibrated_quantizer.CalibratedQuantizer`.
 
-* :class:`MinMaxObserver`     running min/max, or an EMA of batch min/max (``momentum``,
-  Jacob et al. 2018 Sec. 3.1) for QAT.
+* :class:`MinMaxObserver`     running min/max, or an EMA of batch min/max for QAT (Jacob et
+  al. 2018 Sec. 3.1, smoothing "close to 1"): ``momentum`` = 1 - d, default 0.001 (d = 0.999,
+  TensorFlow's ``MovingAvgQuantize``), debiased as TF's ``assign_moving_average``
+  (range_t = b_t / (1 - d^t), b_t = d b_(t-1) + (1 - d) r_t, b_0 = 0: the first batch's range
+  at t = 1, an even average of a short run's batches, the plain EMA in a long run).
 * :class:`HistogramObserver`  histogram of |x| -> 'percentile', 'mse' or 'kl' (TensorRT)
   clipping; KL searches with 2^(b-1) quantized bins for a signed grid and 2^b for an
   unsigned one (an affine quantizer on a non-negative stream), as NVIDIA's calibrator. When a batch exceeds the current range the histogram is re-binned onto the
@@ -23,8 +26,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.quant import aciq, calibration
 from qtrain.quant import uniform as U
+
+EMA_MOMENTUM = 0.001  # 1 - 0.999 (Jacob et al. 2018 sec. 3.1; TensorFlow's MovingAvgQuantize)
 
 
 class Observer(nn.Module):
@@ -56,12 +62,14 @@ class Observer(nn.Module):
 
 
 class MinMaxObserver(Observer):
-    """Global min/max (``momentum=None``) or EMA: r <- (1 - momentum) r + momentum r_batch."""
+    """Global min/max (``momentum=None``) or the debiased EMA with d = 1 - ``momentum``
+    (module docstring)."""
 
     def __init__(self, momentum: float | None = None, name: str = "observer") -> None:
         super().__init__(name)
         if momentum is not None and not 0 < momentum <= 1:
-            raise ValueError(f"{name}: momentum={momentum} must be in (0, 1]")
+            raise ConfigError(f"{name}: momentum={momentum} must be in (0, 1] (1 - EMA decay; "
+                              "default 0.001, i.e. decay 0.999)")
         self.momentum = momentum
         self.register_buffer("min_val", torch.tensor(0.0))
         self.register_buffer("max_val", torch.tensor(0.0))
@@ -76,10 +84,11 @@ class MinMaxObserver(Observer):
         elif self.momentum is None:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
-        else:
-            m = self.momentum
-            self.min_val.mul_(1 - m).add_(m * lo)
-            self.max_val.mul_(1 - m).add_(m * hi)
+        else:  # debiased: c = d (1 - d^(t-1)) / (1 - d^t) on the debiased range
+            d, t = 1 - self.momentum, int(self.count) + 1
+            c = d * (1 - d ** (t - 1)) / (1 - d**t)
+            self.min_val.mul_(c).add_((1 - c) * lo)
+            self.max_val.mul_(c).add_((1 - c) * hi)
         self.count += 1
 
     def compute_range(self, bits, symmetric=True):
@@ -193,7 +202,7 @@ def make_observer(kind: str, name: str = "observer", **kw) -> Observer:
     if kind == "minmax":
         return MinMaxObserver(None, name=name)
     if kind == "ema":
-        return MinMaxObserver(kw.pop("momentum", 0.1), name=name)
+        return MinMaxObserver(kw.pop("momentum", EMA_MOMENTUM), name=name)
     if kind in HistogramObserver.METHODS:
         return HistogramObserver(kind, name=name, **kw)
     if kind in ("aciq", "aciq-laplace", "aciq-gaussian"):

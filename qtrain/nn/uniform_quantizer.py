@@ -2,14 +2,27 @@
 
 Weights: ranges from the current weight's min/max every forward (per tensor, per output
 channel, or per group of ``group_size`` input elements). Activations: ranges tracked by an
-exponential moving average of batch min/max during training (Jacob 2018, sec. 3.1) and
-frozen in eval mode. Math in :mod:`qtrain.quant.uniform`.
+exponential moving average of batch min/max during training and frozen in eval mode (Jacob
+2018, sec. 3.1: "EMA with the smoothing parameter being close to 1 so that observed ranges
+are smoothed across thousands of training steps"). As TensorFlow's quantize rewriter
+(``MovingAvgQuantize``: ``ema_decay=0.999``, ``assign_moving_average`` with its default
+``zero_debias=True``), the default decay is d = 0.999 and the average is debiased:
+
+    b_t = d b_(t-1) + (1 - d) r_t,  b_0 = 0;   range_t = b_t / (1 - d^t)
+
+so the first batch's range is range_1 (no constant initial value to forget), a short run
+averages all its batches almost evenly, and a long run is the plain EMA. While the
+quantizer is disabled in training (the float phase, ``quant.start_epoch``) the EMA keeps
+collecting ranges, as Jacob et al. disable activation quantization "at the start of
+training" while ranges are collected (TF's ``quant_delay``). Math in
+:mod:`qtrain.quant.uniform`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant import uniform as U
 
@@ -27,7 +40,8 @@ class UniformQuantizer(Quantizer):
             the flattened input dimension of a weight).
         observer: 'minmax' (range of the current tensor: weights) or 'ema' (moving average
             of batch ranges in training, frozen in eval: activations).
-        ema_decay: weight of the old range in the EMA update.
+        ema_decay: d, the weight of the old range in the debiased EMA (module docstring);
+            0.999 as Jacob et al. / TensorFlow.
     """
 
     min_bits, max_bits = U.MIN_BITS, U.MAX_BITS
@@ -40,7 +54,7 @@ class UniformQuantizer(Quantizer):
         group_size: int | None = None,
         axis: int = 0,
         observer: str = "minmax",
-        ema_decay: float = 0.9,
+        ema_decay: float = 0.999,
     ) -> None:
         super().__init__(bits)
         if granularity not in GRANULARITIES:
@@ -51,6 +65,9 @@ class UniformQuantizer(Quantizer):
             raise ValueError("observer='ema' (activations) supports granularity='tensor' only")
         if granularity == "group" and not group_size:
             raise ValueError("granularity='group' needs group_size (e.g. 32, 64, 128)")
+        if not 0 < ema_decay < 1:
+            raise ConfigError(f"quant.act.ema_decay={ema_decay}; allowed: 0 < ema_decay < 1 "
+                              "(Jacob et al. 2018 / TensorFlow: 0.999)")
         U.code_range(bits, symmetric)  # validates bits for this mode
         self.symmetric = symmetric
         self.granularity = granularity
@@ -61,23 +78,45 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("running_min", torch.tensor(0.0))
         self.register_buffer("running_max", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "ema_steps"
+        if key not in state_dict and prefix + "initialized" in state_dict:
+            # a state saved before the debiased EMA: its range is an old plain EMA, kept as
+            # is (a large step count makes the debias factor 1)
+            state_dict[key] = torch.tensor(
+                10**6 if bool(state_dict[prefix + "initialized"]) else 0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_bits(self, bits: int) -> None:
         U.code_range(bits, self.symmetric)
         super().set_bits(bits)
 
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor) -> None:
+        """range_t = b_t / (1 - d^t) with b_t = d b_(t-1) + (1 - d) r_t, written on the
+        debiased range itself: range_t = c range_(t-1) + (1 - c) r_t,
+        c = d (1 - d^(t-1)) / (1 - d^t) (c = 0 at t = 1: the first batch's range)."""
+        lo, hi = torch.aminmax(x.detach())  # one pass
+        d, t = self.ema_decay, int(self.ema_steps) + 1
+        c = d * (1 - d ** (t - 1)) / (1 - d**t)
+        self.running_min.mul_(c).add_((1 - c) * lo.to(self.running_min.dtype))
+        self.running_max.mul_(c).add_((1 - c) * hi.to(self.running_max.dtype))
+        self.ema_steps.fill_(t)
+        self.initialized.fill_(True)
+
     def _ema_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training or not bool(self.initialized):
-            lo, hi = torch.aminmax(x.detach())  # one pass
-            if bool(self.initialized):
-                d = self.ema_decay
-                lo = d * self.running_min + (1 - d) * lo
-                hi = d * self.running_max + (1 - d) * hi
-            with torch.no_grad():
-                self.running_min.copy_(lo)
-                self.running_max.copy_(hi)
-                self.initialized.fill_(True)
+            self._ema_update(x)
         return self.running_min, self.running_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            if self.observer == "ema" and self.training:
+                self._ema_update(x)  # ranges collected while quantization is disabled
+            return x
+        return self.quantize(x)
 
     def qparams(self, x: torch.Tensor) -> U.QParams:
         if self.observer == "ema":

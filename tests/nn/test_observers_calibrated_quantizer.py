@@ -15,10 +15,29 @@ def test_minmax_and_ema_by_hand():
     assert [v.item() for v in o.compute_range(8)] == [-2.0, 3.0]
     e = MinMaxObserver(momentum=0.25)
     e.update(torch.tensor([1.0, -2.0]))
+    assert [v.item() for v in e.compute_range(8)] == [-2.0, 1.0]  # t = 1: the batch
     e.update(torch.tensor([3.0, -1.0]))
     lo, hi = e.compute_range(8)
-    assert lo.item() == pytest.approx(0.75 * -2 + 0.25 * -1)
-    assert hi.item() == pytest.approx(0.75 * 1 + 0.25 * 3)
+    # TF's debiased EMA by hand: b = 0.75 b + 0.25 r from b = 0, range = b / (1 - 0.75^t)
+    b_lo, b_hi = 0.75 * (0.25 * -2) + 0.25 * -1, 0.75 * (0.25 * 1) + 0.25 * 3
+    assert lo.item() == pytest.approx(b_lo / (1 - 0.75**2))
+    assert hi.item() == pytest.approx(b_hi / (1 - 0.75**2))
+
+
+def test_ema_observer_default_decay_and_hand_loop():
+    from qtrain.nn.observers import make_observer
+    o = make_observer("ema")
+    assert o.momentum == pytest.approx(0.001)  # decay 0.999 (Jacob 2018, TensorFlow)
+    g = torch.Generator().manual_seed(0)
+    b_lo = b_hi = 0.0
+    for t in range(1, 41):
+        x = torch.randn(50, generator=g) * (1 + t / 10)
+        o.update(x)
+        b_lo = 0.999 * b_lo + 0.001 * x.min().item()
+        b_hi = 0.999 * b_hi + 0.001 * x.max().item()
+    lo, hi = o.compute_range(8)
+    assert lo.item() == pytest.approx(b_lo / (1 - 0.999**40), rel=1e-5)
+    assert hi.item() == pytest.approx(b_hi / (1 - 0.999**40), rel=1e-5)
 
 
 def test_histogram_kl_single_batch_equals_function():
@@ -112,10 +131,11 @@ def test_qat_tracking_mode_uses_ema():
     q(torch.tensor([-1.0, 1.0]))
     q(torch.tensor([-3.0, 3.0]))
     lo, hi = q.observer.compute_range(4)
-    assert (lo.item(), hi.item()) == (-2.0, 2.0)
+    m = (0.5 * 0.5 * 1 + 0.5 * 3) / (1 - 0.25)  # debiased EMA, decay 0.5, by hand
+    assert lo.item() == pytest.approx(-m) and hi.item() == pytest.approx(m)
     q.eval()
     q(torch.tensor([-100.0, 100.0]))  # eval: range not updated
-    assert q.observer.max_val.item() == 2.0
+    assert q.observer.max_val.item() == hi.item()
 
 
 def test_value_aware_quantizer_storage_and_outliers():
