@@ -14,8 +14,9 @@ for it (:func:`input_scale`) and computes ``(x_q (*) w_q) . K + bias``.
 Gradient quantization of the layer's output: DoReFa-Net (Zhou et al. 2016, Alg. 1; tensorpack
 applies ``fg`` right after each quantized conv / fc) quantizes the gradient of the layer's
 output, so the error entering both backward GEMMs is k-bit. An activation quantizer with a
-``quantize_output_grad`` method (:class:`qtrain.nn.learned_quantizers.DoReFaActQuantizer`)
-gets the layer's output to wrap (:func:`output_grad`).
+``quantize_output_grad`` method (:class:`qtrain.nn.learned_quantizers.DoReFaActQuantizer`;
+:class:`qtrain.nn.fp8_training.FP8TrainingQuantizer` rounds the error to E5M2 the same way,
+Wang et al. 2018) gets the layer's output to wrap (:func:`output_grad`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def input_scale(aq, x: torch.Tensor, geometry: dict | None = None) -> torch.Tens
     return None if fn is None else fn(x, geometry)
 
 
-def output_grad(aq, y: torch.Tensor) -> torch.Tensor:
-    """``y``, with the gradient quantizer the activation quantizer asks for (if any)."""
-    fn = getattr(aq, "quantize_output_grad", None)
-    return y if fn is None else fn(y)
+def output_grad(quantizers, y: torch.Tensor) -> torch.Tensor:
+    """``y`` with the gradient quantizer of the first of ``quantizers`` (act, then weight)
+    that has one (DoReFa's k-bit gradients, FP8 training's E5M2 error); at most one per layer."""
+    for q in quantizers:
+        fn = getattr(q, "quantize_output_grad", None)
+        if fn is not None:
+            return fn(y)
+    return y
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict:
@@ -114,7 +119,7 @@ class QuantLinear(_FakeQuantMixin, nn.Linear):
         else:
             y = F.linear(self.quantized_input(x), self.quantized_weight())
             y = scaled_output(y, k, self.bias, -1)
-        return output_grad(self.act_quantizer, y)
+        return output_grad((self.act_quantizer, self.weight_quantizer), y)
 
     @classmethod
     def from_float(cls, m: nn.Linear, weight_quantizer=None, act_quantizer=None) -> QuantLinear:
@@ -133,7 +138,7 @@ class QuantConv2d(_FakeQuantMixin, nn.Conv2d):
         else:
             y = self._conv_forward(self.quantized_input(x), self.quantized_weight(), None)
             y = scaled_output(y, k, self.bias, 1)
-        return output_grad(self.act_quantizer, y)
+        return output_grad((self.act_quantizer, self.weight_quantizer), y)
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, weight_quantizer=None, act_quantizer=None) -> QuantConv2d:

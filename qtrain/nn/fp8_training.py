@@ -3,13 +3,20 @@ Floating Point Numbers", NeurIPS), on any device (CPU included), with the FP8 fo
 :mod:`qtrain.quant.floats`.
 
 * :class:`FP8TrainingQuantizer`: a quantizer for the weight and activation slots of the
-  fake-quant layers (``QATCallback(weight=..., act=..., bits=8)``). Forward: the tensor is
-  rounded to ``fmt`` (Wang 2018 use FP8 (1, 5, 2) = E5M2 for weights, activations, errors
-  and gradients, sec. 3). Backward: the incoming gradient is rounded to ``grad_fmt`` (E5M2)
-  -- in the weight slot this is the weight gradient, in the activation slot the error
-  propagated to the layer input ("errors" in FP8). Gradients smaller than E5M2's smallest
-  subnormal (2^-16) flush to zero: use loss scaling (Wang use a constant 1000 for some
-  nets; ``LossScaleMonitor`` + Lightning's GradScaler for dynamic scaling).
+  fake-quant layers (``QATCallback(weight=..., act=..., bits=8)``). Wang 2018 (sec. 3,
+  Fig. 1) give all three GEMMs of a layer FP8 operands and FP16 (chunk-accumulated)
+  outputs: forward Y = X_8 W_8; backward dX = dY_8 W_8 and dW = dY_8^T X_8, where dY_8 is
+  the *error* (the gradient of the layer's output) in FP8 (1, 5, 2) = E5M2. Here: in the
+  forward the weight and the input are rounded to ``fmt``; in the backward the layer
+  rounds the error entering both backward GEMMs to ``grad_fmt`` (E5M2):
+  ``grad_at='error'`` (default; the fake-quant layer calls :meth:`quantize_output_grad` on
+  its output, act slot first, once per layer). The GEMM outputs dX, dW are not rounded to
+  FP8 (FP16 with chunked accumulation, else FP32). ``grad_at='gemm_outputs'`` is the old
+  behaviour kept as an option: the error stays float and the backward GEMM *outputs*
+  (the weight gradient in the weight slot, the input error in the act slot) are rounded to
+  E5M2 instead. Errors smaller than E5M2's smallest subnormal (2^-16) flush to zero: use
+  loss scaling (Wang use a constant 1000 for some nets; ``LossScaleMonitor`` + Lightning's
+  GradScaler for dynamic scaling).
 * :func:`chunked_matmul`: chunk-based accumulation (Wang 2018 sec. 3.1, Fig. 2): the dot
   products of a GEMM are split into chunks of ``chunk`` (CL = 64) terms; terms are added
   inside a chunk in ``acc_dtype`` (FP16), and the chunk sums are added to the running result
@@ -37,12 +44,14 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant.floats import default_saturate, get_format, simulate_float
 from qtrain.quant.rounding import check_rounding
 
 FP8_FORMATS = ("e4m3", "e5m2")
 ACCUMULATIONS = ("fp32", "chunked")
+GRAD_AT = ("error", "gemm_outputs")
 ACC_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -61,8 +70,23 @@ class _FP8TrainFn(torch.autograd.Function):
         if inside is not None:  # clipped STE where the forward saturated
             g = g * inside
         fmt, sat, rounding, gen = ctx.grad_args
-        gq = simulate_float(g, fmt, sat, rounding, gen).to(g.dtype)
-        return gq, None, None, None, None, None, None, None, None
+        if fmt is not None:  # grad_at='gemm_outputs': round this GEMM output
+            g = simulate_float(g, fmt, sat, rounding, gen).to(g.dtype)
+        return g, None, None, None, None, None, None, None, None
+
+
+class _FP8ErrorFn(torch.autograd.Function):
+    """Identity forward; the gradient (the layer's error) rounded to FP8 in the backward."""
+
+    @staticmethod
+    def forward(ctx, y, fmt, sat, rounding, gen):
+        ctx.args = (fmt, sat, rounding, gen)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        fmt, sat, rounding, gen = ctx.args
+        return simulate_float(g, fmt, sat, rounding, gen).to(g.dtype), None, None, None, None
 
 
 class FP8TrainingQuantizer(Quantizer):
@@ -82,6 +106,8 @@ class FP8TrainingQuantizer(Quantizer):
             and backward). Set it on the weight quantizer (either slot works).
         chunk_size: CL, terms per chunk (Wang 2018: 64).
         acc_dtype: 'fp16' (Wang 2018) or 'bf16': the accumulator format.
+        grad_at: 'error' (Wang 2018: the error entering both backward GEMMs is FP8) or
+            'gemm_outputs' (the old behaviour: the backward GEMM outputs are rounded).
     Storage: 8 bits per element.
     """
 
@@ -91,8 +117,11 @@ class FP8TrainingQuantizer(Quantizer):
                  saturate: bool | None = None, grad_saturate: bool | None = None,
                  rounding: str = "nearest", grad_rounding: str = "nearest",
                  seed: int | None = None, accumulation: str = "fp32", chunk_size: int = 64,
-                 acc_dtype: str = "fp16") -> None:
+                 acc_dtype: str = "fp16", grad_at: str = "error") -> None:
         super().__init__(bits)
+        if grad_at not in GRAD_AT:
+            raise ConfigError(f"FP8TrainingQuantizer: grad_at={grad_at!r}; allowed: {GRAD_AT}")
+        self.grad_at = grad_at
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"FP8TrainingQuantizer: accumulation={accumulation!r}; "
                              f"allowed: {ACCUMULATIONS}")
@@ -122,13 +151,22 @@ class FP8TrainingQuantizer(Quantizer):
         return self._gens[key]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        gemm_out = self.grad_at == "gemm_outputs"
         y = _FP8TrainFn.apply(
-            x, self.fmt, self.saturate, self.rounding, self.grad_fmt, self.grad_saturate,
-            self.grad_rounding, self._gen(x.device, "fwd", self.rounding),
+            x, self.fmt, self.saturate, self.rounding, self.grad_fmt if gemm_out else None,
+            self.grad_saturate, self.grad_rounding, self._gen(x.device, "fwd", self.rounding),
             self._gen(x.device, "grad", self.grad_rounding))
         if self.accumulation == "chunked":
             y = ChunkedAccumulation.wrap(y, self.chunk_size, ACC_FORMATS[self.acc_dtype])
         return y
+
+    def quantize_output_grad(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``y`` unchanged; its gradient (the error entering both backward
+        GEMMs) rounded to ``grad_fmt`` (``grad_at='error'`` and enabled)."""
+        if not self.enabled or self.grad_at != "error":
+            return y
+        return _FP8ErrorFn.apply(y, self.grad_fmt, self.grad_saturate, self.grad_rounding,
+                                 self._gen(y.device, "grad", self.grad_rounding))
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return 8 * weight.numel()
@@ -136,8 +174,9 @@ class FP8TrainingQuantizer(Quantizer):
     def extra_repr(self) -> str:
         acc = (f", accumulation=chunked({self.chunk_size}, {self.acc_dtype})"
                if self.accumulation == "chunked" else "")
-        return (f"fmt={self.fmt}, grad_fmt={self.grad_fmt}, rounding={self.rounding}, "
-                f"grad_rounding={self.grad_rounding}{acc}, enabled={self.enabled}")
+        return (f"fmt={self.fmt}, grad_fmt={self.grad_fmt}, grad_at={self.grad_at}, "
+                f"rounding={self.rounding}, grad_rounding={self.grad_rounding}{acc}, "
+                f"enabled={self.enabled}")
 
 
 ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

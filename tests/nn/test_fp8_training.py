@@ -19,7 +19,7 @@ def test_forward_and_backward_rounding_match_torch_float8_casts():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(200, generator=g) * 10).requires_grad_(True)
     grad = torch.randn(200, generator=g) * torch.logspace(-8, 2, 200)
-    q = FP8TrainingQuantizer()
+    q = FP8TrainingQuantizer(grad_at="gemm_outputs")  # the quantizer rounds its gradient
     y = q(x)
     assert torch.equal(y, e5m2(x.detach()))
     y.backward(grad)
@@ -27,15 +27,16 @@ def test_forward_and_backward_rounding_match_torch_float8_casts():
     assert (x.grad[:40] == 0).any()  # tiny gradients flush to zero in E5M2 (why loss scaling)
     # e4m3 forward saturates at 448: clipped straight-through gradient there
     x2 = torch.tensor([1.0, 500.0, -3.3], requires_grad=True)
-    y2 = FP8TrainingQuantizer(fmt="e4m3")(x2)
+    y2 = FP8TrainingQuantizer(fmt="e4m3", grad_at="gemm_outputs")(x2)
     assert torch.equal(y2, x2.detach().to(torch.float8_e4m3fn).float())
     y2.backward(torch.tensor([0.3, 0.3, 0.3]))
     assert torch.equal(x2.grad, torch.tensor([1.0, 0.0, 1.0]) * e5m2(torch.tensor([0.3] * 3)))
 
 
-def test_in_fake_quant_linear_weight_and_error_gradients_are_fp8():
+def test_gemm_outputs_option_rounds_weight_and_input_gradients():
     torch.manual_seed(0)
-    lin = QuantLinear.from_float(torch.nn.Linear(8, 4), FP8TrainingQuantizer(), FP8TrainingQuantizer())
+    lin = QuantLinear.from_float(torch.nn.Linear(8, 4), FP8TrainingQuantizer(grad_at="gemm_outputs"),
+                                 FP8TrainingQuantizer(grad_at="gemm_outputs"))
     x = torch.randn(5, 8, requires_grad=True)
     lin(x).pow(2).sum().backward()
     assert torch.equal(lin.weight.grad, e5m2(lin.weight.grad))
