@@ -169,9 +169,12 @@ _gemm_kernel = dual_jit(_gemm_body)
 # Autotuning candidates (each is compiled once per GPU and format, then timed): kept short so
 # a first run on a fresh GPU tunes in seconds, not minutes. The GEMM list is filtered by M
 # (runtime.gemm_candidates_for).
+# GEMV BLOCK_K stays <= 256: at 512 (int4 group 96/128 with uint8 zero-points, int2 group
+# 128, float zero-points) ptxas spilled 5-12 KB per thread on sm_80 and sm_90 and each
+# candidate took 28-72 s to compile (qtrain_kernels.compile_check).
 _GEMV_CANDIDATES = [
     {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4}
-    for bn in (16, 32, 64) for bk in (256, 512) for sk in (1, 4)
+    for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 4)
 ]
 _GEMM_CANDIDATES = [
     *({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4,
