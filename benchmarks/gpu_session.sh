@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check for issue 5 (kernels): CUDA kernel tests, then the kernel benchmark,
+# One prepared GPU check for issues 5/17 (kernels): compile check, CUDA kernel tests, then the
+# kernel benchmark,
 # every result written under $OUT as it is produced (a timeout keeps what finished).
 #
 # On the lent device machine (no network; hydra/omegaconf/wandb are not needed here):
@@ -19,6 +20,11 @@ mkdir -p /tmp/qtrain_path && ln -sfn "$PWD/kernels" /tmp/qtrain_path/qtrain_kern
 export PYTHONPATH="$PWD:/tmp/qtrain_path:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 (nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)") \
     > "$OUT/machine.txt" 2>&1
+# ahead-of-time compile check for this GPU's architecture (the same check the CPU suite runs
+# for sm_80 and sm_90; issue 17): every entry point's default config, no spills
+CAP=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm_{m}{n}')")
+timeout 90 python3 -m qtrain_kernels.compile_check --target "$CAP" --jobs 16 \
+    > "$OUT/compile_check.log" 2>&1; tail -1 "$OUT/compile_check.log"
 timeout 100 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -5
 # the issue's goals first (int4 / int2 / int8 weight-only, W8A8 vs fp16 and tinygemm), then
