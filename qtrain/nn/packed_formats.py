@@ -74,6 +74,7 @@ from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuanti
 from qtrain.nn.format_quantizers import (
     BinaryWeightQuantizer,
     DynamicFixedPointQuantizer,
+    FixedPointQuantizer,
     FloatQuantizer,
     S2FP8Quantizer,
     TTQQuantizer,
@@ -391,6 +392,18 @@ def _dfp(wq, w, flat, bias, backend, scale_dtype):
     return _uniform(q, 2.0**e, 0, wq.bits, True, None, flat.shape[1], bias, backend, sd), None
 
 
+def _fixed(wq, w, flat, bias, backend, scale_dtype):
+    """Gupta 2015 static <IL, FL>: WL-bit codes with the fixed scale 2^-FL (exact; WL > 8 as
+    int16 / int32 codes in the float format, as the wide dynamic fixed point)."""
+    q = fixed_point.fixed_codes(flat, wq.int_bits, wq.frac_bits, "nearest")
+    if wq.bits > 8:
+        dt = torch.int16 if wq.bits <= 16 else torch.int32
+        return float_layer(q.to(dt), 16 if wq.bits <= 16 else 32, bias, backend,
+                           fscale=2.0**-wq.frac_bits), None
+    return _uniform(q, 2.0**-wq.frac_bits, 0, wq.bits, True, None, flat.shape[1], bias,
+                    backend, torch.float32), None
+
+
 def _float(wq, w, flat, bias, backend, scale_dtype, ref=None):
     dt = floats.TORCH_DTYPES.get(wq.fmt)
     if dt is None:
@@ -440,6 +453,7 @@ def _value_aware(wq, w, flat, bias, backend, scale_dtype):
 PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _ttq,
            PolinoDifferentiableQuantizer: _polino, SoftToHardVQ: _soft_to_hard,
            BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
+           FixedPointQuantizer: _fixed,
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
            KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,

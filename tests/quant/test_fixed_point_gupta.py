@@ -103,3 +103,24 @@ def test_recipe_uses_the_static_format(tmp_path):
     assert (wq.int_bits, wq.frac_bits, wq.rounding) == (2, 14, "stochastic")
     assert (aq.int_bits, aq.frac_bits, aq.rounding) == (4, 12, "stochastic")
     assert aq(torch.tensor([100.0])).item() == 8.0 - 2.0**-12  # saturates, not rescaled
+
+
+@pytest.mark.parametrize("bits,frac_bits", [(16, 14), (8, 6)])
+def test_export_round_trip_is_exact(bits, frac_bits, tmp_path):
+    from qtrain.export import load_packed, pack_model, save_packed
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    for i in (0, 2):
+        net[i] = QuantConv2d.from_float(net[i], FixedPointQuantizer(bits, frac_bits, seed=0))
+        with torch.no_grad():
+            net[i].weight.mul_(8)  # some weights beyond 2^(IL-1): saturated codes
+    net.eval()
+    x = torch.randn(2, 3, 6, 6)
+    for m in (net[0], net[2]):
+        m.weight_quantizer.rounding = "nearest"  # packed with round-to-nearest
+    want = net(x)
+    path = tmp_path / "f.safetensors"
+    save_packed(pack_model(net), path)
+    q = load_packed(path, net).eval()
+    torch.testing.assert_close(q(x), want)
