@@ -84,6 +84,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
@@ -124,6 +125,10 @@ def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if wf.shape[1] % bs or a.numel() != wf.numel() // bs:
         raise ValueError(f"{name}: block_size={bs} does not tile weight {tuple(w.shape)}")
     kc = wf.shape[1] // bs
+    if c.dim() == 3:  # one codebook per column segment (Gong 2014): row-major codes
+        codes = a.reshape(n, kc)
+        if torch.equal(c[torch.arange(kc), codes].reshape(n, -1), wf):
+            return codes.contiguous(), c
     for codes in (a.reshape(n, kc), a.reshape(kc, n).t()):
         if torch.equal(c[codes].reshape(n, -1), wf):
             return codes.contiguous(), c
@@ -340,7 +345,7 @@ def _compact_index_keys(model: nn.Module) -> list[str]:
     """State-dict keys of PQ layers left unpacked (e.g. PQEmbedding, PQConv2d) whose int64
     assignments fit in uint8 (K <= 256): they are written as uint8 and widened on load."""
     return sorted(f"{n}.assignments" if n else "assignments" for n, m in model.named_modules()
-                  if _has_codebook(m) and m.centroids.shape[0] <= 256
+                  if _has_codebook(m) and m.centroids.shape[-2] <= 256
                   and m.assignments.dtype == torch.int64)
 
 
@@ -516,7 +521,11 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
                              f"{e_max}; {m.bits}-bit INQ codes allow 0..{2 ** (m.bits - 2)}")
     elif m.fmt == "codebook":
         want("codes", (torch.uint8,), (n, k // m.group_size))
-        want("centroids", (torch.float16,), (m.centroids.shape[0], m.group_size))
+        segs = (k // m.group_size,) if m.centroids.dim() == 3 else ()  # per-segment books
+        want("centroids", (torch.float16,), (*segs, m.centroids.shape[-2], m.group_size))
+        if m.codes.numel() and int(m.codes.max()) >= m.centroids.shape[-2]:
+            raise DataFileError(f"packed file {path}: {name}.codes holds {int(m.codes.max())}; "
+                                f"only {m.centroids.shape[-2]} centroids")
     elif m.fmt == "w8a8":
         want("qweight", (torch.int8,), (n, k))
         want("wscale", (torch.float32,), (n,))

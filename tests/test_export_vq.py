@@ -16,13 +16,15 @@ from qtrain.nn.packed import PackedLinear
 from qtrain.nn.packed_rq import rq_layer
 from qtrain.quant.size import model_storage_bits
 
-CFG = {"kmeans": {"bits": 4}, "pq": {"n_centroids": 16, "block_size": 4},
+CFG = {"kmeans": {"bits": 4}, "pq": {"n_centroids": 4, "block_size": 4},  # per segment
+       "pq_shared": {"n_centroids": 16, "block_size": 4, "codebook": "shared"},
        "rq": {"n_centroids": 16, "block_size": 4, "n_stages": 2}}
-FMT = {"kmeans": "lut", "pq": "codebook", "rq": "rq"}
+FMT = {"kmeans": "lut", "pq": "codebook", "pq_shared": "codebook", "rq": "rq"}
 
 
 def _quantize(model, method, n_iter=5, **kw):
-    cb = VectorQuantizationCallback(method, n_iter=n_iter, **{**CFG[method], **kw})
+    cb = VectorQuantizationCallback(method.split("_")[0], n_iter=n_iter,
+                                    **{**CFG[method], **kw})
     cb.setup(None, model)
     cb.apply(model)
     return model
@@ -33,7 +35,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
 
 
-@pytest.mark.parametrize("method", ["kmeans", "pq", "rq"])
+@pytest.mark.parametrize("method", ["kmeans", "pq", "pq_shared", "rq"])
 def test_export_load_identical_outputs(method, tmp_path):
     model = _quantize(_mlp(), method).eval()
     x = torch.randn(6, 32)
@@ -46,9 +48,11 @@ def test_export_load_identical_outputs(method, tmp_path):
     loaded = load_packed(path, _mlp(), backend="torch")
     assert torch.equal(loaded(x), ref)
     assert loaded[2].fmt == FMT[method]
+    if method == "pq":  # one codebook per column segment travels as (K / bs, n_centroids, bs)
+        assert loaded[0].centroids.shape == (8, 4, 4) and loaded[2].centroids.shape == (6, 4, 4)
 
 
-@pytest.mark.parametrize("method,bits_per_weight", [("kmeans", 4), ("pq", 2), ("rq", 4)])
+@pytest.mark.parametrize("method,bits_per_weight", [("kmeans", 4), ("pq_shared", 2), ("rq", 4)])
 def test_file_size_matches_storage_bits_long_rows(method, bits_per_weight, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 64))  # 262k weights, rows of 4096
@@ -59,6 +63,38 @@ def test_file_size_matches_storage_bits_long_rows(method, bits_per_weight, tmp_p
     assert info["file_bytes"] * 8 == pytest.approx(bits, rel=0.01)
     # b bits per weight (not a byte per code)
     assert info["file_bytes"] * 8 < 1.01 * (bits_per_weight * 4096 * 64 + 64 * 32 + 2 * 256 * 64)
+
+
+def test_pq_segments_file_size_matches_storage_bits(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4096))  # 4096 rows: 16 segments of 4, K = 256 each
+    _quantize(model, "pq", n_iter=2, n_centroids=256)
+    bits = model_storage_bits(model).total_bits
+    # by hand: 8-bit index per block + 16 fp16 codebooks of 256 x 4 + fp32 bias
+    assert bits == 4096 * 16 * 8 + 16 * 256 * 4 * 16 + 4096 * 32
+    info = save_packed(pack_model(model), tmp_path / "m.safetensors")
+    assert info["file_bytes"] * 8 == pytest.approx(bits, rel=0.01)
+
+
+def test_pq_segments_load_validation(tmp_path):
+    model = _quantize(_mlp(), "pq").eval()
+    path = tmp_path / "m.safetensors"
+    save_packed(pack_model(model, backend="torch"), path)
+
+    def bad_code(t):
+        t["0.codes"] = t["0.codes"].clone()
+        t["0.codes"][1, 0] = 4  # only 4 centroids per segment
+
+    _rewrite(path, tmp_path / "a.safetensors", bad_code)
+    with pytest.raises(ValueError, match=r"0\.codes holds 4; only 4 centroids"):
+        load_packed(tmp_path / "a.safetensors", _mlp())
+
+    def fewer_segments(t):
+        t["2.centroids"] = t["2.centroids"][:5].clone()
+
+    _rewrite(path, tmp_path / "b.safetensors", fewer_segments)
+    with pytest.raises(ValueError, match=r"2\.centroids is .* shape \(6, 4, 4\)"):
+        load_packed(tmp_path / "b.safetensors", _mlp())
 
 
 def test_rq_triton_equals_torch_and_reference():

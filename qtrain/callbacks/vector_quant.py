@@ -11,9 +11,14 @@ or loaded model; ``start_epoch >= max_epochs``: at the end of fit, after an FP32
   sign (no scale; ~, from memory, not re-verified); the per-row fp32 alpha is our choice.
 * ``kmeans`` (sec. 3.2): scalar k-means of all weights of the layer into ``2^bits`` shared
   values (:class:`~qtrain.nn.kmeans_quantizer.KMeansWeightQuantizer`; init ``init``).
-* ``pq`` (sec. 3.3): product quantization, sub-vectors of ``block_size`` consecutive input
-  columns, one k-means codebook of ``n_centroids`` per layer
-  (:class:`~qtrain.nn.pq_layers.PQLinear` / ``PQConv2d``, centroids rounded to fp16).
+* ``pq`` (sec. 3.3): product quantization. The weight (out, in) (conv: in * kh * kw) is
+  split into column segments of ``block_size`` consecutive input columns and, as in the
+  paper, every segment gets its OWN k-means codebook of ``n_centroids`` fitted on that
+  segment's ``out`` sub-vectors (``codebook='segment'``, default;
+  :mod:`qtrain.quant.pq_segments`): storage ``out * S * ceil(log2 K)`` index bits + ``S``
+  fp16 codebooks of K x block_size. ``codebook='shared'``: one codebook for all segments of
+  the layer (as iPQ, Stock et al. 2019; the pre-issue-11 behaviour). Layers are
+  :class:`~qtrain.nn.pq_layers.PQLinear` / ``PQConv2d`` (centroids rounded to fp16).
 * ``rq`` (sec. 3.4): residual quantization, ``n_stages`` codebooks of ``n_centroids`` on the
   same sub-vectors, stage m fitted on the residual of stages 1..m-1
   (:mod:`qtrain.nn.rq_layers`).
@@ -23,8 +28,7 @@ every quantized layer (codebooks and bias) are frozen (``requires_grad=False``).
 selected stay float; if some remain and the run continues, only they train (the optimizer is
 rebuilt); if nothing trainable is left, the fit stops right there.
 
-Simplifications vs the paper: PQ shares one codebook across all sub-vector positions (as
-iPQ, Stock et al. 2019) instead of one codebook per column segment; RQ works on the same
+Simplifications vs the paper: RQ works on the same
 ``block_size`` sub-vectors instead of whole rows; centroids are stored in fp16. Layers are
 fitted on every rank with the same seeds (no broadcast: a multi-GPU run with
 non-deterministic k-means is untested). Resume: the model's ``load_state_dict`` pre-hook
@@ -42,6 +46,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
+from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules, set_submodule
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer
@@ -49,9 +54,11 @@ from qtrain.nn.kmeans_quantizer import KMeansWeightQuantizer
 from qtrain.nn.pq_layers import pq_from_state, rebuild_pq_layers
 from qtrain.nn.rq_layers import rebuild_rq_layers, rq_class_for
 from qtrain.quant import kmeans as KM
+from qtrain.quant import pq_segments as PS
 
 log = logging.getLogger("qtrain")
 METHODS = ("binary", "kmeans", "pq", "rq")
+CODEBOOKS = ("segment", "shared")
 LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
 
@@ -61,8 +68,11 @@ class VectorQuantizationCallback(pl.Callback):
         bits: kmeans: 2^bits shared values (1..8).
         n_centroids, block_size, n_stages: pq / rq codebook size K, sub-vector length and
             (rq) number of residual stages.
-        clamp_centroids: a layer with fewer sub-vectors than 4K gets K = the largest power
-            of two <= sub-vectors / 4 (tiny smoke-test models: ``${model.tiny}``).
+        codebook: pq only: 'segment' (one codebook per column segment, Gong 2014 sec. 3.3)
+            or 'shared' (one per layer).
+        clamp_centroids: a codebook with fewer sub-vectors than 4K (per segment: the layer's
+            output rows) gets K = the largest power of two <= sub-vectors / 4 (tiny
+            smoke-test models: ``${model.tiny}``; small layers of small models).
         include / exclude: module-name regexes (``re.fullmatch``); each must match a layer.
         types: layer types to consider ('Linear', 'Conv2d').
         start_epoch: epoch at whose start the layers are quantized (see module doc).
@@ -72,8 +82,12 @@ class VectorQuantizationCallback(pl.Callback):
     def __init__(self, method: str = "pq", bits: int = 4, n_centroids: int = 256,
                  block_size: int = 8, n_stages: int = 2, include=(".*",), exclude=(),
                  types=("Linear",), start_epoch: int = 0, n_iter: int = 20,
-                 init: str = "linear", seed: int = 0, clamp_centroids: bool = False) -> None:
+                 init: str = "linear", seed: int = 0, clamp_centroids: bool = False,
+                 codebook: str = "segment") -> None:
         super().__init__()
+        if codebook not in CODEBOOKS:
+            raise ConfigError(f"vector_quant.codebook={codebook!r}; allowed: {CODEBOOKS}")
+        self.codebook = codebook
         if method not in METHODS:
             raise ValueError(f"vector_quant.method={method!r}; allowed: {METHODS}")
         bad = [t for t in types if t not in LAYER_TYPES]
@@ -124,15 +138,24 @@ class VectorQuantizationCallback(pl.Callback):
             k = min(k, 2 ** max(0, (n_blocks // 4).bit_length() - 1))
         return k
 
+    def _per_segment(self) -> bool:
+        return self.method == "pq" and self.codebook == "segment"
+
+    def _sub_vectors(self, m: nn.Module) -> int:
+        """Sub-vectors one codebook is fitted on: the layer's rows (per segment) or all."""
+        return m.weight.shape[0] if self._per_segment() else m.weight.numel() // self.block_size
+
     def _check_layer(self, name: str, m: nn.Module) -> None:
         if self.method not in ("pq", "rq"):
             return
         KM.blocks_of(m.weight, self.block_size, name)  # block size divides the row length
-        n_blocks = m.weight.numel() // self.block_size
-        if self._k_for(n_blocks) > n_blocks:
-            raise ValueError(f"{name}: n_centroids={self.n_centroids} is larger than the number "
-                             f"of sub-vectors {n_blocks} (block_size={self.block_size}); exclude "
-                             "the layer or lower n_centroids")
+        n = self._sub_vectors(m)
+        if self._k_for(n) > n:
+            what = (f"{n} (the layer's output rows: one codebook per column segment)"
+                    if self._per_segment() else f"{n} (block_size={self.block_size})")
+            raise ConfigError(f"{name}: n_centroids={self.n_centroids} is larger than the number "
+                              f"of sub-vectors {what}; exclude the layer, lower n_centroids or "
+                              "set clamp_centroids=true")
 
     # -- quantization ---------------------------------------------------------------------
     def quantized_layer(self, name: str, m: nn.Module, i: int) -> nn.Module:
@@ -144,8 +167,12 @@ class VectorQuantizationCallback(pl.Callback):
             q = KMeansWeightQuantizer.fit(m.weight, self.bits, self.n_iter, seed, self.init, name)
             new = FAKE_QUANT_TYPES[type(m)].from_float(m, q, None)
         else:
-            k = self._k_for(m.weight.numel() // self.block_size)
-            if self.method == "pq":
+            k = self._k_for(self._sub_vectors(m))
+            if self._per_segment():
+                c, a = PS.pq_fit_segments(m.weight.detach(), self.block_size, k, self.n_iter,
+                                          seed, name)
+                new = pq_from_state(m, c.half().float(), a)
+            elif self.method == "pq":
                 r = KM.pq_fit(m.weight.detach(), self.block_size, k, self.n_iter, seed, name=name)
                 new = pq_from_state(m, r.centroids.half().float(), r.assignments)
             else:
@@ -213,7 +240,8 @@ class VectorQuantizationCallback(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"applied": self.applied, "applied_epoch": self.applied_epoch,
-                "method": self.method, "layers": list(self.layer_names),
+                "method": self.method, "codebook": self.codebook,
+                "layers": list(self.layer_names),
                 "fp32_metric": self.fp32_metric}
 
     def load_state_dict(self, state: dict) -> None:

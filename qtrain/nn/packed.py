@@ -214,14 +214,18 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_codebook(cls, codes: torch.Tensor, centroids: torch.Tensor, bias=None,
                       backend: str = "auto") -> PackedLinear:
-        """``codes`` (N, K / bs) in [0, n_centroids), ``centroids`` (n_centroids <= 256, bs)."""
-        if centroids.dim() != 2 or centroids.shape[0] > 256:
-            raise ValueError(
-                f"centroids must be (n_centroids <= 256, bs), got {tuple(centroids.shape)}")
-        if codes.dim() != 2 or int(codes.min()) < 0 or int(codes.max()) >= centroids.shape[0]:
-            raise ValueError(f"codes must be 2-D with values in [0, {centroids.shape[0] - 1}]")
+        """``codes`` (N, K / bs) in [0, n_centroids), ``centroids`` (n_centroids <= 256, bs)
+        or one codebook per column segment (K / bs, n_centroids <= 256, bs) (Gong et al. 2014
+        sec. 3.3; code j of a row indexes ``centroids[j]``; torch path only)."""
+        if centroids.dim() not in (2, 3) or centroids.shape[-2] > 256 or (
+                centroids.dim() == 3 and centroids.shape[0] != codes.shape[-1]):
+            raise ValueError(f"centroids must be (n_centroids <= 256, bs) or (K / bs = "
+                             f"{codes.shape[-1]}, n_centroids <= 256, bs), got "
+                             f"{tuple(centroids.shape)}")
+        if codes.dim() != 2 or int(codes.min()) < 0 or int(codes.max()) >= centroids.shape[-2]:
+            raise ValueError(f"codes must be 2-D with values in [0, {centroids.shape[-2] - 1}]")
         n, kc = codes.shape
-        bs = centroids.shape[1]
+        bs = centroids.shape[-1]
         bufs = {"codes": codes.to(torch.uint8), "centroids": centroids.detach().half()}
         return cls._new(kc * bs, n, "codebook", 8, bs, True, backend, bias, **bufs)
 
@@ -267,6 +271,9 @@ class PackedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The reference float32 weight ``(out_features, in_features)``."""
+        if self.fmt == "codebook" and self.centroids.dim() == 3:  # one codebook per segment
+            seg = torch.arange(self.codes.shape[1], device=self.codes.device)
+            return self.centroids.float()[seg, self.codes.long()].reshape(self.out_features, -1)
         if self.fmt == "codebook":
             return L.dequantize_codebook(self.codes, self.centroids)
         if self.fmt == "rq":
@@ -295,7 +302,7 @@ class PackedLinear(nn.Module):
         return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.fmt in TORCH_ONLY:
+        if self.fmt in TORCH_ONLY or (self.fmt == "codebook" and self.centroids.dim() == 3):
             return False
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 

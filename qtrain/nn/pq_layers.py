@@ -18,11 +18,20 @@ buffer as the first, so both uses reconstruct the same weight and the shared cen
 the gradient of both (the sum of the two per-use block averages, as a tied float weight gets
 the sum of both uses' gradients). :func:`tied_partners` finds the other users of a weight.
 
+Per-segment codebooks (Gong et al. 2014 sec. 3.3, :mod:`qtrain.quant.pq_segments`): a PQ
+layer built with ``centroids`` of shape (S, K, block_size) gives each column segment s (the
+block position within a row) its own codebook; ``assignments`` stay one index per block
+(row-major), and the gather reads ``centroids[s, a]``. The post-training VQ callback uses
+this by default; iPQ (Stock et al. 2019) keeps one codebook per layer (K, block_size).
+
 Common duck-typed interface (used by the export code): ``centroids``, ``assignments``,
-``block_size``, ``n_centroids``, ``weight_from_codebook()``, ``storage_bits()``.
+``block_size``, ``n_centroids``, ``n_segments``, ``weight_from_codebook()``,
+``storage_bits()``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +39,7 @@ from torch import nn
 
 from qtrain.nn.convert import layer_class_for
 from qtrain.quant import kmeans as KM
+from qtrain.quant import pq_segments as PS
 
 
 class _AvgGather(torch.autograd.Function):
@@ -57,19 +67,45 @@ class _PQMixin(nn.Module):
     def _init_codebook(self, centroids: torch.Tensor, assignments: torch.Tensor,
                        block_size: int) -> None:
         self.block_size = int(block_size)
+        n_blocks = math.prod(self.weight_shape) // self.block_size
+        per_row = n_blocks // self.weight_shape[0]
+        if centroids.dim() not in (2, 3) or centroids.shape[-1] != self.block_size or (
+                centroids.dim() == 3 and centroids.shape[0] != per_row):
+            raise ValueError(f"{type(self).__name__}: centroids {tuple(centroids.shape)} must be "
+                             f"(K, {self.block_size}) or one codebook per column segment "
+                             f"({per_row}, K, {self.block_size})")
+        if assignments.numel() != n_blocks:
+            raise ValueError(f"{type(self).__name__}: {assignments.numel()} assignments for "
+                             f"{n_blocks} blocks of weight {tuple(self.weight_shape)}")
         self.centroids = nn.Parameter(centroids.detach().clone())
         self.register_buffer("assignments", assignments.detach().to(torch.long).reshape(-1).clone())
 
     @property
     def n_centroids(self) -> int:
-        return self.centroids.shape[0]
+        return self.centroids.shape[-2]
+
+    @property
+    def n_segments(self) -> int:
+        """Codebooks: 1 (shared by all blocks) or one per column segment (Gong 2014)."""
+        return self.centroids.shape[0] if self.centroids.dim() == 3 else 1
+
+    def _flat(self, index: torch.Tensor) -> torch.Tensor:
+        """Row-major block indices -> rows of ``centroids.reshape(-1, block_size)``."""
+        if self.centroids.dim() == 2:
+            return index
+        seg = torch.arange(index.shape[-1], device=index.device) if index.dim() > 1 else None
+        if seg is None:
+            return PS.flat_index(index, self.n_segments, self.n_centroids)
+        return index + self.n_centroids * seg  # (..., per_row) codes of whole rows
 
     def counts(self) -> torch.Tensor:
-        """Number of blocks assigned to each centroid (K,)."""
-        return torch.bincount(self.assignments, minlength=self.n_centroids)
+        """Number of blocks assigned to each centroid (K,) or (S * K,) per segment."""
+        n = self.n_segments * self.n_centroids
+        return torch.bincount(self._flat(self.assignments), minlength=n)
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        return _AvgGather.apply(self.centroids, index, self.counts())
+        flat = self.centroids.reshape(-1, self.block_size)
+        return _AvgGather.apply(flat, self._flat(index), self.counts())
 
     def weight_from_codebook(self) -> torch.Tensor:
         """Reconstructed float weight ``centroids[assignments]`` in the layer's weight shape."""
@@ -80,8 +116,10 @@ class _PQMixin(nn.Module):
         return self.weight_from_codebook()
 
     def storage_bits(self) -> int:
-        """log2(K) bits per block index + fp16 centroids + fp32 bias (Stock 2019, sec. 4)."""
-        bits = KM.pq_storage_bits(self.assignments.numel(), self.n_centroids, self.block_size)
+        """log2(K) bits per block index + fp16 centroids (all S codebooks) + fp32 bias
+        (Stock 2019, sec. 4; Gong 2014 sec. 3.3)."""
+        bits = PS.storage_bits(self.assignments.numel(), self.n_segments, self.n_centroids,
+                               self.block_size)
         bias = getattr(self, "bias", None)
         return bits + (32 * bias.numel() if bias is not None else 0)
 
@@ -92,7 +130,7 @@ class _PQMixin(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"weight_shape={tuple(self.weight_shape)}, block_size={self.block_size}, "
-                f"n_centroids={self.n_centroids}")
+                f"n_centroids={self.n_centroids}, n_segments={self.n_segments}")
 
 
 def _adopt_bias(new: nn.Module, old: nn.Module) -> None:
@@ -227,7 +265,7 @@ def is_pq(module: nn.Module) -> bool:
 
 def pq_from_state(module: nn.Module, centroids: torch.Tensor, assignments: torch.Tensor):
     """PQ layer for float ``module`` with a given codebook (loading a compressed checkpoint)."""
-    block_size = centroids.shape[1]
+    block_size = centroids.shape[-1]
     return pq_class_for(module)(module, centroids, assignments, block_size)
 
 

@@ -81,8 +81,10 @@ def test_replaces_exactly_the_selected_layers(method):
             assert float(w1[q == v].mean()) == pytest.approx(float(v), abs=2e-3)
     else:  # sub-vectors of 4 consecutive input columns, at most 8 distinct ones per stage
         blocks = q.reshape(-1, 4)
-        if method == "pq":
-            assert torch.unique(blocks, dim=0).shape[0] <= 8
+        if method == "pq":  # one codebook per column segment: <= 8 distinct per segment
+            assert model.fc1.n_segments == 4 and model.fc1.centroids.shape == (4, 8, 4)
+            for seg in q.reshape(q.shape[0], -1, 4).transpose(0, 1):
+                assert torch.unique(seg, dim=0).shape[0] <= 8
         else:
             assert torch.unique(blocks, dim=0).shape[0] <= 64 and model.fc1.n_stages == 2
         err = float(((q - w1) ** 2).sum())
@@ -177,7 +179,8 @@ def test_resume_restores_kmeans_and_binary(method, tmp_path):
 def test_all_layers_quantized_stops_fit_and_end_of_fit_path():
     torch.manual_seed(0)
     model = TinyMLP()
-    cb = VectorQuantizationCallback("pq", **KW, start_epoch=1)  # every layer incl. head
+    # every layer incl. the 4-row head (per-segment K clamped to 1 there)
+    cb = VectorQuantizationCallback("pq", **KW, start_epoch=1, clamp_centroids=True)
     t = trainer(max_epochs=3, callbacks=[cb], limit_val_batches=1)
     t.fit(model, loader(), loader())
     assert cb.applied_epoch == 1 and t.global_step == 4  # nothing trainable: stopped
@@ -190,3 +193,92 @@ def test_all_layers_quantized_stops_fit_and_end_of_fit_path():
     t.fit(model, loader(), loader())
     assert cb.applied and t.global_step == 8 and type(model.head) is QuantLinear
     assert cb.fp32_metric == pytest.approx(float(t.callback_metrics["val_acc"]))
+
+
+def _brute_force_segments(w, bs, k):
+    """Per column segment, the globally optimal k-means partition of the segment's rows by
+    enumerating every labelling (k = 2), and the reconstructed weight (cluster means)."""
+    import itertools
+
+    out = torch.empty_like(w)
+    for s in range(w.shape[1] // bs):
+        x = w[:, s * bs:(s + 1) * bs].double()
+        best = None
+        for lab in itertools.product(range(k), repeat=x.shape[0]):
+            lab = torch.tensor(lab)
+            if len(set(lab.tolist())) < k:
+                continue
+            means = torch.stack([x[lab == j].mean(0) for j in range(k)])
+            sse = float(((x - means[lab]) ** 2).sum())
+            if best is None or sse < best[0]:
+                best = (sse, means[lab])
+        out[:, s * bs:(s + 1) * bs] = best[1].to(w.dtype)
+    return out
+
+
+def test_pq_one_codebook_per_segment_equals_brute_force():
+    """Gong et al. 2014 sec. 3.3: every column segment has its own k-means codebook."""
+    g = torch.Generator().manual_seed(3)
+    m, bs, k, n_seg = 7, 2, 2, 4
+    w = torch.empty(m, bs * n_seg)
+    for s in range(n_seg):  # two tight clusters per segment, different in every segment
+        centers = 3 * torch.randn(2, bs, generator=g)
+        lab = torch.tensor([0, 1] + torch.randint(0, 2, (m - 2,), generator=g).tolist())
+        w[:, s * bs:(s + 1) * bs] = centers[lab] + 0.01 * torch.randn(m, bs, generator=g)
+    model = nn.Sequential(nn.Linear(bs * n_seg, m))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    cb = VectorQuantizationCallback("pq", n_centroids=k, block_size=bs, n_iter=20)
+    cb.setup(None, model)
+    cb.apply(model)
+    layer = model[0]
+    assert layer.centroids.shape == (n_seg, k, bs) and layer.n_segments == n_seg
+    ref = _brute_force_segments(w, bs, k)
+    torch.testing.assert_close(layer.weight, ref, rtol=0, atol=4e-3)  # fp16 centroids
+    x = torch.randn(5, bs * n_seg, generator=g)
+    torch.testing.assert_close(model(x), F.linear(x, layer.weight, layer.bias))
+    # size by hand: m * S * log2(K) index bits + S fp16 codebooks of K x bs + fp32 bias
+    assert layer.storage_bits() == m * n_seg * 1 + 16 * n_seg * k * bs + 32 * m
+    from qtrain.quant.size import model_storage_bits
+
+    assert model_storage_bits(model).total_bits == layer.storage_bits()
+    # the shared codebook (named option; the pre-issue-11 default) cannot represent them
+    shared = nn.Sequential(nn.Linear(bs * n_seg, m))
+    with torch.no_grad():
+        shared[0].weight.copy_(w)
+    cb = VectorQuantizationCallback("pq", n_centroids=k, block_size=bs, n_iter=20,
+                                    codebook="shared")
+    cb.setup(None, shared)
+    cb.apply(shared)
+    assert shared[0].centroids.shape == (k, bs) and shared[0].n_segments == 1
+    err_seg = float(((layer.weight - w) ** 2).sum())
+    err_shared = float(((shared[0].weight - w) ** 2).sum())
+    assert err_shared > 100 * err_seg
+    with pytest.raises(ValueError, match="codebook='global'"):
+        VectorQuantizationCallback("pq", codebook="global")
+
+
+def test_pq_segments_conv_and_checkpoint_rebuild():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 12, 3), nn.ReLU())
+    w = model[0].weight.detach().clone()  # (12, 18): two segments of 9 (whole 3x3 kernels)
+    cb = VectorQuantizationCallback("pq", n_centroids=4, block_size=9, n_iter=10,
+                                    types=("Conv2d",))
+    cb.setup(None, model)
+    cb.apply(model)
+    conv = model[0]
+    assert conv.centroids.shape == (2, 4, 9)
+    flat = conv.weight.reshape(12, 18)
+    for s in range(2):  # each segment: its rows at their nearest centroid of ITS codebook
+        c = conv.centroids.detach()[s]
+        seg = w.reshape(12, 18)[:, 9 * s:9 * (s + 1)]
+        near = c[torch.cdist(seg, c).argmin(1)]
+        torch.testing.assert_close(flat[:, 9 * s:9 * (s + 1)], near)
+    x = torch.randn(1, 2, 6, 6)
+    torch.testing.assert_close(model(x), F.relu(F.conv2d(x, conv.weight, conv.bias)))
+    # a checkpoint of the quantized model loads back into the float architecture
+    fresh = nn.Sequential(nn.Conv2d(2, 12, 3), nn.ReLU())
+    cb2 = VectorQuantizationCallback("pq", n_centroids=4, block_size=9, types=("Conv2d",))
+    cb2.setup(None, fresh)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x)) and fresh[0].n_segments == 2
