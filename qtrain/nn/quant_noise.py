@@ -32,18 +32,21 @@ before the first ``new_step`` raises (nothing would advance the mask otherwise).
 ``OutputQuantNoise`` quantizes a noised module's *output* (fairseq's scalar
 ``ActivationQuantizer``, a forward hook that fairseq's ``quantize_model_`` attaches to every
 module it quantizes, with the weights' bits and method): per-tensor min-max, range
-recomputed from the current output every ``update_step`` training steps (fairseq: 1000)
-and kept in between; in training the output is clamped to that range with a
-straight-through gradient inside it (0 outside) and a Bernoulli(``p``) subset of the
-elements takes its quantized value -- fairseq builds it with ``p=0``, i.e. training only
-clamps; in eval the rate is ``eval_p`` (1: fully quantized). Deviation: fairseq's noised
-value is ``clamp(y) + q(y) - y``, which reflects outputs beyond the range (2 hi - y); here
-it is q(y).
+recomputed from the current output every ``update_step`` training steps (fairseq: 1000;
+under DDP the min / max over all ranks, so the ranks agree) and kept in between; in
+training the output is clamped to that range with a straight-through gradient inside it
+(0 outside) and a Bernoulli(``p``) subset of the elements takes its quantized value --
+fairseq builds it with ``p=0``, i.e. training only clamps; in eval the rate is ``eval_p``
+(1: fully quantized, with the stored range). Deviations: fairseq's noised value is
+``clamp(y) + q(y) - y``, which reflects outputs beyond the range (2 hi - y), here it is
+q(y); fairseq's counter also advances (and may refit) on evaluation forwards, here only
+training steps refit.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qtrain.errors import ConfigError
@@ -286,7 +289,14 @@ class OutputQuantNoise(_StepMixin, Quantizer):
 
     @torch.no_grad()
     def _refit(self, y: torch.Tensor) -> None:
-        qp = QN.minmax_qparams(y, self.bits)
+        """Min-max range of this output; under DDP the min / max over all ranks' outputs
+        (one all-reduce), so every rank holds the same range."""
+        lo, hi = torch.aminmax(y.detach().float())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ext = torch.stack([-lo, hi])
+            dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+            lo, hi = -ext[0], ext[1]
+        qp = U.qparams_from_range(lo, hi, self.bits, symmetric=False)
         self.scale.copy_(qp.scale)
         self.zero_point.copy_(qp.zero_point)
         self.fitted_at.fill_(int(self.step))
