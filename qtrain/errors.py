@@ -21,3 +21,8 @@ class ConfigError(QtrainError):
 class DataFileError(QtrainError):
     """A dataset, checkpoint or packed file that is missing, truncated, corrupt or of another
     configuration (names the file and what to do)."""
+
+
+class MissingFileError(DataFileError, FileNotFoundError):
+    """A file or folder the config points at is not there (also a ``FileNotFoundError``, so
+    callers catching that keep working)."""

@@ -3,7 +3,9 @@ from the composed Hydra config; fit; evaluate quantized and float; report sizes;
 
 Every run directory holds ``.hydra/`` (config, overrides), ``config_resolved.yaml``,
 ``checkpoints/``, logger output and, on success only, ``summary.json``; a failed run leaves
-``FAILED`` with the error line instead.
+``FAILED`` with the cause instead, a run stopped by a signal ``PREEMPTED`` / ``INTERRUPTED``
+(:mod:`qtrain.cli`, :mod:`qtrain.signals`). Config that can be checked before training is
+checked before training (:mod:`qtrain.validation`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import report
+from qtrain import report, validation
 from qtrain.nn.quantizer_base import Quantizer
+from qtrain.signals import SignalCheckpoint
 
 log = logging.getLogger("qtrain")
 
@@ -105,6 +108,7 @@ def train(cfg: DictConfig) -> dict:
     for stale in ("FAILED", "summary.json"):  # a rerun into the same directory
         if os.path.exists(os.path.join(run_dir, stale)):
             os.remove(os.path.join(run_dir, stale))
+    validation.check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     _prepare_smoke(cfg)
     dm = build_datamodule(cfg)
@@ -112,6 +116,8 @@ def train(cfg: DictConfig) -> dict:
     fp32_bits = report.model_bits(model)
     module = instantiate(cfg.task, model=model)
     callbacks, quant_cb = build_callbacks(cfg)
+    validation.check_callbacks(module, callbacks)  # every quantizer vs every layer, pre-fit
+    callbacks.append(SignalCheckpoint(os.path.join(run_dir, "checkpoints")))  # qtrain.signals
     loggers = build_loggers(cfg)
     with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))

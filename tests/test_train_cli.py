@@ -29,7 +29,7 @@ def test_multirun_two_jobs(tmp_path):
     (sweep,) = (tmp_path / "multirun").iterdir()  # multirun/<time>/<recipe>/<job>
     jobs = sorted(p for p in (sweep / "qat_int4_digits").iterdir()
                   if p.is_dir() and p.name[0].isdigit())
-    assert [j.name for j in jobs] == ["0_quant.bits=4", "1_quant.bits=8"]
+    assert [j.name for j in jobs] == ["0_quant.bits-4", "1_quant.bits-8"]  # no '=': unquoted
     bits = []
     for j in jobs:
         assert json.loads((j / "summary.json").read_text())["quant_mb"] > 0

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
+from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules, set_submodule
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import kmeans as KM
@@ -107,20 +108,20 @@ class DeepCompressionCallback(pl.Callback):
                        ("index_bits", self.index_bits_cfg)):
             bad = [k for k in d if k not in LAYER_TYPES]
             if bad:
-                raise ValueError(f"deep_compression.{key}: unknown layer types {bad}; "
-                                 f"allowed: {sorted(LAYER_TYPES)}")
+                raise ConfigError(f"deep_compression.{key}: unknown layer types {bad}; "
+                                  f"allowed: {sorted(LAYER_TYPES)}")
         if int(start) < 0:
-            raise ValueError(f"deep_compression.start={start}: must be >= 0")
+            raise ConfigError(f"deep_compression.start={start}: must be >= 0")
         self.prune_epochs = [int(e) for e in prune_epochs]
         if not self.prune_epochs or sorted(self.prune_epochs) != self.prune_epochs \
                 or min(self.prune_epochs) < 0:
-            raise ValueError(f"deep_compression.prune_epochs={list(prune_epochs)}: need a "
-                             "non-empty, non-decreasing list of epochs >= 0")
+            raise ConfigError(f"deep_compression.prune_epochs={list(prune_epochs)}: need a "
+                              "non-empty, non-decreasing list of epochs >= 0")
         if quantize_epoch is not None and int(quantize_epoch) < self.prune_epochs[-1]:
-            raise ValueError(f"deep_compression.quantize_epoch={quantize_epoch}: must be >= "
-                             f"the last prune epoch {self.prune_epochs[-1]} (or null)")
+            raise ConfigError(f"deep_compression.quantize_epoch={quantize_epoch}: must be >= "
+                              f"the last prune epoch {self.prune_epochs[-1]} (or null)")
         if init not in KM.INITS:
-            raise ValueError(f"deep_compression.init={init!r}; allowed: {KM.INITS}")
+            raise ConfigError(f"deep_compression.init={init!r}; allowed: {KM.INITS}")
         self.start = int(start)
         self.quantize_epoch = None if quantize_epoch is None else int(quantize_epoch)
         self.include, self.exclude = as_patterns(include), as_patterns(exclude)
@@ -146,8 +147,8 @@ class DeepCompressionCallback(pl.Callback):
             if re.fullmatch(pat, name):
                 return v
         if _kind(m) not in by_type:
-            raise ValueError(f"deep_compression.{key}: no value for layer {name} ({_kind(m)}); "
-                             f"set deep_compression.{key}.{_kind(m)} or an override")
+            raise ConfigError(f"deep_compression.{key}: no value for layer {name} ({_kind(m)}); "
+                              f"set deep_compression.{key}.{_kind(m)} or an override")
         return by_type[_kind(m)]
 
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -158,8 +159,8 @@ class DeepCompressionCallback(pl.Callback):
         for key, over in (("layer_sparsity", self.layer_sparsity), ("layer_bits", self.layer_bits)):
             for pat in over:
                 if not any(re.fullmatch(pat, n) for n in self._layers):
-                    raise ValueError(f"deep_compression.{key}: pattern {pat!r} matches no "
-                                     f"selected layer ({', '.join(list(self._layers)[:6])})")
+                    raise ConfigError(f"deep_compression.{key}: pattern {pat!r} matches no "
+                                      f"selected layer ({', '.join(list(self._layers)[:6])})")
         for name, m in self._layers.items():
             s = self._resolve(name, m, self.sparsity, self.layer_sparsity, "sparsity")
             b = self._resolve(name, m, self.bits_cfg, self.layer_bits, "bits")
@@ -167,9 +168,19 @@ class DeepCompressionCallback(pl.Callback):
             P._check_sparsity(s, f"deep_compression layer {name}")
             for what, v in (("bits", b), ("index_bits", ib)):
                 if not isinstance(v, int) or not 1 <= v <= 16:
-                    raise ValueError(f"deep_compression.{what}={v!r} for layer {name}; "
-                                     "allowed: an int in 1..16")
+                    raise ConfigError(f"deep_compression.{what}={v!r} for layer {name}; "
+                                      "allowed: an int in 1..16")
             self._cfg[name] = {"sparsity": float(s), "bits": b, "index_bits": ib}
+
+    def validate(self, pl_module) -> None:
+        """Before training (:mod:`qtrain.validation`): the layer selection and every
+        layer's sparsity / bits / index bits, as :meth:`setup` resolves them, then forgotten."""
+        kept = self._layers, self._cfg
+        self._cfg = {}
+        try:
+            self.setup(None, pl_module)
+        finally:
+            self._layers, self._cfg = kept
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {n: m.weight for n, m in self._layers.items()}
@@ -354,8 +365,8 @@ class DeepCompressionCallback(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("prune_epochs", self.prune_epochs)) != self.prune_epochs:
-            raise ValueError(f"deep_compression: checkpoint prune_epochs {state['prune_epochs']} "
-                             f"differ from the configured {self.prune_epochs}")
+            raise ConfigError(f"deep_compression: checkpoint prune_epochs {state['prune_epochs']} "
+                              f"differ from the configured {self.prune_epochs}")
         self.n_prune_steps, self.quantized = int(state["n_prune_steps"]), bool(state["quantized"])
         w = self._weights()
         dev = lambda n, v: v.to(w[n].device) if n in w else v  # noqa: E731

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
+from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules
 from qtrain.quant import inq as INQ
 
@@ -56,20 +57,20 @@ class INQCallback(pl.Callback):
         self.convert_at_end = convert_at_end
         self.schedule = INQ.check_schedule(schedule)
         if strategy not in INQ.STRATEGIES:
-            raise ValueError(f"inq.strategy={strategy!r}; allowed: {INQ.STRATEGIES}")
+            raise ConfigError(f"inq.strategy={strategy!r}; allowed: {INQ.STRATEGIES}")
         if unit not in UNITS:
-            raise ValueError(f"inq.unit={unit!r}; allowed: {UNITS}")
+            raise ConfigError(f"inq.unit={unit!r}; allowed: {UNITS}")
         bad = [t for t in types if t not in LAYER_TYPES]
         if bad:
-            raise ValueError(f"inq.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
+            raise ConfigError(f"inq.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
         if boundaries is None:
             if int(start) < 0:
-                raise ValueError(f"inq.start={start}: must be >= 0")
+                raise ConfigError(f"inq.start={start}: must be >= 0")
             boundaries = [int(start) + i * int(stage_length) for i in range(len(self.schedule))]
         boundaries = [int(b) for b in boundaries]
         if len(boundaries) != len(self.schedule) or sorted(boundaries) != boundaries:
-            raise ValueError(f"inq.boundaries={boundaries}: need {len(self.schedule)} "
-                             "non-decreasing stage starts (one per schedule entry)")
+            raise ConfigError(f"inq.boundaries={boundaries}: need {len(self.schedule)} "
+                              "non-decreasing stage starts (one per schedule entry)")
         self.bits, self.strategy, self.unit, self.seed = bits, strategy, unit, seed
         self.include, self.exclude = as_patterns(include), as_patterns(exclude)
         self.types = tuple(LAYER_TYPES[t] for t in types)
@@ -85,6 +86,11 @@ class INQCallback(pl.Callback):
     # -- selection ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
         self._layers = select_modules(pl_module, self.include, self.exclude, self.types, "inq")
+
+    def validate(self, pl_module) -> None:
+        """Before training (:mod:`qtrain.validation`): the layer selection (each
+        include/exclude pattern must match a layer), without keeping it."""
+        select_modules(pl_module, self.include, self.exclude, self.types, "inq")
 
     def _weights(self):
         return {n: m.weight for n, m in self._layers.items()}
@@ -187,8 +193,8 @@ class INQCallback(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule", self.schedule) != self.schedule:
-            raise ValueError(f"inq: checkpoint schedule {state['schedule']} differs from the "
-                             f"configured {self.schedule}")
+            raise ConfigError(f"inq: checkpoint schedule {state['schedule']} differs from the "
+                              f"configured {self.schedule}")
         self.stage = int(state["stage"])
         self.fp32_metric = state.get("fp32_metric")
         weights = self._weights() if self._layers else {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from qtrain.callbacks.qat import QATCallback
+from qtrain.errors import ConfigError
 from qtrain.nn.lab_quantizer import LABWeightQuantizer
 
 ALLOWED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
@@ -54,10 +55,10 @@ class LABCallback(QATCallback):
                  clip: float | None = 1.0, **kw) -> None:
         super().__init__(bits=bits, weight=weight, act=act, **kw)
         if not isinstance(self._make(weight, bits, "quant.bits"), LABWeightQuantizer):
-            raise ValueError("quant.weight must build a LABWeightQuantizer "
-                             f"(qtrain.nn.lab_quantizer), got {weight!r}")
+            raise ConfigError("quant.weight must build a LABWeightQuantizer "
+                              f"(qtrain.nn.lab_quantizer), got {weight!r}")
         if clip is not None and not clip > 0:
-            raise ValueError(f"quant.clip={clip}; allowed: a positive float or null")
+            raise ConfigError(f"quant.clip={clip}; allowed: a positive float or null")
         self.clip = clip
         self._targets: list[tuple] = []  # (layer, weight, quantizer, optimizer, group)
 
@@ -82,7 +83,7 @@ class LABCallback(QATCallback):
                 missing.append(name)
                 continue
             if not isinstance(opt, ALLOWED_OPTIMIZERS):
-                raise ValueError(
+                raise ConfigError(
                     f"LAB (quant: LABCallback) reads Adam's second moment, but layer {name}'s "
                     f"weight is trained by {type(opt).__module__}.{type(opt).__name__}; allowed "
                     f"optimizers: {', '.join(c.__module__ + '.' + c.__name__ for c in ALLOWED_OPTIMIZERS)}"

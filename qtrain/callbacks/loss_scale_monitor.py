@@ -29,6 +29,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
+from qtrain.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class LossScaleMonitor(pl.Callback):
     def __init__(self, min_scale: float = 1.0, scaler: torch.amp.GradScaler | None = None) -> None:
         super().__init__()
         if not min_scale > 0:
-            raise ValueError(f"LossScaleMonitor: min_scale={min_scale}; must be > 0")
+            raise ConfigError(f"LossScaleMonitor: min_scale={min_scale}; must be > 0")
         self.min_scale, self.user_scaler = float(min_scale), scaler
         self.scaler: torch.amp.GradScaler | None = scaler
         self.steps = 0
@@ -97,7 +99,7 @@ class LossScaleMonitor(pl.Callback):
         others = [s for s in module_scalers(pl_module) + [self.user_scaler]
                   if s is not None and s is not owned]
         if owned is not None and others:
-            raise ValueError(
+            raise ConfigError(
                 f"LossScaleMonitor: trainer precision={trainer.precision!r} already owns a "
                 "GradScaler, and another GradScaler is in use (LossScaleMonitor(scaler=...) or an "
                 "attribute of the LightningModule): the loss would be scaled twice. Remove the "

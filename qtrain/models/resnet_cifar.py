@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 
 
@@ -82,7 +84,7 @@ def cifar_resnet(
     0.52-0.58 s, measured side by side in one process, torch 2.14.1). Same math, different
     floating-point summation order, so not bitwise equal to an NCHW run."""
     if name not in DEPTHS:
-        raise ValueError(f"model.name={name!r} unknown; allowed: {sorted(DEPTHS)}")
+        raise ConfigError(f"model.name={name!r} unknown; allowed: {sorted(DEPTHS)}")
     model = CifarResNet(DEPTHS[name], num_classes, 4 if tiny else width, in_channels)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 

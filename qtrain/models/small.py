@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 
 class SmallCNN(nn.Module):
     """conv(ch) - relu - conv(2ch, stride 2) - relu - fc(hidden) - relu - fc(classes)."""
@@ -48,10 +50,10 @@ class MLP(nn.Module):
         else:
             widths = [int(h) for h in hidden]
             if depth is not None and depth != len(widths):
-                raise ValueError(f"model.depth={depth} disagrees with model.hidden={widths} "
-                                 f"({len(widths)} layers); set depth: null or {len(widths)}")
+                raise ConfigError(f"model.depth={depth} disagrees with model.hidden={widths} "
+                                  f"({len(widths)} layers); set depth: null or {len(widths)}")
         if not widths or any(w < 1 for w in widths):
-            raise ValueError(f"model.hidden={hidden}: need at least one positive width")
+            raise ConfigError(f"model.hidden={hidden}: need at least one positive width")
         if tiny:
             widths = [16] * len(widths)
         layers, d = [nn.Flatten()], in_features

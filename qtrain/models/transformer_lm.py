@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"model.dim={dim} must be divisible by model.heads={heads}")
+            raise ConfigError(f"model.dim={dim} must be divisible by model.heads={heads}")
         self.heads, self.dropout = heads, dropout
         self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -77,7 +79,7 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
         if t > self.positions.shape[0]:
-            raise ValueError(f"sequence length {t} > model.max_len={self.positions.shape[0]}")
+            raise ConfigError(f"sequence length {t} > model.max_len={self.positions.shape[0]}")
         x = self.embed_tokens(tokens) * math.sqrt(self.dim) + self.positions[:t]
         x = self.dropout(x)
         for layer in self.layers:

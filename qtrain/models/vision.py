@@ -17,6 +17,8 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from qtrain.errors import ConfigError, MissingFileError
+
 NAMES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientnet_b3")
 
 
@@ -50,7 +52,7 @@ def vision_model(
     tiny: bool = False,
 ) -> nn.Module:
     if name not in NAMES:
-        raise ValueError(f"model.name={name!r} unknown; allowed: {NAMES}")
+        raise ConfigError(f"model.name={name!r} unknown; allowed: {NAMES}")
     if tiny:
         return _tiny(name, num_classes)
     builder = getattr(torchvision.models, name)
@@ -60,14 +62,14 @@ def vision_model(
         enum = torchvision.models.get_model_weights(name).DEFAULT
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
         if not os.path.exists(cached):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model.weights=DEFAULT needs {enum.url} in the torch hub cache ({cached}); "
                 "download it there or set model.weights=/path/to/state_dict.pth"
             )
         model = builder(weights=enum)
     else:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"model.weights={weights!r}: no such file")
+            raise MissingFileError(f"model.weights={weights!r}: no such file")
         model = builder(weights=None)
         model.load_state_dict(load_state_dict_file(weights))
     if hasattr(model, "fc") and model.fc.out_features != num_classes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant import uniform as U
 
@@ -38,9 +39,9 @@ class GroupwiseQuantizer(Quantizer):
     ) -> None:
         super().__init__(bits)
         if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"GroupwiseQuantizer: num_groups must be an int >= 1, got {num_groups}")
+            raise ConfigError(f"GroupwiseQuantizer: num_groups must be an int >= 1, got {num_groups}")
         if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"GroupwiseQuantizer: num_heads must be an int >= 1, got {num_heads}")
+            raise ConfigError(f"GroupwiseQuantizer: num_heads must be an int >= 1, got {num_heads}")
         U.code_range(bits, symmetric)
         self.num_groups, self.num_heads, self.symmetric = num_groups, num_heads, symmetric
 
@@ -51,7 +52,7 @@ class GroupwiseQuantizer(Quantizer):
     def group_index(self, rows: int, device=None) -> torch.Tensor:
         """Group id of each output row (long tensor of length ``rows``)."""
         if rows % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"GroupwiseQuantizer: {rows} output rows are not divisible by "
                 f"num_heads={self.num_heads}"
             )
@@ -66,7 +67,7 @@ class GroupwiseQuantizer(Quantizer):
     def qparams(self, weight: torch.Tensor) -> tuple[U.QParams, torch.Tensor]:
         """Per-group QParams (one entry per group) and the row -> group index."""
         if weight.dim() < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"GroupwiseQuantizer: expects a weight with >= 2 dims, got shape "
                 f"{tuple(weight.shape)}"
             )

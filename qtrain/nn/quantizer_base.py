@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 
 class Quantizer(nn.Module):
     """Base class: identity quantizer that stores everything in fp32 (32 bits/element)."""
@@ -38,9 +40,9 @@ class Quantizer(nn.Module):
 
     def _check_bits(self, bits: int) -> int:
         if not isinstance(bits, int) or isinstance(bits, bool):
-            raise ValueError(f"{type(self).__name__}: bits must be an int, got {bits!r}")
+            raise ConfigError(f"{type(self).__name__}: bits must be an int, got {bits!r}")
         if not self.min_bits <= bits <= self.max_bits:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: bits={bits} is not supported; "
                 f"allowed: {self.min_bits}..{self.max_bits}"
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant.rounding import check_rounding, round_values
 
 MIN_BITS, MAX_BITS = 1, 16
@@ -32,9 +33,9 @@ def num_buckets(numel: int, bucket_size: int) -> int:
 
 def check_bucket_args(bits: int, bucket_size: int) -> None:
     if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bucketed quantization: bits={bits!r}; allowed {MIN_BITS}..{MAX_BITS}")
+        raise ConfigError(f"bucketed quantization: bits={bits!r}; allowed {MIN_BITS}..{MAX_BITS}")
     if not isinstance(bucket_size, int) or bucket_size < 1:
-        raise ValueError(f"bucketed quantization: bucket_size={bucket_size!r}; must be an int >= 1")
+        raise ConfigError(f"bucketed quantization: bucket_size={bucket_size!r}; must be an int >= 1")
 
 
 def bucket_quantize(x: torch.Tensor, bits: int, bucket_size: int = 256, rounding: str = "nearest",

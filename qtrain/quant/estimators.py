@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
+
 MIN_BITS, MAX_BITS = 1, 32
 
 
 def _check_bits(k: int, what: str) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not MIN_BITS <= k <= MAX_BITS:
-        raise ValueError(f"{what}: bits={k!r} not supported; allowed: {MIN_BITS}..{MAX_BITS}")
+        raise ConfigError(f"{what}: bits={k!r} not supported; allowed: {MIN_BITS}..{MAX_BITS}")
     return k
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant.rounding import check_rounding, round_values
 
 
@@ -80,7 +81,7 @@ def get_format(fmt: str | FloatFormat) -> FloatFormat:
     if isinstance(fmt, FloatFormat):
         return fmt
     if fmt not in FORMATS:
-        raise ValueError(f"float format {fmt!r} not supported; allowed: {tuple(FORMATS)}")
+        raise ConfigError(f"float format {fmt!r} not supported; allowed: {tuple(FORMATS)}")
     return FORMATS[fmt]
 
 

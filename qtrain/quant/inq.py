@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant.pow2 import inq_levels, round_to_levels
 
 SCHEDULES = {
@@ -38,14 +39,14 @@ def check_schedule(schedule) -> list[float]:
     """Resolve a schedule name or list; must be strictly increasing in (0, 1] and end at 1."""
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
-            raise ValueError(f"inq.schedule={schedule!r}; allowed names: {sorted(SCHEDULES)} "
-                             "or a list of accumulated portions")
+            raise ConfigError(f"inq.schedule={schedule!r}; allowed names: {sorted(SCHEDULES)} "
+                              "or a list of accumulated portions")
         return list(SCHEDULES[schedule])
     sched = [float(s) for s in schedule]
     ok = sched and all(0 < a < b for a, b in zip(sched, sched[1:])) and 0 < sched[0]
     if not ok or sched[-1] != 1.0:
-        raise ValueError(f"inq.schedule={sched}: accumulated portions must increase strictly "
-                         "in (0, 1] and end with 1.0")
+        raise ConfigError(f"inq.schedule={sched}: accumulated portions must increase strictly "
+                          "in (0, 1] and end with 1.0")
     return sched
 
 
@@ -57,7 +58,7 @@ def grow_mask(weight: torch.Tensor, frozen: torch.Tensor, portion: float,
     uniformly chosen free weights (``generator`` on CPU for reproducibility).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"inq.strategy={strategy!r}; allowed: {STRATEGIES}")
+        raise ConfigError(f"inq.strategy={strategy!r}; allowed: {STRATEGIES}")
     n = weight.numel()
     target = round(portion * n)
     n_new = target - int(frozen.sum())

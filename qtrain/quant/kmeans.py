@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant import uniform as U
 
 _CHUNK_ELEMS = 1 << 21  # distance-matrix elements per chunk (8 MB in fp32: cache-sized)
@@ -47,9 +48,9 @@ def _check_x(x: torch.Tensor, n_centroids: int, name: str) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name}: k-means expects a 2-D (n, d) tensor, got shape {tuple(x.shape)}")
     if not isinstance(n_centroids, int) or n_centroids < 1:
-        raise ValueError(f"{name}: n_centroids must be a positive int, got {n_centroids!r}")
+        raise ConfigError(f"{name}: n_centroids must be a positive int, got {n_centroids!r}")
     if n_centroids > x.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: n_centroids={n_centroids} is larger than the number of sub-vectors "
             f"{x.shape[0]}; use n_centroids <= {x.shape[0]} or a smaller block_size"
         )
@@ -137,10 +138,10 @@ def kmeans(
     """
     _check_x(x, n_centroids, name)
     if init not in INITS:
-        raise ValueError(f"{name}: k-means init={init!r}; allowed: {INITS}")
+        raise ConfigError(f"{name}: k-means init={init!r}; allowed: {INITS}")
     if init == "linear" and x.shape[1] != 1:
-        raise ValueError(f"{name}: k-means init='linear' needs scalar data (d = 1), got "
-                         f"d = {x.shape[1]}; use init='random'")
+        raise ConfigError(f"{name}: k-means init='linear' needs scalar data (d = 1), got "
+                          f"d = {x.shape[1]}; use init='random'")
     n, d = x.shape
     orig_dtype = x.dtype
     x = x.detach().float()
@@ -249,7 +250,7 @@ def pooled_input_metric(inputs: torch.Tensor, block_size: int, name: str = "inpu
     Normalised by the number of rows (scale does not change the k-means solution).
     """
     if inputs.dim() != 2 or inputs.shape[1] % block_size:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: sample inputs of shape {tuple(inputs.shape)} do not split into blocks "
             f"of block_size={block_size}"
         )
@@ -301,11 +302,11 @@ def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int =
     (long)).
     """
     if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"{name}: scalar k-means bits={bits!r} not supported; allowed 1..16")
+        raise ConfigError(f"{name}: scalar k-means bits={bits!r} not supported; allowed 1..16")
     k = 2**bits if n_centroids is None else n_centroids
     if not isinstance(k, int) or not 1 <= k <= 2**bits:
-        raise ValueError(f"{name}: scalar k-means n_centroids={n_centroids!r}; allowed "
-                         f"1..2^bits = {2**bits}")
+        raise ConfigError(f"{name}: scalar k-means n_centroids={n_centroids!r}; allowed "
+                          f"1..2^bits = {2**bits}")
     res = kmeans(weight.reshape(-1, 1), k, n_iter, seed, name=name, init=init)
     return res.centroids.reshape(-1), res.assignments.reshape(weight.shape)
 
@@ -318,7 +319,7 @@ def rq_fit(weight: torch.Tensor, block_size: int, n_stages: int = 2, n_centroids
     :func:`rq_reconstruct`.
     """
     if not isinstance(n_stages, int) or n_stages < 1:
-        raise ValueError(f"{name}: n_stages must be a positive int, got {n_stages!r}")
+        raise ConfigError(f"{name}: n_stages must be a positive int, got {n_stages!r}")
     residual = blocks_of(weight, block_size, name).detach().float()
     books, codes = [], []
     for m in range(n_stages):

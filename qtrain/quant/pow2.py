@@ -20,13 +20,15 @@ import math
 
 import torch
 
+from qtrain.errors import ConfigError
+
 INQ_MIN_BITS, INQ_MAX_BITS = 2, 8
 
 
 def inq_exponent_range(weight: torch.Tensor, bits: int) -> tuple[int, int]:
     """(n1, n2) of INQ eq. (2)-(3) for ``weight``."""
     if not isinstance(bits, int) or not INQ_MIN_BITS <= bits <= INQ_MAX_BITS:
-        raise ValueError(f"INQ power-of-two levels: bits={bits!r} not supported; allowed 2..8")
+        raise ConfigError(f"INQ power-of-two levels: bits={bits!r} not supported; allowed 2..8")
     s = weight.detach().abs().max().item()
     if not math.isfinite(s):
         raise ValueError(f"INQ power-of-two levels: weight contains non-finite value (max {s})")
@@ -82,4 +84,4 @@ def pow2_scale(scale: torch.Tensor, mode: str = "ceil") -> torch.Tensor:
         return torch.exp2(torch.ceil(torch.log2(scale)))
     if mode == "nearest":
         return torch.exp2(torch.round(torch.log2(scale)))
-    raise ValueError(f"power-of-two scale mode={mode!r} not supported; allowed: 'ceil', 'nearest'")
+    raise ConfigError(f"power-of-two scale mode={mode!r} not supported; allowed: 'ceil', 'nearest'")

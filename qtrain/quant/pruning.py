@@ -45,13 +45,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant.size import huffman_bits
 
 
 def _check_sparsity(sparsity: float, name: str) -> float:
     s = float(sparsity)
     if not 0.0 <= s < 1.0:
-        raise ValueError(f"{name}: sparsity={sparsity!r}; allowed 0 <= sparsity < 1")
+        raise ConfigError(f"{name}: sparsity={sparsity!r}; allowed 0 <= sparsity < 1")
     return s
 
 
@@ -84,7 +85,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, prev_mask: torch.Tenso
 def sparsity_ramp(target: float, n_steps: int) -> list[float]:
     """Gradual pruning: step i of n prunes to ``target * (i + 1) / n`` (linear ramp)."""
     if not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r}: need a positive int (number of prune epochs)")
+        raise ConfigError(f"n_steps={n_steps!r}: need a positive int (number of prune epochs)")
     return [target * (i + 1) / n_steps for i in range(n_steps)]
 
 
@@ -128,7 +129,7 @@ def relative_index_stream(mask: torch.Tensor, index_bits: int, name: str = "weig
     position of the non-zero it precedes or is (fillers: the next non-zero's position).
     """
     if not isinstance(index_bits, int) or not 1 <= index_bits <= 32:
-        raise ValueError(f"{name}: index_bits={index_bits!r}; allowed 1..32")
+        raise ConfigError(f"{name}: index_bits={index_bits!r}; allowed 1..32")
     span = 1 << index_bits
     pos = mask.flatten().nonzero().flatten()
     z = torch.diff(pos, prepend=pos.new_tensor([-1])) - 1  # zeros skipped before each non-zero

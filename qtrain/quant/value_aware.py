@@ -17,12 +17,13 @@ import math
 
 import torch
 
+from qtrain.errors import ConfigError
 from qtrain.quant import uniform as U
 
 
 def outlier_count(numel: int, ratio: float) -> int:
     if not 0 <= ratio < 1:
-        raise ValueError(f"value-aware quantization: ratio={ratio} must be in [0, 1)")
+        raise ConfigError(f"value-aware quantization: ratio={ratio} must be in [0, 1)")
     return min(int(math.ceil(ratio * numel)), numel - 1)
 
 
