@@ -69,15 +69,29 @@ class CompileReport:
     registers: int = -1
     local_bytes: int = -1   # per thread: register spills (and local arrays)
     shared_bytes: int = -1  # per block: Triton's metadata (pipeline buffers included)
+    num_warps: int = 4
     error: str | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Resident blocks per SM allowed by registers (64K per SM, allocated per warp in
+        units of 256), shared memory (the SM's capacity: sm_80 164 KiB, sm_90 228 KiB) and
+        threads (2048 per SM)."""
+        if self.error:
+            return 0
+        per_warp = -(-max(self.registers, 1) * 32 // 256) * 256
+        by_regs = 65536 // (per_warp * self.num_warps)
+        by_shared = SHARED_LIMIT[self.target] // max(self.shared_bytes, 1)
+        return max(0, min(by_regs, by_shared, 2048 // (32 * self.num_warps)))
 
     def line(self) -> str:
         head = f"sm_{self.target} {self.launch.name}"
         if self.error:
             return f"{head}: COMPILE ERROR {self.error}"
         return (f"{head}: {self.registers} regs, {self.local_bytes} B local, "
-                f"{self.shared_bytes} B shared, {self.seconds:.1f} s"
+                f"{self.shared_bytes} B shared, {self.blocks_per_sm} blocks/SM, "
+                f"{self.seconds:.1f} s"
                 + (f"  <- {'; '.join(self.problems)}" if self.problems else ""))
 
 
@@ -184,7 +198,8 @@ def compile_launch(launch: Launch, target: int) -> CompileReport:
         msg = str(e).strip().splitlines()
         return CompileReport(launch, target, time.time() - t0,
                              error=f"{type(e).__name__}: {msg[-1] if msg else ''}")
-    rep = CompileReport(launch, target, time.time() - t0, regs, local, int(ck.metadata.shared))
+    rep = CompileReport(launch, target, time.time() - t0, regs, local, int(ck.metadata.shared),
+                        num_warps=int(opts.get("num_warps", 4)))
     if local:
         rep.problems.append(f"spills {local} B/thread to local memory")
     if rep.shared_bytes > SHARED_LIMIT[target]:

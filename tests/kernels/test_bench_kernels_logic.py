@@ -86,7 +86,7 @@ def test_gemm_candidates_follow_m():
 
     assert {c["BLOCK_M"] for c in gemm_candidates_for(16, _GEMM_CANDIDATES)} == {16}
     assert {c["BLOCK_M"] for c in gemm_candidates_for(64, _GEMM_CANDIDATES)} == {32, 64}
-    assert {c["BLOCK_M"] for c in gemm_candidates_for(1024, _GEMM_CANDIDATES)} == {64, 128, 256}
+    assert {c["BLOCK_M"] for c in gemm_candidates_for(1024, _GEMM_CANDIDATES)} == {64, 128}
     assert all(len(gemm_candidates_for(m, _GEMM_CANDIDATES)) <= 12 for m in (9, 64, 1024))
     only_big = [{"BLOCK_M": 128}]
     assert gemm_candidates_for(16, only_big) == only_big  # none fits: keep them all
