@@ -75,20 +75,33 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 
 import torch
 from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
+from qtrain.nn.calibrated_quantizer import ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
-from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
+from qtrain.nn.format_quantizers import (
+    BinaryActQuantizer,
+    DynamicFixedPointQuantizer,
+    PowerOfTwoQuantizer,
+)
+from qtrain.nn.fp8_training import FP8TrainingQuantizer
 from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
+from qtrain.nn.learned_quantizers import (
+    DoReFaActQuantizer,
+    DSQQuantizer,
+    LSQQuantizer,
+    PACTQuantizer,
+)
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.pq_layers import rebuild_pq_layers
 from qtrain.nn.quant_noise import QuantNoiseQuantizer
@@ -274,8 +287,13 @@ def _share_tied(new: PackedLinear, earlier: list[PackedLinear]) -> None:
 @torch.no_grad()
 def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None = 128,
                symmetric: bool = False, backend: str = "auto",
-               scale_dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Copy of ``model`` with its quantized layers replaced by packed layers (module doc)."""
+               scale_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Copy of ``model`` with its quantized layers replaced by packed layers (module doc).
+
+    ``scale_dtype``: precision of the stored scales / zero-points (uniform formats) and of
+    binary / ternary alpha. float32 (default) is the precision the fake-quant forward used,
+    so those layers reproduce the trained weight bit for bit; float16 (a named option) halves
+    the scale storage at ~2^-11 relative error of every dequantized weight."""
     out = copy.deepcopy(model)
     users: dict[int, int] = {}
     packed_from: dict[int, list[PackedLinear]] = {}  # id(float weight) -> its packed layers
@@ -288,6 +306,7 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
         new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
         if new is None:
             continue
+        new.source = _source(m)
         w = m._parameters.get("weight")
         if isinstance(w, torch.Tensor):
             _share_tied(new, packed_from.setdefault(id(w), []))
@@ -300,17 +319,45 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     return out
 
 
-_ACT_QUANTIZERS = {"UniformQuantizer": UniformQuantizer}  # allow-list for rebuilding on load
-_UQ_ARGS = ("bits", "symmetric", "granularity", "group_size", "axis", "observer", "ema_decay")
+# Activation quantizers a packed file can rebuild by itself (an allow-list: nothing else is
+# constructed from file metadata): class -> the constructor arguments read back from the
+# trained quantizer's attributes. Their learned tensors -- PACT's alpha, LSQ's step, DSQ's
+# l / u / alpha, the EMA ranges of UniformQuantizer, ``initialized`` flags -- are submodule
+# tensors of the packed layer, so they travel in the file and are loaded back exactly.
+ACT_QUANTIZERS: dict[str, tuple[type, tuple[str, ...]]] = {c.__name__: (c, a) for c, a in (
+    (UniformQuantizer, ("bits", "symmetric", "granularity", "group_size", "axis", "observer",
+                        "ema_decay")),
+    (PACTQuantizer, ("bits", "l2_decay")),
+    (LSQQuantizer, ("bits", "signed", "role")),
+    (DSQQuantizer, ("bits", "hard", "hard_threshold", "ste_forward")),
+    (DoReFaActQuantizer, ("bits", "grad_bits", "per_sample", "seed")),
+    (BinaryActQuantizer, ("bits",)),
+    (DynamicFixedPointQuantizer, ("bits", "rounding", "seed")),
+    (FP8TrainingQuantizer, ("bits", "fmt", "grad_fmt", "saturate", "grad_saturate",
+                            "rounding", "grad_rounding", "seed", "accumulation", "chunk_size",
+                            "acc_dtype")),
+    (ValueAwareQuantizer, ("bits", "ratio", "symmetric", "name")),
+)}
 
 
 def _act_spec(aq: nn.Module | None) -> dict | None:
     if aq is None:
         return None
-    if type(aq).__name__ not in _ACT_QUANTIZERS:
+    entry = ACT_QUANTIZERS.get(type(aq).__name__)
+    if entry is None or type(aq) is not entry[0]:
         return {"type": type(aq).__name__}  # rebuilt only from the model passed to load_packed
-    return {"type": type(aq).__name__, "kwargs": {a: getattr(aq, a) for a in _UQ_ARGS},
-            "enabled": bool(aq.enabled)}
+    kwargs = {a: getattr(aq, a) for a in entry[1]}
+    json.dumps(kwargs)  # plain values only (a TypeError here is a bug in the allow-list)
+    return {"type": type(aq).__name__, "kwargs": kwargs, "enabled": bool(aq.enabled)}
+
+
+def _source(m: nn.Module) -> dict | None:
+    """What a fake-quant layer was packed from: its weight quantizer's type and bit width,
+    stored in the file to name what differs on load (None for PQ / plain layers)."""
+    wq = getattr(m, "weight_quantizer", None)
+    if wq is None:
+        return None
+    return {"weight_quantizer": type(wq).__name__, "bits": getattr(wq, "bits", None)}
 
 
 def packed_specs(model: nn.Module) -> dict:
@@ -349,8 +396,50 @@ def _compact_index_keys(model: nn.Module) -> list[str]:
                   and m.assignments.dtype == torch.int64)
 
 
-def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Write ``model``'s state dict + metadata to ``path``; returns a size report."""
+FILE_VERSION = "2"  # qtrain packed-file metadata: 2 = sha256 checksum + run info + sources
+RUN_KEYS = ("recipe", "method", "bits", "act_bits")
+
+
+def run_info(cfg) -> dict:
+    """The configuration a packed file records (and :func:`load_run` compares): the recipe,
+    the quantization method (``quant._target_``) and its weight / activation bit widths."""
+    from omegaconf import OmegaConf
+
+    def get(key):
+        v = OmegaConf.select(cfg, key, default=None)
+        return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+    return {"recipe": get("recipe_name") or get("hydra_recipe"), "method": get("quant._target_"),
+            "bits": get("quant.bits"), "act_bits": get("quant.act_bits")}
+
+
+def checksum(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over every metadata entry but ``sha256`` itself and every tensor's name, dtype,
+    shape and raw bytes (sorted by name): what :func:`save_packed` stores as ``sha256`` and
+    :func:`load_packed` recomputes."""
+    h = hashlib.sha256()
+    for k in sorted(meta):
+        if k != "sha256":
+            h.update(json.dumps([k, meta[k]]).encode())
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike, run: dict | None = None) -> dict:
+    """Write ``model``'s state dict + metadata to ``path`` (atomically: a temporary file in
+    the same folder, then a rename); returns a size report.
+
+    The metadata holds the kernel layout version, the per-layer specs (format, bits, what
+    each layer was packed from, its activation quantizer), ``run`` (recipe / method / bit
+    widths, :func:`run_info`) and a SHA-256 :func:`checksum` of the tensors and metadata."""
     raw = model.state_dict()
     aliases = _aliases(raw)
     state = {k: v.detach().contiguous().cpu() for k, v in raw.items() if k not in aliases}
@@ -358,29 +447,72 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
     for k in compact:
         state[k] = state[k].to(torch.uint8)
     meta = {"format_version": str(FORMAT_VERSION), "layout": LAYOUT,
-            "tied": json.dumps(aliases, sort_keys=True),
-            "layers": json.dumps(packed_specs(model), sort_keys=True),
-            "uint8_indices": json.dumps(compact)}
-    save_file(state, str(path), metadata=meta)
+            "file_version": FILE_VERSION, "run": _dumps(run or {}), "tied": _dumps(aliases),
+            "layers": _dumps(packed_specs(model)), "uint8_indices": _dumps(compact)}
+    meta["sha256"] = checksum(state, meta)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     size = os.path.getsize(path)
     bits = storage_bits(model)
     return {"path": str(path), "file_bytes": size, "storage_bits": bits,
             "storage_bytes": bits // 8, "n_packed_layers": len(packed_specs(model))}
 
 
-def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
-    """Replace each layer named in ``specs`` by an empty packed layer of the right shapes."""
-    for name, s in specs.items():
+def _differences(name: str, old: nn.Module, s: dict) -> list[str]:
+    """How the model's layer ``name`` differs from the file's spec ``s`` (weight shape; for a
+    fake-quant layer also its weight quantizer / bits and activation quantizer / bits)."""
+    out = []
+    w = getattr(old, "weight", None)
+    want = tuple(s["weight_shape"]) if s["kind"] == "conv2d" else (
+        s["out_features"], s["in_features"])
+    if isinstance(w, torch.Tensor) and tuple(w.shape) != want:
+        out.append(f"{name}: weight shape {want} in the file, {tuple(w.shape)} in the model")
+    src = s.get("source") or {}
+    if not hasattr(old, "weight_quantizer") or "weight_quantizer" not in src:
+        return out
+    wq = old.weight_quantizer
+    if type(wq).__name__ != src["weight_quantizer"]:
+        out.append(f"{name}: weight quantizer {src['weight_quantizer']} in the file, "
+                   f"{type(wq).__name__} in the model")
+    elif getattr(wq, "bits", None) != src.get("bits"):
+        out.append(f"{name}: weight bits {src.get('bits')} in the file, "
+                   f"{getattr(wq, 'bits', None)} in the model")
+    a, aq = s.get("act_quantizer"), getattr(old, "act_quantizer", None)
+    ta = a["type"] if a else None
+    tm = type(aq).__name__ if aq is not None else None
+    if ta != tm:
+        out.append(f"{name}: activation quantizer {ta} in the file, {tm} in the model")
+    elif a and "kwargs" in a and getattr(aq, "bits", None) != a["kwargs"].get("bits"):
+        out.append(f"{name}: activation bits {a['kwargs'].get('bits')} in the file, "
+                   f"{getattr(aq, 'bits', None)} in the model")
+    return out
+
+
+def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
+             expect: dict | None) -> None:
+    """Replace each layer named in ``specs`` by an empty packed layer of the right shapes,
+    after one check that the model (and ``expect``) is the configuration of the file."""
+    diffs = [f"{k}: {run[k]!r} in the file, {v!r} expected" for k, v in (expect or {}).items()
+             if k in run and run[k] != v]
+    for name in specs:
         try:
-            old = model.get_submodule(name)
+            diffs += _differences(name, model.get_submodule(name), specs[name])
         except AttributeError:
-            raise ValueError(f"packed file: layer {name!r} does not exist in the model") from None
-        w = getattr(old, "weight", None)
-        want = tuple(s["weight_shape"]) if s["kind"] == "conv2d" else (
-            s["out_features"], s["in_features"])
-        if isinstance(w, torch.Tensor) and tuple(w.shape) != want:
-            raise ValueError(f"packed file: layer {name!r} has weight shape {want}; the model "
-                             f"has {tuple(w.shape)}")
+            diffs.append(f"{name}: a packed layer in the file, no such layer in the model")
+    if diffs:
+        more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise DataFileError(
+            f"packed file {path} was written for another configuration (file: "
+            f"{json.dumps(run, sort_keys=True)}): {'; '.join(diffs[:6])}{more} -- load it "
+            "into the model of the run that wrote it (qtrain.export.load_run(run_dir)) or "
+            "re-export from this configuration")
+    for name, s in specs.items():
+        old = model.get_submodule(name)
         cls = {"conv2d": PackedConv2d, "embedding": PackedEmbedding}.get(s["kind"], PackedLinear)
         new = cls(s["in_features"], s["out_features"], s["fmt"], s["bits"], s["group_size"],
                   s["symmetric"], backend)
@@ -393,13 +525,17 @@ def _rebuild(model: nn.Module, specs: dict, backend: str) -> None:
             new.n_outliers = int(s["n_outliers"])  # checked against sp_values on load
         if s["fmt"] == "rq":
             new.n_stages = int(s["n_stages"])  # checked against codes / centroids on load
+        new.source = s.get("source")
         aq = getattr(old, "act_quantizer", None)
         a = s.get("act_quantizer")
         if aq is None and a is not None:
-            if "kwargs" not in a:
-                raise ValueError(f"packed file: layer {name!r} needs its activation quantizer "
-                                 f"{a['type']}; pass the fake-quant model to load_packed")
-            aq = _ACT_QUANTIZERS[a["type"]](**a["kwargs"])
+            if "kwargs" not in a or a["type"] not in ACT_QUANTIZERS:
+                raise DataFileError(
+                    f"packed file {path}: layer {name!r} needs its activation quantizer "
+                    f"{a['type']}, which a packed file cannot rebuild by itself (rebuilt: "
+                    f"{', '.join(ACT_QUANTIZERS)}); pass the trained fake-quant model to "
+                    "load_packed(path, model)")
+            aq = ACT_QUANTIZERS[a["type"]][0](**a["kwargs"])
             aq.enabled = a["enabled"]
         if aq is not None:
             new.act_quantizer = aq
@@ -419,57 +555,99 @@ def _placeholders(model: nn.Module, names: set[str]) -> None:
                     m.register_buffer(t, torch.empty(0))
 
 
-def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto") -> nn.Module:
+_REDO = "re-export it (python train.py ... export=true, or qtrain.export.save_packed)"
+
+
+def _read(path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a packed file, its version and checksum verified; every way a
+    file can be unreadable (missing, truncated, not safetensors, edited) is one DataFileError
+    naming the file."""
+    if not os.path.isfile(path):
+        raise DataFileError(f"packed file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise DataFileError(f"packed file {path} cannot be read as safetensors ({e}): it is "
+                            f"truncated or not a packed file; {_REDO}") from None
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise DataFileError(f"packed file {path}: format_version="
+                            f"{meta.get('format_version')!r}; expected {FORMAT_VERSION!r}")
+    if meta.get("layout") != LAYOUT:
+        raise DataFileError(f"packed file {path}: layout={meta.get('layout')!r}; "
+                            f"expected {LAYOUT!r}")
+    if meta.get("file_version") != FILE_VERSION or "sha256" not in meta:
+        raise DataFileError(f"packed file {path}: file_version={meta.get('file_version')!r} "
+                            f"without a checksum (this qtrain writes and reads version "
+                            f"{FILE_VERSION!r}); {_REDO}")
+    if checksum(tensors, meta) != meta["sha256"]:
+        raise DataFileError(f"packed file {path}: SHA-256 checksum mismatch -- its tensors or "
+                            f"metadata changed after it was written (corrupt copy); {_REDO}")
+    return meta, tensors
+
+
+def _json(meta: dict, key: str, default: str, path):
+    try:
+        return json.loads(meta.get(key, default))
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"packed file {path}: metadata {key!r} is not JSON ({e})") from None
+
+
+def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto",
+                expect: dict | None = None) -> nn.Module:
     """Load a file from :func:`save_packed` into ``model`` (same architecture; float layers
     or fake-quant layers where packed layers were). Returns the packed model.
 
-    Raises ValueError for another format version / layout, missing or unexpected tensors,
-    and shape or dtype mismatches against the model's own (non-packed) tensors.
+    Raises :class:`qtrain.errors.DataFileError` (a ValueError) naming the file for a missing,
+    truncated or corrupt file (SHA-256 checksum mismatch), another format version / layout,
+    a model of another configuration (every difference named: layer shapes, weight
+    quantizer and bits, activation quantizer and bits of fake-quant layers, and the
+    ``expect``-ed run entries -- recipe, method, bits, act_bits -- against the file's),
+    missing or unexpected tensors, and shape or dtype mismatches.
     """
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(f"packed file {path}: format_version={meta.get('format_version')!r};"
-                             f" expected {FORMAT_VERSION!r}")
-        if meta.get("layout") != LAYOUT:
-            raise ValueError(f"packed file {path}: layout={meta.get('layout')!r}; "
-                             f"expected {LAYOUT!r}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
-    for k in json.loads(meta.get("uint8_indices", "[]")):
+    meta, tensors = _read(path)
+    for k in _json(meta, "uint8_indices", "[]", path):
         if k not in tensors or tensors[k].dtype != torch.uint8:
-            raise ValueError(f"packed file {path}: {k!r} should be a uint8 index tensor")
+            raise DataFileError(f"packed file {path}: {k!r} should be a uint8 index tensor")
         tensors[k] = tensors[k].to(torch.int64)
-    for alias, src in json.loads(meta.get("tied", "{}")).items():
+    for alias, src in _json(meta, "tied", "{}", path).items():
         if src not in tensors or alias in tensors:
-            raise ValueError(f"packed file {path}: tied tensor {alias!r} -> {src!r} is "
-                             "inconsistent (source missing or alias stored twice)")
+            raise DataFileError(f"packed file {path}: tied tensor {alias!r} -> {src!r} is "
+                                "inconsistent (source missing or alias stored twice)")
         tensors[alias] = tensors[src]
-    specs = json.loads(meta.get("layers", "{}"))
+    specs = _json(meta, "layers", "{}", path)
     model = copy.deepcopy(model)
-    _rebuild(model, specs, backend)
+    _rebuild(model, specs, backend, path, _json(meta, "run", "{}", path), expect)
     rebuild_pq_layers(model, tensors)
     _placeholders(model, set(tensors))
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
-        raise ValueError(f"packed file {path}: missing tensors {missing[:5]}, "
-                         f"unexpected tensors {extra[:5]}")
+        raise DataFileError(f"packed file {path}: missing tensors {missing[:5]}, "
+                            f"unexpected tensors {extra[:5]}")
     packed_prefixes = tuple(f"{n}." for n in specs)
     for k, t in tensors.items():
         ref = own[k]
         if k.startswith(packed_prefixes) and ref.numel() == 0:
             continue  # packed buffer: validated below against its spec
         if ref.shape != t.shape or ref.dtype != t.dtype:
-            raise ValueError(f"packed file {path}: tensor {k!r} is {t.dtype} "
-                             f"{tuple(t.shape)}; the model expects {ref.dtype} {tuple(ref.shape)}")
+            raise DataFileError(f"packed file {path}: tensor {k!r} is {t.dtype} "
+                                f"{tuple(t.shape)}; the model expects {ref.dtype} "
+                                f"{tuple(ref.shape)}")
     for n, m in model.named_modules():
         if isinstance(m, PackedLinear):
             for t in list(m._buffers):
                 full = f"{n}.{t}" if n else t
                 if full in tensors:
                     m._buffers[t] = tensors[full]
-            _validate_layer(m, n, path)
+            try:
+                _validate_layer(m, n, path)
+            except DataFileError:
+                raise
+            except ValueError as e:
+                raise DataFileError(f"packed file {path}: layer {n!r}: {e}") from None
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -477,9 +655,11 @@ def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto"
 def load_run(run_dir: str | os.PathLike, backend: str = "auto") -> nn.Module:
     """The packed model a finished run wrote (``train.py ... export=true``), in eval mode:
     the architecture from the run's ``config_resolved.yaml`` (``hydra.utils.instantiate`` of
-    its ``model``), the tensors from its ``model_packed.safetensors`` (:func:`load_packed`).
-    Activation quantizers other than ``UniformQuantizer`` are rebuilt only from the trained
-    fake-quant model: then call ``load_packed(path, that_model)`` (it says so)."""
+    its ``model``), the tensors from its ``model_packed.safetensors`` (:func:`load_packed`),
+    which must record the same recipe / method / bit widths as that config. Activation
+    quantizers in :data:`ACT_QUANTIZERS` (uniform, PACT, LSQ, DSQ, DoReFa, binary, dynamic
+    fixed point, FP8, value-aware) are rebuilt from the file with their trained tensors;
+    any other one only from the trained fake-quant model (``load_packed(path, model)``)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -489,8 +669,9 @@ def load_run(run_dir: str | os.PathLike, backend: str = "auto") -> nn.Module:
         if not os.path.exists(p):
             raise FileNotFoundError(f"load_run: {p} not found (a run directory of "
                                     "`python train.py ... export=true` holds both files)")
-    model = instantiate(OmegaConf.load(cfg_path).model)
-    return load_packed(path, model, backend).eval()
+    cfg = OmegaConf.load(cfg_path)
+    model = instantiate(cfg.model)
+    return load_packed(path, model, backend, expect=run_info(cfg)).eval()
 
 
 def _validate_layer(m: PackedLinear, name: str, path) -> None:
@@ -502,7 +683,7 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
         t = getattr(m, buf, None)
         if t is None or t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
             got = None if t is None else (t.dtype, tuple(t.shape))
-            raise ValueError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
+            raise DataFileError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
                              f"{list(dtypes)} with shape {tuple(shape)}")
 
     ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2", "rq") else 0
@@ -512,12 +693,12 @@ def _validate_layer(m: PackedLinear, name: str, path) -> None:
         packed_rq.validate(m, want)
     elif m.fmt == "pow2":
         if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:
-            raise ValueError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")
+            raise DataFileError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")
         want("planes", (torch.int32,), (m.bits, 1, -(-(n * k) // 32)))
         want("n1", (torch.int8,), (1,))
         e_max = int((m.pow2_codes() & (2 ** (m.bits - 1) - 1)).max()) if n * k else 0
         if e_max > 2 ** (m.bits - 2):
-            raise ValueError(f"packed file {path}: {name} has power-of-two exponent index "
+            raise DataFileError(f"packed file {path}: {name} has power-of-two exponent index "
                              f"{e_max}; {m.bits}-bit INQ codes allow 0..{2 ** (m.bits - 2)}")
     elif m.fmt == "codebook":
         want("codes", (torch.uint8,), (n, k // m.group_size))

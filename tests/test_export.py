@@ -8,7 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.export import load_packed, pack_model, save_packed
+from qtrain.errors import DataFileError
+from qtrain.export import checksum, load_packed, pack_model, save_packed
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.packed import PackedConv2d, PackedLinear
 from qtrain.nn.uniform_quantizer import UniformQuantizer
@@ -51,9 +52,10 @@ def test_pack_save_load_identical(tmp_path):
 def test_file_size_matches_storage_formula(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256, bias=False))
-    p = pack_model(model, bits=4, group_size=128, symmetric=False, backend="torch")
+    p = pack_model(model, bits=4, group_size=128, symmetric=False, backend="torch",
+                   scale_dtype=torch.float16)
     r = save_packed(p, tmp_path / "w.safetensors")
-    # codes 4 bit + per-group fp16 scale + uint8 zero; fp32 bias
+    # codes 4 bit + per-group fp16 scale (the named option) + uint8 zero; fp32 bias
     l1 = 512 * 512 * 4 + (512 * 4) * (16 + 8) + 512 * 32
     l2 = 256 * 512 * 4 + (256 * 4) * (16 + 8)
     assert r["storage_bits"] == l1 + l2
@@ -100,6 +102,7 @@ def _rewrite(path, out, meta_update=None, drop=None, replace=None):
     if drop:
         t.pop(drop)
     t.update(replace or {})
+    meta["sha256"] = checksum(t, meta)  # a consistent (re-signed) file: test what lies beyond
     save_file(t, str(out), metadata=meta)
     return out
 
@@ -126,7 +129,7 @@ def test_load_validation(tmp_path):
         load_packed(bad, model)
     with safe_open(str(src), framework="pt") as f:
         assert json.loads(f.metadata()["layers"])["0"]["group_size"] == 32
-    with pytest.raises(ValueError, match="layer '0' does not exist"):
+    with pytest.raises(DataFileError, match="0: a packed layer in the file, no such layer"):
         load_packed(src, nn.Sequential())
 
 

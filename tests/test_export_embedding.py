@@ -103,10 +103,12 @@ def test_file_bytes_within_one_percent_of_storage_bits(name, sym, tmp_path):
     assert abs(bits - summary["emb"]) / summary["emb"] < 0.01, (bits, summary["emb"])
 
 
-def test_default_fp16_scales_close():
+def test_default_fp32_scales_exact_fp16_option_close():
     m = make("channel", False)
-    p = pack_model(m, backend="torch")  # scale_dtype float16 (the pack_model default)
-    assert p.emb.scales.dtype == torch.float16
+    p = pack_model(m, backend="torch")  # scale_dtype float32: the pack_model default
+    assert p.emb.scales.dtype == torch.float32 and torch.equal(p(_tok()), m(_tok()))
+    p = pack_model(m, backend="torch", scale_dtype=torch.float16)  # the named option
+    assert p.emb.scales.dtype == torch.float16 and not torch.equal(p(_tok()), m(_tok()))
     torch.testing.assert_close(p(_tok()), m(_tok()), rtol=2e-3, atol=2e-3)
 
 

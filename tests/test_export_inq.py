@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.callbacks.inq import INQCallback
-from qtrain.export import load_packed, pack_model, save_packed
+from qtrain.export import checksum, load_packed, pack_model, save_packed
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.format_quantizers import PowerOfTwoQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedLinear, pow2_codes, pow2_values
@@ -83,7 +83,10 @@ def test_file_size_within_one_percent_of_storage_bits(tmp_path):
                    if k.startswith(layer + "."))
         assert abs(bits - summary[layer]) / summary[layer] < 0.01, layer
     total = model_storage_bits(model).total_bits
-    assert abs(info["file_bytes"] * 8 - total) / total < 0.01
+    with open(tmp_path / "w.safetensors", "rb") as f:  # safetensors: u64 header length first
+        header = 8 + int.from_bytes(f.read(8), "little")
+    assert header < 2048  # tensor names / offsets, layer specs, run info, checksum
+    assert abs((info["file_bytes"] - header) * 8 - total) / total < 0.01
     x = torch.randn(4, 300)
     q = load_packed(tmp_path / "w.safetensors", nn.Sequential(
         nn.Linear(300, 500), nn.ReLU(), nn.Linear(500, 70, bias=False)))
@@ -96,6 +99,7 @@ def _rewrite(src, out, replace=None, meta_update=None):
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     t.update(replace or {})
     meta.update(meta_update or {})
+    meta["sha256"] = checksum(t, meta)  # re-signed: test the validation beyond the checksum
     save_file(t, str(out), metadata=meta)
     return out
 
@@ -123,5 +127,5 @@ def test_corrupted_or_mismatched_file_clear_error(inq_cnn, tmp_path):
             super().__init__()
             self.fc = nn.Linear(8 * 4 * 4, 5)
 
-    with pytest.raises(ValueError, match=r"layer 'fc' .* \(4, 128\).* model has \(5, 128\)"):
+    with pytest.raises(ValueError, match=r"fc: weight shape \(4, 128\) in the file, \(5, 128\) in"):
         load_packed(src, Other())

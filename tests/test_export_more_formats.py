@@ -6,10 +6,18 @@ import json
 
 import pytest
 import torch
+from qtrain_kernels import layout as L
 from safetensors import safe_open
 from torch import nn
 
-from qtrain.export import check_packable, load_packed, load_run, pack_model, save_packed
+from qtrain.export import (
+    check_packable,
+    checksum,
+    load_packed,
+    load_run,
+    pack_model,
+    save_packed,
+)
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
@@ -43,14 +51,15 @@ class Net(nn.Module):
         return self.lin(self.conv(x).mean((2, 3)).repeat(1, 128))
 
 
-# (quantizer factory, packed fmt, max |out - ref| relative to max |ref| with fp16 scales;
-#  0 = bit-exact; None: file size not compared -- see test_size_mismatches_are_the_formats)
+# (quantizer factory, packed fmt, max |out - ref| relative to max |ref| with pack_model's
+#  default float32 scales; 0 = bit-exact. 1e-6: LAB's alpha is summed in another order than
+#  its forward's, one fp32 rounding: measured 9e-10 on a weight of max |W| ~ 0.03)
 CASES = {
-    "dorefa1": (lambda: DoReFaWeightQuantizer(1), "binary", 2e-3),
-    "dorefa2": (lambda: DoReFaWeightQuantizer(2), "uniform", 2e-3),
-    "dorefa4": (lambda: DoReFaWeightQuantizer(4), "uniform", 2e-3),
-    "dsq2": (lambda: DSQQuantizer(2), "uniform", 2e-3),
-    "dsq4": (lambda: DSQQuantizer(4), "uniform", 2e-3),
+    "dorefa1": (lambda: DoReFaWeightQuantizer(1), "binary", 0),
+    "dorefa2": (lambda: DoReFaWeightQuantizer(2), "lut", 0),
+    "dorefa4": (lambda: DoReFaWeightQuantizer(4), "lut", 0),
+    "dsq2": (lambda: DSQQuantizer(2), "lut", 0),
+    "dsq4": (lambda: DSQQuantizer(4), "lut", 0),
     "ttq": (lambda: TTQQuantizer(), "lut", 0),
     "polino2": (lambda: PolinoDifferentiableQuantizer(2), "bucketed", 0),
     "polino4_ste": (lambda: PolinoDifferentiableQuantizer(4, ste=True), "bucketed", 0),
@@ -69,12 +78,12 @@ CASES = {
     "fp8_training_chunked": (lambda: FP8TrainingQuantizer(fmt="e4m3", accumulation="chunked"),
                              "float", 1e-3),  # packed: fp32 GEMM, fake-quant: fp16 chunks
     "s2fp8": (lambda: S2FP8Quantizer(), "float", 0),
-    "calibrated": (lambda: CalibratedQuantizer(4, "minmax"), "uniform", 2e-3),
+    "calibrated": (lambda: CalibratedQuantizer(4, "minmax"), "uniform", 0),
     "calibrated_aciq_affine": (lambda: CalibratedQuantizer(8, "aciq", symmetric=False), "uniform",
-                             2e-3),
-    "value_aware": (lambda: ValueAwareQuantizer(4, 0.01), "value_aware", 2e-3),
-    "value_aware_affine": (lambda: ValueAwareQuantizer(4, 0.02, False), "value_aware", 2e-3),
-    "lab": (lambda: LABWeightQuantizer(), "binary", 2e-3),
+                             0),
+    "value_aware": (lambda: ValueAwareQuantizer(4, 0.01), "value_aware", 0),
+    "value_aware_affine": (lambda: ValueAwareQuantizer(4, 0.02, False), "value_aware", 0),
+    "lab": (lambda: LABWeightQuantizer(), "binary", 1e-6),
 }
 
 
@@ -135,17 +144,20 @@ def test_round_trip_matches_fake_quant_model(case, tmp_path):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
     else:
         torch.testing.assert_close(out, ref, rtol=0, atol=4 * tol * ref.abs().max().item())
-    # file tensor bits of each packed layer vs. the summary's storage bits (within 1%)
+    # file tensor bits of each packed layer vs. the summary's storage bits (within 1%, 1.5%
+    # for 1-bit rows: the fp32 per-row alpha copies are 32 bits per 2304-element conv row,
+    # 1.4% of its 1-bit codes)
     summary = {r.name: r.bits for r in model_storage_bits(m).layers}
     bits, specs = _layer_bits(path)
     assert specs["lin"]["fmt"] == fmt
     for name in ("conv", "lin"):
-        assert abs(bits[name] - summary[name]) / summary[name] < 0.01, (name, bits, summary)
+        lim = 0.015 if case in ("dorefa1", "lab") else 0.01
+        assert abs(bits[name] - summary[name]) / summary[name] < lim, (name, bits, summary)
 
 
 def test_dorefa_codes_by_hand(tmp_path):
     """DoReFa eq. (9) by hand on a 1 x 4 weight, 2 bits: t = tanh(w) / (2 max|tanh w|) + 1/2,
-    u = round(3 t), W = 2 u / 3 - 1 stored as u with scale 2/3 and float zero 1.5."""
+    u = round(3 t), W = 2 u / 3 - 1 stored as u into the table [-1, -1/3, 1/3, 1]."""
     lin = QuantLinear.from_float(nn.Linear(4, 1, bias=False), DoReFaWeightQuantizer(2))
     lin.weight.data = torch.tensor([[-2.0, -0.1, 0.3, 1.0]])
     tm = torch.tanh(torch.tensor(2.0)).item()
@@ -153,10 +165,12 @@ def test_dorefa_codes_by_hand(tmp_path):
               for v in (-2.0, -0.1, 0.3, 1.0)]
     assert want_u == [0, 1, 2, 3]
     net = nn.Sequential(lin).eval()
-    p = pack_model(net, scale_dtype=torch.float32)[0]
-    assert p.zeros.dtype == torch.float32 and float(p.zeros) == 1.5
-    assert float(p.scales) == pytest.approx(2 / 3, rel=1e-7)
+    p = pack_model(net)[0]
+    assert p.fmt == "lut" and p.lut.dtype == torch.float32
+    assert p.lut[0].tolist() == pytest.approx([-1.0, -1 / 3, 1 / 3, 1.0], rel=2e-7)
+    assert L.unpack_codes(p.packed, 2, 4).tolist() == [want_u]
     torch.testing.assert_close(p.dequantize(), torch.tensor([[-1.0, -1 / 3, 1 / 3, 1.0]]))
+    assert torch.equal(p.dequantize(), lin.weight_quantizer(lin.weight).detach())
 
 
 def test_ttq_table_and_codes():
@@ -240,6 +254,7 @@ def _rewrite(path, out, edit):
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
         meta = f.metadata()
     edit(t)
+    meta = {**meta, "sha256": checksum(t, meta)}  # re-signed: test what lies beyond it
     save_file(t, str(out), metadata=meta)
 
 
@@ -248,7 +263,7 @@ def _rewrite(path, out, edit):
     ("ttq", "lin.lut", lambda v: v.double(), r"lin\.lut"),
     ("e4m3", "lin.fweight", lambda v: v.float(), r"lin\.fweight"),
     ("s2fp8", "lin.s2fp8", lambda v: v[:1].contiguous(), r"lin\.s2fp8"),
-    ("dorefa4", "lin.zeros", lambda v: v.double(), r"lin\.zeros"),
+    ("dorefa4", "lin.lut", lambda v: v.double(), r"lin\.lut"),
     ("value_aware", "lin.sp_values", lambda v: v[1:].contiguous(), r"lin\.sp_values"),
     ("value_aware", "lin.sp_index", lambda v: v.long(), r"lin\.sp_index"),
 ])

@@ -5,10 +5,12 @@ import json
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch import nn
 
-from qtrain.export import check_packable, load_packed, pack_model, save_packed
+from qtrain.export import check_packable, load_packed, load_run, pack_model, save_packed
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.format_quantizers import BinaryWeightQuantizer, TWNQuantizer
 from qtrain.nn.learned_quantizers import LSQQuantizer
@@ -103,19 +105,60 @@ def test_export_true_with_unpackable_quantizer_fails_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))  # failed in on_fit_start: no step was trained
 
 
+def trained_fake_quant(run_dir):
+    """The trained fake-quant model of a finished run: its config's model, converted by its
+    config's quant callback, with the weights / buffers of its last checkpoint."""
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    model = instantiate(cfg.model)
+    instantiate(cfg.quant).convert(model)
+    (ckpt,) = run_dir.rglob("last.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()
+                           if k.startswith("model.")})
+    return model.eval()
+
+
 def test_pact_dorefa_recipe_exports(tmp_path):
-    """PACT activations + DoReFa 4-bit weights: uniform codes with float16 zero-point 7.5."""
+    """PACT activations + DoReFa 4-bit weights (real Trainer run): the weights as ``lut``
+    codes into the table 2 (u / 15) - 1, the trained PACT alphas in the file; load_run
+    rebuilds the PACT quantizers and reproduces the trained model bit for bit."""
     s = run(["recipe=pact_w4a4_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
     path = tmp_path / "model_packed.safetensors"
     assert s["packed_layers"] > 0
     with safe_open(str(path), framework="pt") as f:
-        specs = json.loads(f.metadata()["layers"])
-        zeros = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".zeros")}  # noqa: SIM118
-    assert {v["fmt"] for v in specs.values()} == {"uniform"} and len(zeros) == len(specs)
-    assert all(z.dtype == torch.float16 and bool((z == 7.5).all()) for z in zeros.values())
+        meta = f.metadata()
+        specs = json.loads(meta["layers"])
+        luts = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".lut")}  # noqa: SIM118
+    assert {v["fmt"] for v in specs.values()} == {"lut"} and len(luts) == len(specs)
+    levels = 2 * (torch.arange(16.0) / 15) - 1
+    assert all(torch.equal(t[0], levels) for t in luts.values())
+    assert {v["act_quantizer"]["type"] for v in specs.values()} == {"PACTQuantizer"}
+    assert json.loads(meta["run"]) == {"recipe": "pact_w4a4_resnet20_cifar10", "bits": 4,
+                                       "method": "qtrain.callbacks.qat.QATCallback",
+                                       "act_bits": None}
+    trained = trained_fake_quant(tmp_path)
+    alphas = [m.act_quantizer.alpha for m in trained.modules()
+              if isinstance(m, QuantConv2d) and m.act_quantizer is not None]
+    assert alphas and all(float(a) != 10.0 for a in alphas)  # trained, not alpha_init
+    loaded = load_run(tmp_path)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
 
 
 def test_lsq_recipe_exports(tmp_path):
+    """LSQ weights and activations (real Trainer run): load_run rebuilds the LSQ activation
+    quantizers with their trained steps and reproduces the trained model bit for bit."""
     s = run(["recipe=lsq_w2a2_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
     assert (tmp_path / "model_packed.safetensors").exists() and s["packed_layers"] > 0
+    trained, loaded = trained_fake_quant(tmp_path), load_run(tmp_path)
+    steps = {n: m.act_quantizer.step for n, m in loaded.named_modules()
+             if getattr(m, "act_quantizer", None) is not None}
+    assert steps and all(type(loaded.get_submodule(n).act_quantizer) is LSQQuantizer
+                         for n in steps)
+    assert all(torch.equal(st, trained.get_submodule(n).act_quantizer.step)
+               for n, st in steps.items())
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
     assert (tmp_path / "summary.json").exists()

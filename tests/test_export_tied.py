@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qtrain.export import load_packed, pack_model, save_packed, storage_bits
+from qtrain.export import checksum, load_packed, pack_model, save_packed, storage_bits
 from qtrain.models.transformer_lm import TransformerLM
 from qtrain.nn.pq_layers import PQEmbedding, PQLinear, pq_tied
 
@@ -64,6 +64,7 @@ def test_inconsistent_tie_metadata(tmp_path):
         meta = dict(f.metadata())
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta["tied"] = json.dumps({"output_projection.weight": "nothing.weight"})
+    meta["sha256"] = checksum(t, meta)  # re-signed: test the tie check beyond the checksum
     save_file(t, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="tied tensor 'output_projection.weight'"):
         load_packed(tmp_path / "bad.safetensors", _lm())

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.callbacks.vector_quant import VectorQuantizationCallback
-from qtrain.export import load_packed, pack_model, save_packed
+from qtrain.export import checksum, load_packed, pack_model, save_packed
 from qtrain.nn.packed import PackedLinear
 from qtrain.nn.packed_rq import rq_layer
 from qtrain.quant.size import model_storage_bits
@@ -124,6 +124,7 @@ def _rewrite(path, out, edit_tensors=None, edit_meta=None):
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
+    meta["sha256"] = checksum(tensors, meta)  # re-signed: test the checks beyond the checksum
     save_file(tensors, str(out), metadata=meta)
 
 

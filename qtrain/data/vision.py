@@ -1,6 +1,12 @@
 """Image datasets: CIFAR-10/100 (torchvision pickle release or an ImageFolder tree), MNIST
 (torchvision's raw IDX files) and ImageNet (ImageFolder ``train/`` and ``val/``).
 
+CIFAR pickles are read with a restricted unpickler (a crafted pickle cannot run code) and
+checked against the batch layout; MNIST's IDX headers and sizes are checked before reading;
+a bad file raises one :class:`qtrain.errors.DataFileError` naming it and what to do
+(:mod:`qtrain.data.file_checks`). With ``verify_checksums`` (default) every CIFAR file's md5
+must be the official release's.
+
 Nothing is downloaded unless ``download=true`` and there is network; a missing dataset
 stops the run at once with one line naming ``data.root``. The validation split is the
 official test split (as in the CIFAR/ImageNet papers' reported numbers).
@@ -16,6 +22,7 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
+from qtrain.data import file_checks as FC
 from qtrain.data.base import QDataModule
 from qtrain.offline import require_network
 
@@ -27,40 +34,43 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FORMATS = ("pickle", "imagefolder")
 
 
-def _load_pickle(path: str) -> dict:
-    """A CIFAR pickle with str keys (the original Python 2 files, read as latin1) or bytes
-    keys (files written by Python 3 code following the CIFAR page's ``encoding='bytes'``)."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+class _SafePickles:
+    """torchvision's CIFAR dataset (same layout, same __getitem__) read with the restricted
+    unpickler of :mod:`qtrain.data.file_checks` (str- or bytes-keyed pickles); with ``verify``
+    each file's md5 is first checked against the official release's."""
 
+    label_key = "labels"
 
-class _NoChecksum:
-    """torchvision's CIFAR dataset (same layout, same __getitem__) without the md5 checks, for
-    re-encoded copies and smoke data; accepts str- or bytes-keyed pickles."""
-
-    def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False,
+                 verify=True):
         datasets.VisionDataset.__init__(self, root, transform=transform,
                                         target_transform=target_transform)
         self.train = train
+        if download:
+            self.download()  # torchvision: skipped when the md5-checked files are present
+        folder = os.path.join(self.root, self.base_folder)
+        files = self.train_list if train else self.test_list
+        if verify:
+            for fname, md5 in [*files, (self.meta["filename"], self.meta["md5"])]:
+                FC.check_md5(os.path.join(folder, fname), md5)
         data, targets = [], []
-        for fname, _ in self.train_list if train else self.test_list:
-            entry = _load_pickle(os.path.join(self.root, self.base_folder, fname))
-            data.append(np.asarray(entry["data"], dtype=np.uint8))
-            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        for fname, _ in files:
+            d, labels = FC.cifar_batch(os.path.join(folder, fname), self.label_key)
+            data.append(d)
+            targets.extend(labels)
         self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
         self.targets = targets
-        meta = _load_pickle(os.path.join(self.root, self.base_folder, self.meta["filename"]))
-        self.classes = [c.decode() if isinstance(c, bytes) else c for c in meta[self.meta["key"]]]
+        self.classes = FC.cifar_classes(os.path.join(folder, self.meta["filename"]),
+                                        self.meta["key"])
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-class _UncheckedCIFAR10(_NoChecksum, datasets.CIFAR10):
+class _SafeCIFAR10(_SafePickles, datasets.CIFAR10):
     pass
 
 
-class _UncheckedCIFAR100(_NoChecksum, datasets.CIFAR100):
-    pass
+class _SafeCIFAR100(_SafePickles, datasets.CIFAR100):
+    label_key = "fine_labels"
 
 
 def _fake_images(n: int, size: int, channels: int, num_classes: int, seed: int):
@@ -107,7 +117,7 @@ class CIFARDataModule(QDataModule):
             write_image_folder(root, "train", *tr, classes)
             write_image_folder(root, "test", *te, classes)
             return
-        cls = _UncheckedCIFAR10 if self.name == "cifar10" else _UncheckedCIFAR100
+        cls = _SafeCIFAR10 if self.name == "cifar10" else _SafeCIFAR100
         folder = os.path.join(root, cls.base_folder)
         os.makedirs(folder, exist_ok=True)
         label_key = "labels" if self.name == "cifar10" else "fine_labels"
@@ -133,24 +143,16 @@ class CIFARDataModule(QDataModule):
             self.train_set = datasets.ImageFolder(os.path.join(self.root, "train"), self.transforms(True))
             self.val_set = datasets.ImageFolder(os.path.join(self.root, "test"), self.transforms(False))
         else:
-            if self.verify:
-                cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
-            else:
-                cls = _UncheckedCIFAR10 if self.name == "cifar10" else _UncheckedCIFAR100
+            cls = _SafeCIFAR10 if self.name == "cifar10" else _SafeCIFAR100
             folder = os.path.join(self.root or "", cls.base_folder)
             if self.download and not os.path.isdir(folder):
                 require_network(f"data.download=true for {self.name}", self.root_key,
                                 host="www.cs.toronto.edu")
             else:
                 self.require_root(cls.base_folder)
-            try:
-                self.train_set = cls(self.root, True, self.transforms(True), download=self.download)
-                self.val_set = cls(self.root, False, self.transforms(False), download=False)
-            except RuntimeError as e:
-                raise FileNotFoundError(
-                    f"{self.root_key}={self.root!r}: {e} (for re-encoded copies set "
-                    "data.verify_checksums=false)"
-                ) from None
+            self.train_set = cls(self.root, True, self.transforms(True), download=self.download,
+                                 verify=self.verify)
+            self.val_set = cls(self.root, False, self.transforms(False), verify=self.verify)
         self.test_set = self.val_set
 
 
@@ -180,6 +182,9 @@ class MNISTDataModule(QDataModule):
             require_network("data.download=true for MNIST", self.root_key, host="ossci-datasets.s3.amazonaws.com")
         else:
             self.require_root(os.path.join("MNIST", "raw", "train-images-idx3-ubyte"))
+        raw = os.path.join(self.root or "", "MNIST", "raw")
+        if not self.download or os.path.isdir(raw):  # (a fresh download is md5-checked)
+            FC.check_mnist_raw(raw)
         tf = T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
         self.train_set = datasets.MNIST(self.root, True, tf, download=self.download)
         self.val_set = self.test_set = datasets.MNIST(self.root, False, tf, download=False)

@@ -107,6 +107,7 @@ class PackedLinear(nn.Module):
         self.fmt, self.bits, self.group_size, self.symmetric = fmt, bits, group_size, symmetric
         self.backend = _check_backend(backend)
         self.act_quantizer: nn.Module | None = None
+        self.source: dict | None = None  # what it was packed from (qtrain.export metadata)
         self.register_buffer("bias", None)
 
     # ---------------------------------------------------------------- constructors
@@ -182,13 +183,17 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_ternary(cls, t: torch.Tensor, alpha: torch.Tensor, bias=None,
-                     backend: str = "auto") -> PackedLinear:
-        """From ternary values ``t`` in {-1, 0, 1} (N, K) and alpha (N, 1) or (N, K // G)."""
+                     backend: str = "auto",
+                     scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
+        """From ternary values ``t`` in {-1, 0, 1} (N, K) and alpha (N, 1) or (N, K // G),
+        alpha stored as ``scale_dtype`` (float32: the trained alpha exactly)."""
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={scale_dtype}; allowed: {SCALE_DTYPES}")
         n, k = t.shape
         alpha = alpha.reshape(n, -1).float()
         if not torch.isin(t, torch.tensor([-1.0, 0.0, 1.0], device=t.device)).all():
             raise ValueError("t must hold only -1, 0, +1")
-        bufs = {"packed": L.pack_codes((t + 1).long(), 2), "scales": alpha.half()}
+        bufs = {"packed": L.pack_codes((t + 1).long(), 2), "scales": alpha.to(scale_dtype)}
         g = k // alpha.shape[1] if alpha.shape[1] > 1 else None
         return cls._new(k, n, "ternary", 2, g, True, backend, bias, **bufs)
 
@@ -202,12 +207,18 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_binary(cls, sign: torch.Tensor, alpha: torch.Tensor, bias=None,
-                    backend: str = "auto") -> PackedLinear:
+                    backend: str = "auto",
+                    scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
+        """From signs (N, K) in {-1, +1} and alpha (N, 1) or (N, K // G), alpha stored as
+        ``scale_dtype`` (float32: the trained alpha exactly)."""
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={scale_dtype}; allowed: {SCALE_DTYPES}")
         n, k = sign.shape
         if not ((sign == 1) | (sign == -1)).all():
             raise ValueError("sign must hold only -1, +1")
         alpha = alpha.reshape(n, -1).float()
-        bufs = {"packed": L.pack_codes(((sign + 1) // 2).long(), 1), "scales": alpha.half()}
+        bufs = {"packed": L.pack_codes(((sign + 1) // 2).long(), 1),
+                "scales": alpha.to(scale_dtype)}
         g = k // alpha.shape[1] if alpha.shape[1] > 1 else None
         return cls._new(k, n, "binary", 1, g, True, backend, bias, **bufs)
 
@@ -348,7 +359,8 @@ class PackedLinear(nn.Module):
                 "group_size": self.group_size, "symmetric": self.symmetric,
                 "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None,
                 **({"n_outliers": self.sp_values.numel()} if self.fmt == "value_aware" else {}),
-                **({"n_stages": self.codes.shape[0]} if self.fmt == "rq" else {})}
+                **({"n_stages": self.codes.shape[0]} if self.fmt == "rq" else {}),
+                **({"source": self.source} if self.source is not None else {})}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

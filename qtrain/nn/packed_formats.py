@@ -3,14 +3,14 @@ turn those trained fake-quant weights into :class:`qtrain.nn.packed.PackedLinear
 
 Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton kernel):
 
-* ``uniform`` with float ``zeros``: DoReFa k-bit (Zhou et al. 2016 eq. (9): codes
-  ``u = round((2^k - 1) t)``, ``W = 2u / (2^k - 1) - 1`` = ``(u - (2^k - 1) / 2) * 2 / (2^k - 1)``),
-  DSQ's hard test-time quantizer (Gong et al. 2019: ``W = l + Delta u`` = ``(u + l / Delta) *
-  Delta``), Polino bucketed min-max quantization (Polino et al. 2018 eq. (2)-(3):
+* ``uniform`` with float ``zeros``: Polino bucketed min-max quantization (Polino et al. 2018 eq. (2)-(3):
   ``W = alpha u / (s - 1) + beta`` when the bucket size divides K, one bucket = one group;
   scales / zeros in float32 as storage_bits counts alpha and beta), dynamic fixed point
   (Das et al. 2018: symmetric, scale ``2^E``), calibrated (KL / ACIQ / ...) uniform weights.
-* ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): TTQ (Zhu
+* ``lut`` (c-bit codes, ``lut`` (1, 2^c) float32 table, ``scales`` (N, 1) all ones): DoReFa
+  k-bit (Zhou et al. 2016 eq. (9): codes ``u = round((2^k - 1) t)``, table ``2 (u / (2^k - 1))
+  - 1``), DSQ's hard test-time quantizer (Gong et al. 2019: table ``l + Delta u``), both tables
+  computed with the forward's own float32 operations; TTQ (Zhu
   et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
   quantization with one bucket per tensor (``bucket_size=None``: table ``alpha p + beta``),
   scalar soft-to-hard VQ (Agustsson et al. 2017),
@@ -44,13 +44,13 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   alpha stored in fp16 per row.
 
 Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
-bit-exact: TTQ, Polino differentiable (``lut`` / ``bucketed``), float / FP8 training / S2FP8 (``float``),
-dynamic fixed point; scalar soft-to-hard VQ up to one fp32 rounding (its forward is
-``soft + (hard - soft)``); up to the rounding of ``scales`` / ``zeros`` to ``scale_dtype``
-(float16: ~2^-11 of the weight range; float32: ~1 ulp, e.g. DoReFa's ``(u - z) s`` vs.
-``2 (u / n) - 1``): DoReFa, DSQ, calibrated, value-aware; Polino buckets always use float32
-(~1 ulp); DoReFa 1-bit (``binary``) and vector soft-to-hard VQ (``codebook``) store fp16 alpha /
-centroids. Every packer checks its packed weight against the quantizer's own eval-mode output
+bit-exact: DoReFa k-bit and DSQ (``lut``), TTQ, Polino differentiable (``lut`` /
+``bucketed``), float / FP8 training / S2FP8 (``float``), dynamic fixed point, and with
+``scale_dtype=float32`` (pack_model's default) calibrated, value-aware, DoReFa 1-bit, XNOR and
+TWN; LAB up to one fp32 rounding of alpha (summed in another order); scalar soft-to-hard VQ up
+to one fp32 rounding (its forward is ``soft + (hard - soft)``); Polino buckets ~1 ulp (float32
+``(u - z) s``); with ``scale_dtype=float16`` the scales / zeros / alpha are rounded (~2^-11 of
+the weight range); vector soft-to-hard VQ (``codebook``) stores fp16 centroids. Every packer checks its packed weight against the quantizer's own eval-mode output
 and raises if they differ beyond that.
 Simplifications: stochastic rounding has no single test-time weight; those quantizers are
 packed with round-to-nearest (the grid point nearest the float weight). FP8 training's
@@ -265,55 +265,64 @@ def _rel_tol(scale_dtype) -> float:
     return 2e-3 if scale_dtype == torch.float16 else 1e-5
 
 
-def _binary(flat, alpha, bias, backend):
+def _binary(flat, alpha, bias, backend, scale_dtype):
     """``sign(W) * alpha`` (sign(0) = +1) in the binary format: alpha per tensor (repeated per
-    row) or per row, stored as fp16 (hence the 1e-3 tolerance)."""
+    row) or per row, stored as ``scale_dtype`` (float32: the alpha the packer computed, which
+    may differ from the forward's by an fp32 rounding, e.g. LAB; float16: 1e-3 tolerance)."""
     from qtrain.nn.packed import PackedLinear
 
     sign = torch.where(flat >= 0, 1.0, -1.0)
     rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
-    return PackedLinear.from_binary(sign, rows, bias, backend), 1e-3
+    return (PackedLinear.from_binary(sign, rows, bias, backend, scale_dtype),
+            1e-3 if scale_dtype == torch.float16 else 1e-6)
 
 
 def _lab(wq, w, flat, bias, backend, scale_dtype):
     """LAB (Hou et al. 2017): ``alpha * sign(W)`` with the loss-aware alpha = ||d w||_1 /
     ||d||_1 of the curvature the quantizer holds."""
-    return _binary(flat, wq.alpha(w), bias, backend)
+    return _binary(flat, wq.alpha(w), bias, backend, scale_dtype)
 
 
 def _xnor(wq, w, flat, bias, backend, scale_dtype):
     """XNOR-Net (Rastegari et al. 2016): ``sign(W) * mean|W|`` per output channel."""
-    return _binary(flat, binary.xnor_scale(w), bias, backend)
+    return _binary(flat, binary.xnor_scale(w), bias, backend, scale_dtype)
 
 
 def _twn(wq, w, flat, bias, backend, scale_dtype):
     """TWN (Li & Liu 2016): the quantizer's ternary codes and alpha (per tensor: repeated per
-    row) in the ternary format, alpha stored as fp16."""
+    row) in the ternary format, alpha stored as ``scale_dtype``."""
     from qtrain.nn.packed import PackedLinear
 
     _, alpha = ternary.twn_params(w, wq.per_channel, wq.delta_factor)
     rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
-    return PackedLinear.from_ternary(wq.codes(w).reshape_as(flat).float(), rows, bias,
-                                     backend), 1e-3
+    return (PackedLinear.from_ternary(wq.codes(w).reshape_as(flat).float(), rows, bias,
+                                      backend, scale_dtype),
+            1e-3 if scale_dtype == torch.float16 else 1e-6)
 
 
 def _dorefa(wq, w, flat, bias, backend, scale_dtype):
-
-    if wq.bits == 1:  # eqs. (7)-(8): sign(w) E|w| (sign(0) = +1)
-        return _binary(flat, w.abs().mean(), bias, backend)
+    """DoReFa k-bit (eq. (9)): codes ``u = round((2^k - 1) t)`` into the ``lut`` table
+    ``2 (u / (2^k - 1)) - 1`` computed with the forward's own float32 operations, so the
+    packed weight is bit-exact (the ``uniform`` format's ``(u - z) s`` is not: one rounding
+    off). 1 bit (eqs. (7)-(8)): ``sign(w) E|w|`` (sign(0) = +1) in the binary format."""
+    if wq.bits == 1:
+        return _binary(flat, w.abs().mean(), bias, backend, scale_dtype)
     n = float(2**wq.bits - 1)  # eq. (9), computed as E.dorefa_weight does
     t = torch.tanh(flat)
     t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
     u = torch.round(t * n)
-    return _uniform(u, 2.0 / n, n / 2.0, wq.bits, False, None, flat.shape[1], bias, backend,
-                    scale_dtype), _rel_tol(scale_dtype)
+    levels = 2 * (torch.arange(2**wq.bits, dtype=torch.float32) / n) - 1
+    return lut_layer(u.long(), levels.reshape(1, -1), wq.bits, bias, backend), None
 
 
 def _dsq(wq, w, flat, bias, backend, scale_dtype):
-    xc, delta, _ = wq._range(flat)  # the hard value l + Delta round((clip(x) - l) / Delta)
+    """DSQ's hard test-time value ``l + Delta round((clip(x) - l) / Delta)`` (Gong et al.
+    2019): codes into the ``lut`` table ``l + Delta u`` computed with the forward's float32
+    operations (bit-exact)."""
+    xc, delta, _ = wq._range(flat)
     u = torch.round((xc - wq.lower) / delta)
-    return _uniform(u, delta, -wq.lower / delta, wq.bits, False, None, flat.shape[1], bias,
-                    backend, scale_dtype), _rel_tol(scale_dtype)
+    levels = wq.lower + delta * torch.arange(2**wq.bits, dtype=torch.float32)
+    return lut_layer(u.long(), levels.detach().reshape(1, -1), wq.bits, bias, backend), None
 
 
 def _ttq(wq, w, flat, bias, backend, scale_dtype):

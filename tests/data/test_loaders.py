@@ -13,6 +13,7 @@ from PIL import Image
 from qtrain.data.glue import GLUEDataModule, parse_glue_tsv
 from qtrain.data.text_lm import LMDataModule, Vocabulary, tokenize
 from qtrain.data.vision import CIFARDataModule, ImageNetDataModule, MNISTDataModule
+from qtrain.errors import DataFileError
 
 
 def _write_cifar_pickles(root, n_per_batch=4, key=str):
@@ -56,7 +57,7 @@ def test_cifar_pickle_layout(tmp_path, key):
 def test_cifar_verified_rejects_reencoded_copy(tmp_path):
     _write_cifar_pickles(tmp_path)
     dm = CIFARDataModule(root=str(tmp_path), verify_checksums=True)
-    with pytest.raises(FileNotFoundError, match="verify_checksums=false"):
+    with pytest.raises(DataFileError, match="data_batch_1 has md5 .*verify_checksums=false"):
         dm.setup()
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.callbacks import deep_compression as DC
-from qtrain.export import load_packed, pack_model, save_packed
+from qtrain.export import checksum, load_packed, pack_model, save_packed
 from qtrain.nn import packed_sparse as S
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.packed import PackedConv2d, PackedLinear
@@ -121,6 +121,7 @@ def _rewrite(src, dst, fn):
     with safe_open(str(src), framework="pt") as f:
         meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     fn(t)
+    meta = {**meta, "sha256": checksum(t, meta)}  # re-signed: test what lies beyond it
     save_file(t, str(dst), metadata=meta)
 
 
