@@ -88,13 +88,14 @@ def _test_snapshot(trainer, module, dm, state: dict, key: str) -> float | None:
         set_quantizers_enabled(module.model, True)
 
 
-def export_packed(model, run_dir: str) -> dict:
+def export_packed(model, run_dir: str, run: dict | None = None) -> dict:
     """Pack the trained quantized layers (qtrain.export) and write them with every other
-    tensor (BatchNorm statistics included) to ``<run dir>/model_packed.safetensors``."""
+    tensor (BatchNorm statistics included) to ``<run dir>/model_packed.safetensors``;
+    ``run`` (qtrain.export.run_info: recipe, method, bits) goes into its metadata."""
     from qtrain.export import pack_model, save_packed
 
     path = os.path.join(run_dir, "model_packed.safetensors")
-    info = save_packed(pack_model(model.eval()), path)
+    info = save_packed(pack_model(model.eval()), path, run)
     log.info("packed model: %s (%d bytes, %d packed layers)", path, info["file_bytes"],
              info["n_packed_layers"])
     return {"packed_file": path, "packed_mb": info["file_bytes"] / 1e6,
@@ -164,7 +165,9 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         report.write_summary(summary, run_dir)  # kept even if the export below fails
         if cfg.get("export"):
-            summary.update(export_packed(module.model, run_dir))
+            from qtrain.export import run_info
+
+            summary.update(export_packed(module.model, run_dir, run_info(cfg)))
             report.write_summary(summary, run_dir)
         print(report.format_summary(summary), flush=True)
     return summary
