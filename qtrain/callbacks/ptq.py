@@ -4,8 +4,11 @@ Converts layers like :class:`~qtrain.callbacks.qat.QATCallback` (same rules, fir
 policy, overrides), then, before the first evaluation, runs ``num_batches`` training
 batches (no augmentation order effects: eval mode, no gradients) through the model with
 every calibrating quantizer collecting statistics, and freezes their ranges (min-max,
-percentile, MSE, KL (Migacz 2017) or ACIQ (Banner 2018), see
-:mod:`qtrain.nn.calibrated_quantizer`). Weights keep their own min-max per-channel ranges.
+percentile, MSE, KL (Migacz 2017; 2^(b-1) / 2^b quantized bins for signed / unsigned data)
+or ACIQ (Banner 2018), see :mod:`qtrain.nn.calibrated_quantizer`). Each calibrated clip value
+is the end level of the activation grid (:func:`qtrain.quant.uniform.qparams_from_clip`:
+quantize(alpha) == alpha). Weights keep their own min-max per-channel ranges, on PyTorch's
+observer grid (S = max|w| / (2^(b-1) - 0.5), :class:`~qtrain.nn.uniform_quantizer.UniformQuantizer`).
 """
 
 from __future__ import annotations
