@@ -78,6 +78,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 
 import torch
 from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
@@ -87,7 +88,7 @@ from torch import nn
 
 from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
-from qtrain.nn.calibrated_quantizer import ValueAwareQuantizer
+from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import (
     BinaryActQuantizer,
@@ -319,12 +320,30 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     return out
 
 
+def _calibrated_kwargs(aq: CalibratedQuantizer) -> dict:
+    """Constructor arguments of a calibrated (PTQ) quantizer: its observer by calibration name
+    (:func:`qtrain.nn.observers.make_observer`) with that observer's own arguments."""
+    ob = aq.observer
+    kind = type(ob).__name__
+    if kind == "MinMaxObserver":
+        extra = ({"calibration": "minmax"} if ob.momentum is None
+                 else {"calibration": "ema", "momentum": ob.momentum})
+    elif kind == "HistogramObserver":
+        extra = {"calibration": ob.method, "bins": ob.bins, "percentile": ob.percentile,
+                 "kl_start": ob.kl_start}
+    elif kind == "ACIQObserver":
+        extra = {"calibration": f"aciq-{ob.distribution}"}
+    else:
+        raise TypeError(f"CalibratedQuantizer with observer {kind}: no rebuild recipe")
+    return {"bits": aq.bits, "symmetric": aq.symmetric, "name": ob.name, **extra}
+
+
 # Activation quantizers a packed file can rebuild by itself (an allow-list: nothing else is
 # constructed from file metadata): class -> the constructor arguments read back from the
-# trained quantizer's attributes. Their learned tensors -- PACT's alpha, LSQ's step, DSQ's
+# trained quantizer's attributes (or a function returning them). Their learned tensors -- PACT's alpha, LSQ's step, DSQ's
 # l / u / alpha, the EMA ranges of UniformQuantizer, ``initialized`` flags -- are submodule
 # tensors of the packed layer, so they travel in the file and are loaded back exactly.
-ACT_QUANTIZERS: dict[str, tuple[type, tuple[str, ...]]] = {c.__name__: (c, a) for c, a in (
+ACT_QUANTIZERS: dict[str, tuple[type, tuple[str, ...] | Callable]] = {c.__name__: (c, a) for c, a in (
     (UniformQuantizer, ("bits", "symmetric", "granularity", "group_size", "axis", "observer",
                         "ema_decay")),
     (PACTQuantizer, ("bits", "l2_decay")),
@@ -337,6 +356,7 @@ ACT_QUANTIZERS: dict[str, tuple[type, tuple[str, ...]]] = {c.__name__: (c, a) fo
                             "rounding", "grad_rounding", "seed", "accumulation", "chunk_size",
                             "acc_dtype")),
     (ValueAwareQuantizer, ("bits", "ratio", "symmetric", "name")),
+    (CalibratedQuantizer, _calibrated_kwargs),
 )}
 
 
@@ -346,8 +366,11 @@ def _act_spec(aq: nn.Module | None) -> dict | None:
     entry = ACT_QUANTIZERS.get(type(aq).__name__)
     if entry is None or type(aq) is not entry[0]:
         return {"type": type(aq).__name__}  # rebuilt only from the model passed to load_packed
-    kwargs = {a: getattr(aq, a) for a in entry[1]}
-    json.dumps(kwargs)  # plain values only (a TypeError here is a bug in the allow-list)
+    try:
+        kwargs = entry[1](aq) if callable(entry[1]) else {a: getattr(aq, a) for a in entry[1]}
+        json.dumps(kwargs)  # plain values only
+    except TypeError:
+        return {"type": type(aq).__name__}  # rebuilt only from the model passed to load_packed
     return {"type": type(aq).__name__, "kwargs": kwargs, "enabled": bool(aq.enabled)}
 
 
@@ -658,7 +681,8 @@ def load_run(run_dir: str | os.PathLike, backend: str = "auto") -> nn.Module:
     its ``model``), the tensors from its ``model_packed.safetensors`` (:func:`load_packed`),
     which must record the same recipe / method / bit widths as that config. Activation
     quantizers in :data:`ACT_QUANTIZERS` (uniform, PACT, LSQ, DSQ, DoReFa, binary, dynamic
-    fixed point, FP8, value-aware) are rebuilt from the file with their trained tensors;
+    fixed point, FP8, value-aware, calibrated PTQ) are rebuilt from the file with their
+    trained tensors;
     any other one only from the trained fake-quant model (``load_packed(path, model)``)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf

@@ -20,7 +20,7 @@ from qtrain.export import (
     pack_model,
     save_packed,
 )
-from qtrain.nn.calibrated_quantizer import ValueAwareQuantizer
+from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.format_quantizers import (
     BinaryActQuantizer,
@@ -59,6 +59,11 @@ FAMILIES = {
     "fp8": (lambda: FP8TrainingQuantizer(), lambda: FP8TrainingQuantizer()),
     "value_aware": (lambda: ValueAwareQuantizer(4, 0.02),
                     lambda: ValueAwareQuantizer(4, 0.02, False)),
+    "ptq_percentile": (lambda: UniformQuantizer(8, granularity="channel"),
+                       lambda: CalibratedQuantizer(8, "percentile", symmetric=False,
+                                                   percentile=99.0, bins=512)),
+    "ptq_aciq": (lambda: UniformQuantizer(8, granularity="channel"),
+                 lambda: CalibratedQuantizer(4, "aciq-gaussian")),
 }
 
 
@@ -78,6 +83,9 @@ def trained_net(family, steps=4):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    for layer in (m[3], m[8]):
+        if isinstance(layer.act_quantizer, CalibratedQuantizer) and family == "ptq_aciq":
+            layer.act_quantizer.freeze()  # PTQ: range from the collected statistics
     return m.eval()
 
 
