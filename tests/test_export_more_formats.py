@@ -26,6 +26,7 @@ from qtrain.nn.format_quantizers import (
     FloatQuantizer,
     S2FP8Quantizer,
     TTQQuantizer,
+    TWNQuantizer,
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
 from qtrain.nn.lab_quantizer import LABWeightQuantizer
@@ -84,6 +85,8 @@ CASES = {
     "value_aware": (lambda: ValueAwareQuantizer(4, 0.01), "value_aware", 0),
     "value_aware_affine": (lambda: ValueAwareQuantizer(4, 0.02, False), "value_aware", 0),
     "lab": (lambda: LABWeightQuantizer(), "binary", 1e-6),
+    "twn": (lambda: TWNQuantizer(), "ternary", 0),
+    "twn_channel": (lambda: TWNQuantizer(per_channel=True), "ternary", 0),
 }
 
 
