@@ -30,8 +30,9 @@
   - fake-quant Linear / Conv2d / Embedding layers whose weight quantizer is one of the
     learned / float / bucketed / calibrated / value-aware quantizers are packed by
     :func:`qtrain.nn.packed_formats.pack_weight` with the quantizer's eval-mode weight:
-    DoReFa (k-bit: ``uniform`` codes, scale 2/(2^k - 1), float zero-point (2^k - 1)/2;
-    1 bit: ``binary``), DSQ (hard test-time value: ``uniform``, float zero-point -l/Delta),
+    DoReFa (k-bit: ``lut`` codes into the table 2 (u / (2^k - 1)) - 1; 1 bit: ``binary``),
+    DSQ (hard test-time value: ``lut`` codes into the table l + Delta u; both tables computed
+    with the forward's float32 operations: bit-exact),
     TTQ / scalar soft-to-hard VQ (``lut``: codes into the {-W_n, 0, W_p} table or the
     centres; bit-exact), Polino differentiable (``bucketed`` with the learned points as a
     ``lut`` and alpha, beta per bucket; ``lut`` with bucket_size=None; bit-exact), vector
@@ -63,10 +64,18 @@
   PQ layers tied to another layer (an LM's embedding and output projection sharing one
   ``centroids`` Parameter, :func:`qtrain.nn.pq_layers.pq_tied`) stay PQ layers, so the tie
   and its single codebook survive export.
-* :func:`save_packed` writes one ``.safetensors`` file: every tensor of the state dict plus
-  metadata (format version, bit layout, per-layer specs). :func:`load_packed` rebuilds the
-  packed layers in a float model of the same architecture and loads the tensors after
-  validating version, layout, names, shapes and dtypes. Nothing is unpickled. Tensors shared
+* :func:`save_packed` writes one ``.safetensors`` file (atomically): every tensor of the state
+  dict plus metadata (format version, bit layout, file version, per-layer specs with what each
+  layer was packed from and its activation quantizer, the run's recipe / method / bit widths,
+  a SHA-256 :func:`checksum` of tensors and metadata). :func:`load_packed` verifies the
+  checksum, rebuilds the packed layers (and the activation quantizers of
+  :data:`ACT_QUANTIZERS`) in a float model of the same architecture and loads the tensors
+  after validating version, layout, configuration, names, shapes and dtypes; every failure is
+  one :class:`qtrain.errors.DataFileError` naming the file. Nothing is unpickled.
+  Exactness: with ``scale_dtype=float32`` (default) the packed model reproduces the trained
+  fake-quant model bit for bit for the formats listed exact in :mod:`qtrain.nn.packed_formats`
+  and the uniform / LSQ / group-wise / power-of-two paths here; fp16 codebooks (PQ / iPQ,
+  Quant-Noise pq) are exact only for fp16-representable centroids. Tensors shared
   by several state-dict keys (tied weights) are written once; the metadata maps every alias
   to its source key and loading re-ties them. PQ layers left in the file are rebuilt in the
   float model (:func:`qtrain.nn.pq_layers.rebuild_pq_layers`, ties included).
