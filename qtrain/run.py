@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import report, validation
+from qtrain import checkpointing, report, validation
+from qtrain.callbacks.resume_state import ResumeState
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.signals import SignalCheckpoint
 
@@ -110,6 +111,11 @@ def train(cfg: DictConfig) -> dict:
         if os.path.exists(os.path.join(run_dir, stale)):
             os.remove(os.path.join(run_dir, stale))
     validation.check_config(cfg)
+    # ckpt_path=last | <run dir> | <file>; verified (checksum, recipe, bits) before building
+    ckpt_path = checkpointing.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    ckpt_io = checkpointing.VerifiedCheckpointIO(checkpointing.run_metadata(cfg))
+    if ckpt_path and cfg.fit:
+        ckpt_io.preload(ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     _prepare_smoke(cfg)
     dm = build_datamodule(cfg)
@@ -119,13 +125,14 @@ def train(cfg: DictConfig) -> dict:
     callbacks, quant_cb = build_callbacks(cfg)
     validation.check_callbacks(module, callbacks)  # every quantizer vs every layer, pre-fit
     callbacks.append(SignalCheckpoint(os.path.join(run_dir, "checkpoints")))  # qtrain.signals
+    callbacks.append(ResumeState())  # RNG states + logged metrics in every checkpoint
     loggers = build_loggers(cfg)
     with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          default_root_dir=run_dir)
+                          default_root_dir=run_dir, plugins=[ckpt_io])
     if cfg.fit:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     key = f"test_{module.metric}"
     val = trainer.callback_metrics.get(f"val_{module.metric}") if cfg.fit else None
     quant_val_metric = float(val) if val is not None else None

@@ -11,28 +11,10 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from qtrain.data.resumable import ResumableDataLoader, ResumableSampler, SeededSamples
 from qtrain.errors import ConfigError, MissingFileError
-
-
-class EpochSeededRandomSampler(Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch), so a run resumed
-    from a checkpoint sees exactly the batches an uninterrupted run would (Lightning calls
-    ``set_epoch`` every epoch; under DDP it swaps in a DistributedSampler instead)."""
-
-    def __init__(self, data: Dataset, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = len(data), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class QDataModule(pl.LightningDataModule):
@@ -83,13 +65,14 @@ class QDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset | None, train: bool, name: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: {name} split not set up")
-        return DataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededRandomSampler(ds, self.seed) if train else None,
-            num_workers=self.num_workers,
-            collate_fn=getattr(self, "collate_fn", None), drop_last=False,
-            persistent_workers=self.num_workers > 0,
-        )
+        kw = dict(num_workers=self.num_workers, collate_fn=getattr(self, "collate_fn", None),
+                  drop_last=False, persistent_workers=self.num_workers > 0)
+        if train:  # order and augmentation survive a kill and resume (qtrain.data.resumable)
+            return ResumableDataLoader(
+                SeededSamples(ds), batch_size=self.batch_size,
+                sampler=ResumableSampler(ds, self.seed),
+                generator=torch.Generator().manual_seed(self.seed), **kw)
+        return DataLoader(ds, batch_size=self.eval_batch_size, **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, "train")
