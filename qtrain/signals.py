@@ -122,7 +122,8 @@ def outcome(e: BaseException) -> tuple[str, int, str]:
     if path:
         where = f"checkpoint saved at epoch {epoch}, global step {step}: {path}"
     else:
-        where = "no checkpoint saved by the signal (stopped outside training or at once)"
+        where = ("no checkpoint saved by the signal (it came outside trainer.fit, or a second "
+                 "Ctrl-C); checkpoints/ holds the last one written during training, if any")
     return MARKERS.get(signum, "PREEMPTED"), 128 + int(signum), f"{name} received; {where}"
 
 
