@@ -144,3 +144,25 @@ def test_corrupt_mnist_idx(tmp_path, fname, damage, msg):
     with pytest.raises(DataFileError, match=msg) as e:
         MNISTDataModule(root=str(tmp_path)).setup()
     assert str(path) in str(e.value) and "re-download" in str(e.value)
+
+
+def test_cifar100_layout_and_corrupt_meta(tmp_path):
+    """cifar-100-python: 'train' / 'test' with 'fine_labels', 'meta' with 'fine_label_names'."""
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    for name, n in (("train", 6), ("test", 4)):
+        with open(d / name, "wb") as f:
+            pickle.dump({"filenames": [f"{i}.png" for i in range(n)],
+                         "fine_labels": rng.integers(0, 100, n).tolist(),
+                         "coarse_labels": rng.integers(0, 20, n).tolist(),
+                         "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}, f, protocol=2)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
+                     "coarse_label_names": [f"c{i}" for i in range(20)]}, f, protocol=2)
+    dm = CIFARDataModule(name="cifar100", root=str(tmp_path), verify_checksums=False)
+    dm.setup()
+    assert len(dm.train_set) == 6 and dm.val_set.classes[42] == "f42"
+    (d / "meta").write_bytes(pickle.dumps({"coarse_label_names": ["c0"]}))
+    with pytest.raises(DataFileError, match=r"meta: no class-name list 'fine_label_names'"):
+        CIFARDataModule(name="cifar100", root=str(tmp_path), verify_checksums=False).setup()
