@@ -26,7 +26,26 @@ def test_internal_error_keeps_traceback_and_cause(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_max_epochs_zero_is_a_config_error_before_training(tmp_path):
+@pytest.mark.parametrize("value, match", [
+    ("0", r"trainer\.max_epochs=0 trains nothing: .*fit=false"),
+    ("-5", r"trainer\.max_epochs=-5: allowed: a positive integer, or -1"),
+])
+def test_max_epochs_checked_before_anything_is_built(tmp_path, value, match):
+    with pytest.raises(ConfigError, match=match):
+        run(["debug=smoke", f"trainer.max_epochs={value}"], tmp_path)
+    assert not (tmp_path / "smoke_data").exists() and not (tmp_path / "csv").exists()
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_max_epochs_zero_without_fit_is_allowed(tmp_path):
+    from qtrain.validation import check_config
+    from tests.hydra_helpers import compose_cfg
+
+    check_config(compose_cfg(["debug=smoke", "trainer.max_epochs=0", "fit=false"], tmp_path))
+
+
+@pytest.mark.slow
+def test_max_epochs_zero_one_line_rc2_and_failed(tmp_path):
     r = train_py("debug=smoke", "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}/run",
                  cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]

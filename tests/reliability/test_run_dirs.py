@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +36,25 @@ def test_two_concurrent_runs_get_their_own_dirs_and_both_finish(tmp_path):
         assert len(steps) == s["global_step"]
 
 
+def test_lock_in_process_live_refused_stale_taken_over(tmp_path):
+    from qtrain.cli import LOCK, acquire, release
+    from qtrain.errors import ConfigError
+
+    held = f"pid {os.getpid()} host {socket.gethostname()} started now\n"  # a live process
+    (tmp_path / LOCK).write_text(held)
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        acquire(str(tmp_path))
+    assert (tmp_path / LOCK).read_text() == held
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / LOCK).write_text(f"pid {gone} host {socket.gethostname()} started then\n")
+    path = acquire(str(tmp_path))  # the process is gone: taken over
+    assert (tmp_path / LOCK).read_text().startswith(f"pid {os.getpid()} ")
+    release(path)
+    assert not (tmp_path / LOCK).exists()
+
+
+@pytest.mark.slow
 def test_dir_in_use_is_refused_and_left_alone(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
