@@ -65,13 +65,15 @@ class QDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset | None, train: bool, name: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: {name} split not set up")
+        # own generator: creating an iterator (which draws the workers' base seed) never
+        # consumes the global RNG, which belongs to the model (dropout, noise, rounding)
         kw = dict(num_workers=self.num_workers, collate_fn=getattr(self, "collate_fn", None),
-                  drop_last=False, persistent_workers=self.num_workers > 0)
+                  drop_last=False, persistent_workers=self.num_workers > 0,
+                  generator=torch.Generator().manual_seed(self.seed))
         if train:  # order and augmentation survive a kill and resume (qtrain.data.resumable)
             return ResumableDataLoader(
                 SeededSamples(ds), batch_size=self.batch_size,
-                sampler=ResumableSampler(ds, self.seed),
-                generator=torch.Generator().manual_seed(self.seed), **kw)
+                sampler=ResumableSampler(ds, self.seed), **kw)
         return DataLoader(ds, batch_size=self.eval_batch_size, **kw)
 
     def train_dataloader(self) -> DataLoader:
