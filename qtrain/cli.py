@@ -179,6 +179,10 @@ def run_or_report(cfg: DictConfig):
             marker, rc, msg = signals.outcome(e)
             write_marker(run_dir, marker, f"{marker}: {msg}")
             print(f"{marker.lower()}: {msg} (run dir: {run_dir})", file=sys.stderr, flush=True)
+            if multirun and lock is not None:  # the sweep ends here: record this job first
+                from qtrain.sweep_status import record
+
+                record(hc.sweep.dir, run_dir)
             sys.exit(rc)
         if not isinstance(e, Exception):  # SystemExit from elsewhere, GeneratorExit
             write_marker(run_dir, "FAILED", describe(e))

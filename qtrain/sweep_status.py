@@ -5,7 +5,8 @@ status (``finished`` / ``FAILED`` / ``PREEMPTED`` / ``INTERRUPTED``) and the mar
 line -- read from the job's run directory (``summary.json`` or the marker
 :mod:`qtrain.cli` wrote), so a failing job is recorded and the sweep goes on with the next
 one. At the end of the sweep the file is rewritten in job order, the count is printed, and
-the sweep exits with status 1 if any job did not finish.
+the sweep exits with status 1 if any job did not finish. A job stopped by a signal records
+itself (:mod:`qtrain.cli`) before the signal ends the whole sweep.
 """
 
 from __future__ import annotations
@@ -37,20 +38,25 @@ def job_status(run_dir: str | Path) -> tuple[str, str]:
     return "unknown", "no summary.json and no marker"
 
 
+def record(sweep: str, run_dir: str, fallback: str | None = None) -> None:
+    """Append ``run_dir``'s outcome to ``<sweep>/sweep_status.tsv``."""
+    status, detail = job_status(run_dir)
+    if status == "unknown" and fallback:
+        status = fallback  # e.g. an error Hydra caught outside qtrain.cli
+    line = f"{os.path.relpath(run_dir, sweep)}\t{status}\t{detail}".replace("\n", " ")
+    path = Path(sweep) / FILE
+    new = not path.exists()
+    with open(path, "a") as f:  # one short append per job: safe with parallel launchers
+        f.write((HEADER if new else "") + line + "\n")
+
+
 class SweepStatus(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        sweep = config.hydra.sweep.dir
-        run_dir = config.hydra.runtime.output_dir
-        status, detail = job_status(run_dir)
-        if status == "unknown" and getattr(job_return, "status", None) is not None:
-            status = job_return.status.name  # e.g. an error Hydra caught outside qtrain.cli
-        line = f"{os.path.relpath(run_dir, sweep)}\t{status}\t{detail}".replace("\n", " ")
-        path = Path(sweep) / FILE
-        new = not path.exists()
-        with open(path, "a") as f:  # one short append per job: safe with parallel launchers
-            f.write((HEADER if new else "") + line + "\n")
+        status = getattr(job_return, "status", None)
+        record(config.hydra.sweep.dir, config.hydra.runtime.output_dir,
+               status.name if status is not None else None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = Path(config.hydra.sweep.dir) / FILE
