@@ -30,8 +30,8 @@ class _Probe(pl.Callback):
                 pl_module.get_submodule(n).weight)})
 
 
-def _trainer(cbs, **kw):
-    base = dict(accelerator="cpu", devices=1, logger=False, callbacks=cbs,
+def _trainer(cbs, root, **kw):
+    base = dict(accelerator="cpu", devices=1, logger=False, callbacks=cbs, default_root_dir=root,
                 enable_progress_bar=False, enable_model_summary=False,
                 enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
     base.update(kw)
@@ -43,11 +43,11 @@ def _cb(**kw):
                               bit_choices=(2, 4, 8), eig_max_iter=30, stage_unit="step", **kw)
 
 
-def test_stages_follow_omega_descending_one_per_step():
+def test_stages_follow_omega_descending_one_per_step(tmp_path):
     model = Tiny()
     w0 = {n: model.get_submodule(n).weight.detach().double().numpy().copy() for n in LAYERS}
     cb, probe = _cb(), _Probe()
-    _trainer([cb, probe], max_steps=4).fit(model, loader())
+    _trainer([cb, probe], tmp_path, max_steps=4).fit(model, loader())
     rows = {r["layer"]: r for r in cb.rows}
     # hand: Omega_i = lambda_i * ||Q_{b_i}(W_i) - W_i||^2 on the weights analysed (at start)
     om = {n: rows[n]["curvature"] * _np_perturbation(w0[n], cb.bits[n]) for n in LAYERS}
@@ -67,7 +67,7 @@ def test_stages_follow_omega_descending_one_per_step():
 def test_stages_not_reached_are_quantized_at_end_and_resume(tmp_path):
     model = Tiny()
     cb, probe = _cb(stage_length=3), _Probe()
-    t = _trainer([cb, probe], max_steps=4)
+    t = _trainer([cb, probe], tmp_path, max_steps=4)
     with pytest.warns(UserWarning, match="not reached by the run"):
         t.fit(model, loader())
     assert [len(q) for q in probe.quantized] == [1, 1, 1, 2] and cb.stage == 3
@@ -80,15 +80,15 @@ def test_stages_not_reached_are_quantized_at_end_and_resume(tmp_path):
     # with stage 2 at step 6, without a new analysis
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
     cb = _cb(stage_length=3)
-    _trainer([cb, saver], max_steps=4, enable_checkpointing=True).fit(Tiny(), loader())
+    _trainer([cb, saver], tmp_path, max_steps=4, enable_checkpointing=True).fit(Tiny(), loader())
     (ckpt,) = tmp_path.glob("*.ckpt")
     cb2, probe2 = _cb(stage_length=3), _Probe()
-    _trainer([cb2, probe2], max_steps=8).fit(Tiny(), loader(), ckpt_path=str(ckpt))
+    _trainer([cb2, probe2], tmp_path, max_steps=8).fit(Tiny(), loader(), ckpt_path=str(ckpt))
     assert [len(q) for q in probe2.quantized] == [2, 2, 3, 3]  # steps 4..7
     assert cb2.stages == cb.stages and cb2.bits == cb.bits and cb2.stage == 3
 
 
-def test_stagewise_options():
+def test_stagewise_options(tmp_path):
     with pytest.raises(ConfigError, match="stagewise=true needs method='hawq_v1'"):
         HessianSensitivity(method="hawq_v2", average_bits=4.0, stagewise=True)
     with pytest.raises(ConfigError, match="stage_unit='batch'"):
@@ -96,6 +96,6 @@ def test_stagewise_options():
     assert not HessianSensitivity(method="hawq_v2", average_bits=4.0).stagewise  # V2 as is
     model = Tiny()
     cb, probe = _cb(stagewise=False), _Probe()
-    _trainer([cb, probe], max_steps=2).fit(model, loader())
+    _trainer([cb, probe], tmp_path, max_steps=2).fit(model, loader())
     assert cb.stages == [] and probe.quantized == [set(LAYERS)] * 2
     np.testing.assert_array_equal(sorted(cb.bits), sorted(LAYERS))
