@@ -140,3 +140,14 @@ def test_export_keeps_k(tmp_path):
     save_packed(pack_model(ref_net), path)
     got = load_packed(path, ref_net).eval()(x)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+def test_k_as_a_constant_option():
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(0.5)
+    layer = QuantConv2d.from_float(conv, BinaryWeightQuantizer(1),
+                                   XNORActQuantizer(1, scale_grad=False))
+    x = torch.tensor([[[[3.0, -0.5]]]], requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[[[0.0, 0.25]]]]))  # the STE term only
