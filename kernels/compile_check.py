@@ -35,6 +35,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from . import bitserial, codebook_matmul, lowbit_matmul, runtime, w8a8
 
@@ -132,7 +133,7 @@ def record_gpu_launches(label: str = "") -> Iterator[list[Launch]]:
 
 
 def _source(launch: Launch) -> tuple[ASTSource, dict]:
-    jit = triton.jit(launch.fn)
+    jit = JITFunction(launch.fn)  # not triton.jit: under TRITON_INTERPRET=1 that interprets
     sig, const, attrs = {}, {}, {}
     pos = list(launch.args)
     for i, name in enumerate(jit.arg_names):
@@ -188,7 +189,8 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def compile_launch(launch: Launch, target: int) -> CompileReport:
     """Compile ``launch`` for ``sm_<target>``; the report lists spills (local memory) and
-    shared memory over the target's per-block limit as problems."""
+    shared memory over the target's per-block limit as problems. Runs in this process, which
+    must not have imported triton under ``TRITON_INTERPRET=1`` (:func:`check` takes care)."""
     t0 = time.time()
     try:
         src, opts = _source(launch)
@@ -329,15 +331,24 @@ def _compile_one(job: tuple[Launch, int]) -> CompileReport:
 
 
 def check(launches: list[Launch], targets=(80, 90), workers: int = 1) -> list[CompileReport]:
-    """Compile every launch for every target (``workers`` processes); one report each."""
-    jobs = [(la, t) for la in launches for t in targets]
-    if workers <= 1:
-        return [_compile_one(j) for j in jobs]
-    import concurrent.futures as cf
+    """Compile every launch for every target in ``workers`` fresh processes; one report each.
+
+    The compiling processes are spawned with ``TRITON_INTERPRET`` unset: in a process where it
+    was set before import (the CPU test suite), every ``@triton.jit`` helper is an interpreted
+    function that no GPU compiler accepts. Launches are recorded in the calling process."""
+    import concurrent.futures as cc_futures
     import multiprocessing as mp
 
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        return list(ex.map(_compile_one, jobs))
+    jobs = [(la, t) for la in launches for t in targets]
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with cc_futures.ProcessPoolExecutor(max(1, workers),
+                                            mp_context=mp.get_context("spawn")) as ex:
+            futures = [ex.submit(_compile_one, j) for j in jobs]
+            return [f.result() for f in futures]
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def main(argv: list[str] | None = None) -> int:
