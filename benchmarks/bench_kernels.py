@@ -22,7 +22,7 @@ import sys
 import torch
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]  # (K, N)
-MS = [1, 16, 64, 1024]
+MS = [1, 2, 4, 8, 16, 64, 1024]  # 2-16: LLM decoding batches (one weight pass, issue 17)
 COPIES = 8
 REPLAYS = 20
 GROUP = 128

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .epilogue import split_k_bounds, store_split_k, tile_offsets
 from .layout import dequantize_codebook
-from .runtime import ACT_DTYPES, as_2d, check_tensor, dual_jit, splitk_linear
+from .runtime import ACT_DTYPES, SMALL_M_GEMM_DEFAULT, as_2d, check_tensor, dual_jit, splitk_linear
 
 
 @triton.jit
@@ -124,8 +124,9 @@ def codebook_linear(
         flags={"BS": bs}, name="codebook", key_extra=f"bs{bs}",
         per_config=lambda cfg: {"VEC": vectorized(bs, cfg["BLOCK_K"])},
         candidates=(_GEMV_CANDIDATES, _GEMM_CANDIDATES),
-        gemm_default={"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
-                      "num_warps": 4, "num_stages": 3},
+        gemm_default=(dict(SMALL_M_GEMM_DEFAULT, BLOCK_K=64) if x2.shape[0] <= 16 else
+                      {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
+                       "num_warps": 4, "num_stages": 3}),
         config=config)
 
 

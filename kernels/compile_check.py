@@ -302,8 +302,11 @@ def bitserial_launches(bits=((4, 4), (2, 2)), config: dict | None = None) -> lis
 def default_launches() -> list[Launch]:
     """Every kernel entry point with its GPU default configuration over a representative set
     of flags: bit widths and modes, per-channel and grouped scales, integer and float
-    zero-points, bias, fp16 / bf16 / fp32 activations, GEMV (M = 1) and GEMM (M = 64, 512)."""
-    return (lowbit_launches() + codebook_launches()
+    zero-points, bias, fp16 / bf16 / fp32 activations, GEMV (M = 1) and GEMM (M = 16 -- the
+    decode default --, 64, 512)."""
+    decode = {k: LOWBIT_CASES[k] for k in ("int4-g128-u8zp-bias", "int4-g128-u8zp-bf16")}
+    return (lowbit_launches() + lowbit_launches((16,), decode) + codebook_launches()
+            + codebook_launches((16,), (8,))
             + codebook_launches((64,), (8,), dtype=torch.float32) + w8a8_launches()
             + bitserial_launches())
 

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .epilogue import split_k_bounds, store_split_k, tile_offsets
 from .layout import check_groups, check_lut, container_bits, dequantize_uniform
-from .runtime import ACT_DTYPES, as_2d, check_tensor, dual_jit, splitk_linear
+from .runtime import ACT_DTYPES, SMALL_M_GEMM_DEFAULT, as_2d, check_tensor, dual_jit, splitk_linear
 
 MODES = {"affine": 0, "binary": 1, "lut": 2}
 ZERO_DTYPES = (torch.uint8, torch.float16, torch.float32)
@@ -253,9 +253,10 @@ def lowbit_linear(
         per_config=per_config,
         name="lowbit", key_extra=f"b{c}|g{g}|{mode}",
         candidates=(_GEMV_CANDIDATES, _GEMM_CANDIDATES),
-        gemm_default={"BLOCK_M": 16 if m <= 32 else 64 if m <= 256 else 128, "BLOCK_N": 128,
-                      "BLOCK_K": 128 if m <= 32 else 64, "SPLIT_K": 1,
-                      "num_warps": 8 if m > 256 else 4, "num_stages": 3},
+        gemm_default=SMALL_M_GEMM_DEFAULT if m <= 16 else {
+            "BLOCK_M": 16 if m <= 32 else 64 if m <= 256 else 128, "BLOCK_N": 128,
+            "BLOCK_K": 128 if m <= 32 else 64, "SPLIT_K": 1,
+            "num_warps": 8 if m > 256 else 4, "num_stages": 3},
         config=config)
 
 

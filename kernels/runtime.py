@@ -199,7 +199,14 @@ def choose_config(
     return best
 
 
-GEMV_MAX_M = 8
+# The GEMV kernel runs one program per row: each row re-reads the packed weights, so M rows
+# cost M passes over them. From M = 2 the GEMM kernel's 16-row tiles read each weight once
+# for up to 16 rows (the batch sizes of LLM decoding); its small-M default splits K so that
+# a 4096-wide layer still has 256 programs (tests/kernels/test_weight_reads.py counts the
+# loads under the interpreter).
+GEMV_MAX_M = 1
+SMALL_M_GEMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4,
+                        "num_warps": 4, "num_stages": 3}
 
 
 def gemm_candidates_for(m: int, candidates: Sequence[dict]) -> list[dict]:
@@ -234,7 +241,7 @@ def splitk_linear(
     ``x2`` is ``x`` as (M, K) (:func:`as_2d`). Both kernels take ``(x, *weights, bias, y, M,
     N, K, *sizes, stride_xm)`` (``weights[1]`` stands in for an absent bias; it is never read)
     plus ``HAS_BIAS``, ``flags`` and the launch configuration:
-    the GEMV kernel (M <= ``GEMV_MAX_M``) on grid ``(cdiv(N, BLOCK_N), M, SPLIT_K)``, the GEMM
+    the GEMV kernel (M <= ``GEMV_MAX_M``, or a ``config`` without BLOCK_M) on grid ``(cdiv(N, BLOCK_N), M, SPLIT_K)``, the GEMM
     kernel on ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``. With ``SPLIT_K > 1`` the
     output is a zeroed fp32 workspace the splits ``atomic_add`` into. ``config=None`` picks
     the launch configuration by :func:`choose_config` over ``candidates`` (GEMV, GEMM) under
@@ -247,7 +254,8 @@ def splitk_linear(
     m = x2.shape[0]
     interp = interpreting(dev)
     xin = x2.float() if (interp and x2.dtype == torch.bfloat16) else x2  # interp: no bf16 dot
-    small = m <= GEMV_MAX_M
+    # an explicit config picks its kernel (a GEMV config has no BLOCK_M; tests force it)
+    small = m <= GEMV_MAX_M if config is None else "BLOCK_M" not in config
 
     def launch(cfg: dict) -> torch.Tensor:
         split = cfg["SPLIT_K"]

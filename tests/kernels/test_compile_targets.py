@@ -38,7 +38,7 @@ def test_default_launch_set_covers_every_entry_point_and_flag():
     assert {kw["PER_CHANNEL"] for kw in lowbit} == {True, False}
     assert {kw["HAS_Z"] for kw in lowbit} == {True, False}
     assert {kw["HAS_BIAS"] for kw in lowbit} == {True, False}
-    assert {kw["SPLIT_K"] for kw in lowbit} == {1, 4}  # GEMV default splits K
+    assert {kw["SPLIT_K"] for kw in lowbit} == {1, 4}  # GEMV and small-M GEMM split K
     x_dtypes = {la.args[0].dtype for la in launches if la.fn.__name__ == "_gemm_body"}
     assert x_dtypes == {torch.float16, torch.bfloat16, torch.float32}
     # the GPU branch was taken: GPU defaults, not the interpreter's 16 x 16 x 32 tiles
