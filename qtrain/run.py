@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpointing, report, validation
+from qtrain import checkpointing, dashboard, report, validation
 from qtrain.callbacks.resume_state import ResumeState
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.signals import SignalCheckpoint
@@ -131,6 +131,7 @@ def train(cfg: DictConfig) -> dict:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           default_root_dir=run_dir, plugins=[ckpt_io])
+    dashboard.log_config(trainer.loggers, cfg)
     if cfg.fit:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     key = f"test_{module.metric}"
@@ -176,5 +177,6 @@ def train(cfg: DictConfig) -> dict:
 
             summary.update(export_packed(module.model, run_dir, run_info(cfg)))
             report.write_summary(summary, run_dir)
+        dashboard.log_final(trainer.loggers, summary, trainer.global_step)
         print(report.format_summary(summary), flush=True)
     return summary
