@@ -2,8 +2,8 @@
 
 W_hat is gathered in registers from uint8 codes and a float16 codebook (layout in
 :mod:`qtrain_kernels.layout`): ``W[n, j*bs + i] = centroids[codes[n, j], i]`` (Jegou et al.
-2011 product quantization as used by iPQ, Stock et al. 2019, sec. 3). One kernel for small M
-(GEMV with split-K) and one tiled ``tl.dot`` kernel for large M; fp32 accumulation. The
+2011 product quantization as used by iPQ, Stock et al. 2019, sec. 3). One kernel for M = 1
+(GEMV with split-K) and one tiled ``tl.dot`` kernel for M >= 2; fp32 accumulation. The
 codebook (at most 256 x bs half floats, <= 16 KiB for bs = 32) stays in L1/L2. For
 power-of-two ``bs`` each code is loaded once per tile and its sub-vector gathered as one
 row of ``bs`` centroid entries; other block sizes gather per element.

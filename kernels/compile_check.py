@@ -250,7 +250,7 @@ LOWBIT_CASES = {  # label: (bits, group, zeros, mode, dtype, bias)
 
 
 def lowbit_launches(ms=(1, 64, 512), cases=None, config: dict | None = None) -> list[Launch]:
-    """``lowbit_linear`` launches (GEMV for M <= 8, GEMM above) at N = 256, K = 1024."""
+    """``lowbit_linear`` launches (GEMV for M = 1, GEMM above) at N = 256, K = 1024."""
     out: list[Launch] = []
     for label, (bits, group, zeros, mode, dtype, bias) in (cases or LOWBIT_CASES).items():
         for m in ms:

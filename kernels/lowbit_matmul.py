@@ -8,10 +8,11 @@ fp16 / bf16 / fp32; products accumulate in fp32.
 
 Two Triton kernels:
 
-* ``_gemv_kernel`` (M <= 8): one program per (row, block of N outputs, K split); no tensor
+* ``_gemv_kernel`` (M = 1): one program per (row, block of N outputs, K split); no tensor
   cores, a broadcast multiply and a row reduction. Split-K (partial sums combined with fp32
   atomics) keeps all SMs busy when N / BLOCK_N is small.
-* ``_gemm_kernel`` (larger M): tiled ``tl.dot`` GEMM, weight tile unpacked to the activation
+* ``_gemm_kernel`` (M >= 2; 16-row tiles up to M = 16 read each weight once for all rows):
+  tiled ``tl.dot`` GEMM, weight tile unpacked to the activation
   dtype; split-K likewise.
 
 Memory traffic: each int32 word of codes is loaded once per tile and split into its
