@@ -13,7 +13,8 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
   computed with the forward's own float32 operations; TTQ (Zhu
   et al. 2017: table ``{-W_n, 0, W_p, 0}``, code ``t + 1``), Polino differentiable
   quantization with one bucket per tensor (``bucket_size=None``: table ``alpha p + beta``),
-  scalar soft-to-hard VQ (Agustsson et al. 2017),
+  scalar soft-to-hard VQ (Agustsson et al. 2017), ABC-Net's M binary weight bases (Lin et al.
+  2017: the M bit planes as one M-bit code, table ``sum_i alpha_i (2 bit_i - 1)``, bit-exact),
   scalar k-means weight sharing (Gong et al. 2014 sec. 3.2; ``KMeansWeightQuantizer``: the
   fp16 shared values as a float16 table, bit-exact).
 * ``float`` (torch path only, no Triton kernel): ``fweight`` (N, K) in the real torch dtype
@@ -69,6 +70,7 @@ from qtrain_kernels import layout as L
 
 from qtrain.nn import packed_sparse
 from qtrain.nn import polino_quantizer as polino_q
+from qtrain.nn.abc_quantizer import ABCWeightQuantizer
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.format_quantizers import (
@@ -365,6 +367,14 @@ def _soft_to_hard(wq, w, flat, bias, backend, scale_dtype):
     return PackedLinear.from_codebook(codes, c, bias, backend), 2e-3  # fp16 centroids
 
 
+def _abc(wq, w, flat, bias, backend, scale_dtype):
+    """ABC-Net (Lin et al. 2017): the M bit planes as one M-bit code per weight (bit i = base
+    B_i is +1) in the ``lut`` format, the table ``sum_i alpha_i (2 bit_i - 1)`` per layer (per
+    row with ``per_channel``) summed in the forward's order: bit-exact."""
+    codes, table = wq.packed_codes(w)
+    return lut_layer(codes, table, wq.bits, bias, backend), None
+
+
 def _kmeans(wq, w, flat, bias, backend, scale_dtype):
     # the codebook holds fp16-representable values: a float16 table is exact
     codes = wq.indices.reshape(flat.shape[0], -1)
@@ -466,6 +476,7 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
            KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
+           ABCWeightQuantizer: _abc,
            TWNQuantizer: _twn, BinaryWeightQuantizer: _xnor,
            SharedWeightQuantizer: packed_sparse.pack}
 
