@@ -28,11 +28,33 @@ Product quantization (Jegou et al. 2011; Stock 2019): a weight reshaped to
 into sub-vectors of ``block_size`` consecutive input columns, one codebook per layer.
 Residual quantization (Chen et al. 2010 / Martinez 2014): M stages, each a k-means
 codebook fitted on the residual left by the previous stages.
+
+Backends (``backend``) for the assignment step only -- initialisation, empty-cluster split,
+update step, iteration count and objective are this module's in every case, so both give
+the same centroids and assignments from the same seed (up to exact distance ties, whose
+float rounding differs):
+
+* ``'torch'``: :func:`assign` above, on the tensor's device (CPU or GPU).
+* ``'faiss'``: exact nearest-centroid search of faiss-cpu (``faiss.knn``, Johnson et al.
+  2019, "Billion-scale similarity search"; its fused distance + argmin kernel for small
+  ``d``), about 4x faster than the torch search on CPU for PQ's ``d = 8``. CPU tensors only;
+  uses ``torch.get_num_threads()`` threads. faiss-cpu is an optional extra
+  (``pip install faiss-cpu``). faiss's own ``Kmeans`` is NOT used: it subsamples to 256
+  points per centroid by default and handles empty clusters differently (random cluster
+  scaled by ``1 +- 1/1024``) from fairseq's split used here.
+* ``'auto'`` (default): ``'faiss'`` for CPU tensors when faiss is importable, else
+  ``'torch'``. The process-wide default comes from the environment variable
+  ``QTRAIN_KMEANS_BACKEND`` (``auto`` when unset).
+
+Identical-seed DDP: both searches are exact and deterministic (faiss splits the rows
+between threads, each row's result does not depend on the split), so every rank with the
+same data, seed and backend computes the same codebook.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +64,8 @@ from qtrain.quant import uniform as U
 
 _CHUNK_ELEMS = 1 << 21  # distance-matrix elements per chunk (8 MB in fp32: cache-sized)
 INITS = ("random", "linear")
+BACKENDS = ("auto", "torch", "faiss")
+BACKEND_ENV = "QTRAIN_KMEANS_BACKEND"
 
 
 def _check_x(x: torch.Tensor, n_centroids: int, name: str) -> None:
@@ -98,6 +122,60 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk_elems: int = _CHUNK_E
     return (idx, dist, dist2) if second else (idx, dist)
 
 
+def _faiss():
+    """The faiss module, or None when faiss-cpu is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_available() -> bool:
+    return _faiss() is not None
+
+
+def resolve_backend(backend: str | None, device: torch.device, name: str = "kmeans") -> str:
+    """``'torch'`` or ``'faiss'`` for a k-means on ``device`` (see the module docstring).
+
+    ``backend=None``: the environment variable ``QTRAIN_KMEANS_BACKEND`` (default 'auto').
+    """
+    key = "backend"
+    if backend is None:
+        backend, key = os.environ.get(BACKEND_ENV, "auto"), BACKEND_ENV
+    if backend not in BACKENDS:
+        raise ConfigError(f"{name}: k-means {key}={backend!r}; allowed: {BACKENDS}")
+    cpu = torch.device(device).type == "cpu"
+    if backend == "auto":
+        return "faiss" if cpu and faiss_available() else "torch"
+    if backend == "faiss":
+        if not faiss_available():
+            raise ConfigError(f"{name}: k-means {key}='faiss' needs faiss-cpu, which is not "
+                              "installed: pip install faiss-cpu (or use 'auto' / 'torch')")
+        if not cpu:
+            raise ConfigError(f"{name}: k-means {key}='faiss' runs on CPU tensors only, the "
+                              f"data is on {device}; use 'auto' or 'torch'")
+    return backend
+
+
+def assign_faiss(x: torch.Tensor, centroids: torch.Tensor):
+    """:func:`assign` (nearest centroid, squared distance) by faiss-cpu's exact search.
+
+    ``x`` and ``centroids`` are float32 CPU tensors; runs on ``torch.get_num_threads()``
+    threads (faiss' OpenMP setting is restored afterwards).
+    """
+    faiss = _faiss()
+    xn = x.detach().float().contiguous().numpy()
+    cn = centroids.detach().float().contiguous().numpy()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        dist, idx = faiss.knn(xn, cn, 1)
+    finally:
+        faiss.omp_set_num_threads(before)
+    return torch.from_numpy(idx).view(-1), torch.from_numpy(dist).view(-1).clamp_min_(0)
+
+
 @dataclass
 class KMeansResult:
     centroids: torch.Tensor  # (K, d)
@@ -120,6 +198,7 @@ def kmeans(
     name: str = "kmeans",
     chunk_elems: int = _CHUNK_ELEMS,
     init: str = "random",
+    backend: str | None = None,
 ) -> KMeansResult:
     """Weighted k-means of the rows of ``x`` (n, d) on ``x``'s device.
 
@@ -135,6 +214,8 @@ def kmeans(
         eps: scale of the empty-cluster split noise (relative to the data's std).
         name: layer name used in error messages.
         init: 'random' (K sampled rows) or 'linear' (d = 1 only: ``linspace(min, max, K)``).
+        backend: assignment step 'auto' | 'torch' | 'faiss' (module docstring); None: the
+            environment variable ``QTRAIN_KMEANS_BACKEND``, default 'auto'.
     """
     _check_x(x, n_centroids, name)
     if init not in INITS:
@@ -142,6 +223,7 @@ def kmeans(
     if init == "linear" and x.shape[1] != 1:
         raise ConfigError(f"{name}: k-means init='linear' needs scalar data (d = 1), got "
                           f"d = {x.shape[1]}; use init='random'")
+    use_faiss = resolve_backend(backend, x.device, name) == "faiss"
     n, d = x.shape
     orig_dtype = x.dtype
     x = x.detach().float()
@@ -155,6 +237,8 @@ def kmeans(
     if metric is not None:
         lin = metric_factor(metric.to(x.device), name)
         x = x @ lin  # z = x L: Euclidean distance in z == metric distance in x
+    x = x.contiguous()
+    xw = x if w is None else x * w[:, None]  # weighted sums of the update step
     noise_scale = eps * float(x.std()) if n > 1 else eps
     noise_scale = noise_scale if noise_scale > 0 else eps
 
@@ -169,12 +253,12 @@ def kmeans(
         # (Hamerly 2010) was measured slower here: it needs the second-nearest distance
         # (top-2, ~2.5x the cost of min on CPU) and for K=256 in 8-D ~40% of the points stay
         # candidates after 20 iterations.
-        a, sq = assign(x, centroids, chunk_elems)
+        a, sq = assign_faiss(x, centroids) if use_faiss else assign(x, centroids, chunk_elems)
         history.append(float(sq.sum() if w is None else (sq * w).sum()))
         if it == max(1, n_iter):
             break
         a, _ = _split_empty(x, centroids, a, w, noise_scale, g)
-        centroids = _update(x, a, w, centroids)
+        centroids = _update(x, a, w, centroids, xw)
     if lin is not None:
         centroids = torch.linalg.solve_triangular(lin, centroids, upper=False, left=False)
     return KMeansResult(centroids.to(orig_dtype), a, history)
@@ -183,13 +267,20 @@ def kmeans(
 def _counts(a: torch.Tensor, k: int, w: torch.Tensor | None) -> torch.Tensor:
     if w is None:
         return torch.bincount(a, minlength=k).float()
-    return torch.zeros(k, device=a.device).index_add_(0, a, w)
+    return torch.zeros(k, device=a.device).index_put_((a,), w, accumulate=True)
 
 
-def _update(x, a, w, old):
-    """Weighted mean of each cluster; a cluster with zero total weight keeps its centroid."""
+def _update(x, a, w, old, xw=None):
+    """Weighted mean of each cluster; a cluster with zero total weight keeps its centroid.
+
+    ``xw``: ``x * w[:, None]`` precomputed (or ``x`` when unweighted). The per-cluster sums
+    use ``index_put_(accumulate=True)``: on CPU a serial, row-ordered accumulation (the
+    same sums as ``index_add_``), about 2x faster than ``index_add_`` for (n, 8) rows.
+    """
     k = old.shape[0]
-    sums = torch.zeros_like(old).index_add_(0, a, x if w is None else x * w[:, None])
+    if xw is None:
+        xw = x if w is None else x * w[:, None]
+    sums = torch.zeros_like(old).index_put_((a,), xw, accumulate=True)
     cnt = _counts(a, k, w)
     return torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1e-30)[:, None], old)
 
@@ -267,6 +358,7 @@ def pq_fit(
     sample_inputs: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
     name: str = "weight",
+    backend: str | None = None,
 ) -> KMeansResult:
     """Product quantization of a weight: one codebook (K, bs) and one index per block.
 
@@ -279,7 +371,8 @@ def pq_fit(
     sw = None
     if row_weight is not None:
         sw = row_weight.float().to(x.device).repeat_interleave(x.shape[0] // weight.shape[0])
-    return kmeans(x, n_centroids, n_iter, seed, sample_weight=sw, metric=metric, name=name)
+    return kmeans(x, n_centroids, n_iter, seed, sample_weight=sw, metric=metric, name=name,
+                  backend=backend)
 
 
 def pq_reconstruct(centroids: torch.Tensor, assignments: torch.Tensor, shape) -> torch.Tensor:
@@ -293,7 +386,8 @@ def pq_storage_bits(n_blocks: int, n_centroids: int, block_size: int) -> int:
 
 
 def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int = 0,
-                  name: str = "weight", init: str = "random", n_centroids: int | None = None):
+                  name: str = "weight", init: str = "random", n_centroids: int | None = None,
+                  backend: str | None = None):
     """Scalar k-means codebook (weight sharing, Han et al. 2015 sec. 3): 2^bits shared values.
 
     ``init='linear'``: centroids start equally spaced in [min, max] (the paper's best
@@ -307,12 +401,12 @@ def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int =
     if not isinstance(k, int) or not 1 <= k <= 2**bits:
         raise ConfigError(f"{name}: scalar k-means n_centroids={n_centroids!r}; allowed "
                           f"1..2^bits = {2**bits}")
-    res = kmeans(weight.reshape(-1, 1), k, n_iter, seed, name=name, init=init)
+    res = kmeans(weight.reshape(-1, 1), k, n_iter, seed, name=name, init=init, backend=backend)
     return res.centroids.reshape(-1), res.assignments.reshape(weight.shape)
 
 
 def rq_fit(weight: torch.Tensor, block_size: int, n_stages: int = 2, n_centroids: int = 256,
-           n_iter: int = 20, seed: int = 0, name: str = "weight"):
+           n_iter: int = 20, seed: int = 0, name: str = "weight", backend: str | None = None):
     """Residual quantization: ``n_stages`` codebooks, stage m fitted on the residual of 1..m-1.
 
     Returns (list of centroids (K, bs), list of assignments); reconstruct with
@@ -323,7 +417,8 @@ def rq_fit(weight: torch.Tensor, block_size: int, n_stages: int = 2, n_centroids
     residual = blocks_of(weight, block_size, name).detach().float()
     books, codes = [], []
     for m in range(n_stages):
-        res = kmeans(residual, n_centroids, n_iter, seed + m, name=f"{name}[stage {m}]")
+        res = kmeans(residual, n_centroids, n_iter, seed + m, name=f"{name}[stage {m}]",
+                     backend=backend)
         books.append(res.centroids)
         codes.append(res.assignments)
         residual = residual - res.centroids[res.assignments]
