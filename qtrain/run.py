@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpointing, dashboard, report, validation
+from qtrain import checkpointing, dashboard, optional, report, validation
 from qtrain.callbacks.resume_state import ResumeState
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.signals import SignalCheckpoint
@@ -77,6 +77,13 @@ def _metric(results: list[dict], key: str) -> float | None:
     return float(results[0][key]) if results and key in results[0] else None
 
 
+def _overrides() -> list[str] | None:
+    """The run's command-line overrides (Hydra's ``overrides.task``); None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
 def _test_snapshot(trainer, module, dm, state: dict, key: str) -> float | None:
     """Test metric of ``module`` with ``state`` loaded and quantizers off; restores after."""
     current = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -111,6 +118,7 @@ def train(cfg: DictConfig) -> dict:
         if os.path.exists(os.path.join(run_dir, stale)):
             os.remove(os.path.join(run_dir, stale))
     validation.check_config(cfg)
+    optional.check_config(cfg)  # every optional package the config needs is installed
     # ckpt_path=last | <run dir> | <file>; verified (checksum, recipe, bits) before building
     ckpt_path = checkpointing.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     ckpt_io = checkpointing.VerifiedCheckpointIO(checkpointing.run_metadata(cfg))
@@ -160,6 +168,8 @@ def train(cfg: DictConfig) -> dict:
         "quant_val_metric": quant_val_metric if quant_cb is not None else None,
         "float_weights_metric": float_metric,
         "quant_metric": quant_metric if quant_cb is not None else None,
+        "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
+        "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
         "fp32_mb": fp32_bits / 8 / 1e6,
         "quant_mb": quant_bits / 8 / 1e6,
         "compression": fp32_bits / quant_bits,
@@ -168,6 +178,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "run_dir": os.path.abspath(run_dir),
         "smoke": bool(OmegaConf.select(cfg, "data.fake", default=False)),
+        "overrides": _overrides(),  # qtrain.sweep_summary / qtrain.compare label runs by them
     }
     summary["time_s"] = time.time() - t0
     if trainer.is_global_zero:
