@@ -21,12 +21,15 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 
 
@@ -129,4 +132,26 @@ class TaskModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {
-            "scheduler": self.scheduler_factory(opt), "interval": self.scheduler_interval}}
+            "scheduler": self._build_scheduler(opt), "interval": self.scheduler_interval}}
+
+    def _build_scheduler(self, opt):
+        """The scheduler from its ``_partial_`` factory. A factory with
+        ``num_training_steps=None`` (``conf/scheduler/linear_warmup.yaml``) gets the run's
+        length in scheduler steps: ``trainer.estimated_stepping_batches`` (optimizer steps,
+        after ``max_steps``/``max_epochs``, ``limit_train_batches`` and gradient
+        accumulation) for ``scheduler_interval='step'``, ``trainer.max_epochs`` for 'epoch'."""
+        factory = self.scheduler_factory
+        if (getattr(factory, "keywords", None) or {}).get("num_training_steps", 0) is None:
+            factory = functools.partial(factory, num_training_steps=self._scheduler_steps())
+        return factory(opt)
+
+    def _scheduler_steps(self) -> int:
+        t = self.trainer
+        n = t.estimated_stepping_batches if self.scheduler_interval == "step" else t.max_epochs
+        if n is None or not math.isfinite(n) or n < 1:
+            raise ConfigError(
+                f"scheduler.num_training_steps is null, so it is taken from the run's length, "
+                f"but this run has none in {self.scheduler_interval}s (max_epochs="
+                f"{t.max_epochs}, max_steps={t.max_steps}); set trainer.max_epochs / "
+                f"trainer.max_steps or scheduler.num_training_steps")
+        return int(n)
