@@ -61,6 +61,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules, set_submodule
@@ -230,9 +231,11 @@ class DeepCompressionCallback(pl.Callback):
                 self.fp32_metric = float(trainer.callback_metrics[key])
             self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         for i in prunes:
-            self.prune_step(i)
+            with layer_report.event(trainer, self, f"prune{i + 1}"):  # per-layer report
+                self.prune_step(i)
         if quant:
-            self.quantize()
+            with layer_report.event(trainer, self, "quantize"):
+                self.quantize()
             if self.reset_optimizer:
                 rebuild_optimizers(trainer)
         if prunes or quant:
@@ -303,10 +306,11 @@ class DeepCompressionCallback(pl.Callback):
         self._hooked.clear()
         if not self.finalize_at_end:
             return
-        for i in range(self.n_prune_steps, len(self.prune_epochs)):
-            self.prune_step(i)
-        if not self.quantized:
-            self.quantize()
+        with layer_report.event(trainer, self, "finalize"):  # reported if a stage was left
+            for i in range(self.n_prune_steps, len(self.prune_epochs)):
+                self.prune_step(i)
+            if not self.quantized:
+                self.quantize()
         self.convert(pl_module)
         self._log_report(trainer, final=True)
 

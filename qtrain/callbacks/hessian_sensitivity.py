@@ -53,6 +53,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from qtrain import layer_report
 from qtrain.errors import ConfigError
 from qtrain.hessian import report
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
@@ -266,6 +267,8 @@ class HessianSensitivity(pl.Callback):
         self.rows, self.bits = result
         self.done = True
         self._apply(pl_module)
+        layer_report.notify(trainer, self, "bits", **{  # per-layer report columns
+            c: {r["layer"]: r.get(c) for r in self.rows} for c in ("curvature", "sensitivity")})
         if self.stagewise:
             order = sorted((r for r in self.rows if "stage" in r), key=lambda r: r["stage"])
             self.stages = [[r["layer"] for r in order if r["stage"] == i]

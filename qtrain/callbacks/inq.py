@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules
@@ -105,7 +106,8 @@ class INQCallback(pl.Callback):
             value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
             self.fp32_metric = float(value) if value is not None else None
         while self.stage < len(self.schedule) and self._now(trainer) >= self.boundaries[self.stage]:
-            self._apply_stage(trainer, self.stage)
+            with layer_report.event(trainer, self, f"stage{self.stage + 1}"):  # per-layer report
+                self._apply_stage(trainer, self.stage)
             self.stage += 1
             applied = True
         if applied and self.reset_optimizer and self.stage > 1:

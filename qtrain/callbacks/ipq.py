@@ -53,6 +53,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import LayerSelectionError, as_patterns, select_modules, set_submodule
@@ -276,7 +277,8 @@ class IterativePQCallback(pl.Callback):
             return
         was = pl_module.training
         while self.stage < len(self.plan):
-            self._apply_stage(trainer, pl_module, self.stage, self._last_batch)
+            with layer_report.event(trainer, self, f"stage{self.stage + 1}"):  # per-layer report
+                self._apply_stage(trainer, pl_module, self.stage, self._last_batch)
             self.stage += 1
         pl_module.train(was)
         self._last_batch = None
@@ -286,7 +288,8 @@ class IterativePQCallback(pl.Callback):
             self._last_batch = batch  # for stages applied at the end of fit
         changed = False
         while self.stage < len(self.plan) and self._now(trainer) >= self.boundaries[self.stage]:
-            self._apply_stage(trainer, pl_module, self.stage, batch)
+            with layer_report.event(trainer, self, f"stage{self.stage + 1}"):  # per-layer report
+                self._apply_stage(trainer, pl_module, self.stage, batch)
             self.stage += 1
             changed = True
         if changed:
