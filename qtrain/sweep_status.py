@@ -6,7 +6,9 @@ line -- read from the job's run directory (``summary.json`` or the marker
 :mod:`qtrain.cli` wrote), so a failing job is recorded and the sweep goes on with the next
 one. At the end of the sweep the file is rewritten in job order, the count is printed, and
 the sweep exits with status 1 if any job did not finish. A job stopped by a signal records
-itself (:mod:`qtrain.cli`) before the signal ends the whole sweep.
+itself (:mod:`qtrain.cli`) before the signal ends the whole sweep. The sweep's table and
+Pareto picture (``summary.csv``, ``pareto.png``) are :mod:`qtrain.sweep_summary`'s, which reads
+each job's status with :func:`job_status`.
 """
 
 from __future__ import annotations
