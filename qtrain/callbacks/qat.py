@@ -12,10 +12,26 @@ the last float validation metric is kept as ``fp32_metric`` and the float weight
 switch as ``fp32_state`` (so the run can also test the FP32 model). Because the
 module structure is fixed from ``setup`` on, checkpoints resume with the same quantizer
 state (observer ranges, learned scales are module buffers/parameters).
+
+Integer-only QAT (Jacob et al. 2018; ``conf/quant/intqat.yaml``):
+
+* ``fold_bn``: every selected conv / linear whose only consumer is a BatchNorm becomes a
+  :class:`qtrain.nn.bn_fold.FoldedConvBN` / ``FoldedLinearBN`` (sec. 3.2, Fig. C.8; the BN
+  is replaced by Identity, its parameters live on in the folded layer). ``bn_freeze_step``:
+  from this global step on, the folded layers use and freeze the moving statistics (TF's
+  ``freeze_batch_norm_delay``; None: never).
+* ``quantize_residual``: ResNet basic blocks get the paper's quantization points (block
+  input quantized once for branch and shortcut, branch output quantized before the add;
+  :mod:`qtrain.nn.quant_residual`).
+* ``integer_eval``: at the end of fit the trained model is converted to integer-only
+  inference (:mod:`qtrain.nn.integer_inference`, on CPU) and evaluated on the test set:
+  ``int_metric`` (logged as ``test/<metric>_int``) next to the fake-quant model's
+  ``int_ref_metric`` on the same batches.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 
@@ -25,7 +41,9 @@ from torch import nn
 
 from qtrain.errors import ConfigError
 from qtrain.nn import convert as C
+from qtrain.nn.bn_fold import find_conv_bn_pairs, fold_bn_layer
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
+from qtrain.nn.quant_residual import QuantBasicBlock, is_basic_block
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -43,6 +61,8 @@ class QATCallback(pl.Callback):
         first_last: 'quantize', 'keep' (float) or '8bit'.
         overrides: {regex: {bits, act_bits, skip}} per-layer settings (later wins).
         start_epoch: epochs of float training before quantization is enabled.
+        fold_bn / bn_freeze_step / quantize_residual / integer_eval: integer-only QAT
+            (module docstring).
     """
 
     def __init__(
@@ -50,6 +70,8 @@ class QATCallback(pl.Callback):
         act_bits: int | None = None, include: list[str] = (".*",), exclude: list[str] = (),
         types: list[str] = ("Linear", "Conv2d"), first_last: str = "keep",
         overrides: Mapping[str, Mapping] | None = None, start_epoch: int = 0,
+        fold_bn: bool = False, bn_freeze_step: int | None = None,
+        quantize_residual: bool = False, integer_eval: bool = False,
     ) -> None:
         super().__init__()
         if first_last not in C.FIRST_LAST_POLICIES:
@@ -69,7 +91,17 @@ class QATCallback(pl.Callback):
         self.types = tuple(LAYER_TYPES[t] for t in types)
         self.first_last, self.overrides = first_last, dict(overrides or {})
         self.start_epoch = start_epoch
+        if bn_freeze_step is not None and (not fold_bn or int(bn_freeze_step) < 0):
+            raise ConfigError(f"quant.bn_freeze_step={bn_freeze_step}: needs quant.fold_bn=true "
+                              "and a step >= 0 (or null: never freeze)")
+        if quantize_residual and act is None:
+            raise ConfigError("quant.quantize_residual=true needs an activation quantizer (quant.act)")
+        self.fold_bn, self.bn_freeze_step = bool(fold_bn), bn_freeze_step
+        self.quantize_residual, self.integer_eval = bool(quantize_residual), bool(integer_eval)
         self.layers: dict[str, nn.Module] = {}
+        self.blocks: dict[str, nn.Module] = {}
+        self.int_metric: float | None = None
+        self.int_ref_metric: float | None = None
         self.fp32_metric: float | None = None
         self.fp32_state: dict | None = None  # module state at the float -> quantized switch
         # validate the factories and bit widths now, before any training starts
@@ -90,6 +122,10 @@ class QATCallback(pl.Callback):
         first, last = C.first_and_last(model, (nn.Linear, nn.Conv2d))
         chosen = C.select_modules(model, self.include, self.exclude, self.types)
         C.check_overrides_used(chosen, self.overrides, "quant.overrides")
+        pairs = find_conv_bn_pairs(model) if self.fold_bn else {}
+        if self.fold_bn and not pairs:
+            raise ConfigError("quant.fold_bn=true: the model has no conv/linear -> BatchNorm pair")
+        folded_bns = []
 
         def build(name: str, m: nn.Module):
             o = C.match_override(name, self.overrides)
@@ -104,13 +140,44 @@ class QATCallback(pl.Callback):
             wq = self._make(self.weight_factory, bits, f"quant bits for layer {name}")
             aq = None if isinstance(m, nn.Embedding) else self._make(
                 self.act_factory, act_bits, f"quant act_bits for layer {name}")
+            if name in pairs:
+                folded_bns.append(pairs[name])
+                return fold_bn_layer(m, model.get_submodule(pairs[name]), wq, aq)
             return FAKE_QUANT_TYPES[type(m)].from_float(m, wq, aq)
 
         self.layers = C.convert(model, build, self.include, self.exclude, self.types)
         if not self.layers:
             raise C.LayerSelectionError("quant: after the first/last policy and overrides no layer is left")
+        for bn_name in folded_bns:  # its parameters and statistics now live in the folded layer
+            C.set_submodule(model, bn_name, nn.Identity())
+        if self.quantize_residual:
+            self._convert_blocks(model)
         log.info("quantized %d layers: %s", len(self.layers), ", ".join(self.layers))
         return self.layers
+
+    def _convert_blocks(self, model: nn.Module) -> None:
+        """Give ResNet basic blocks the paper's quantization points (quant_residual)."""
+        for name, m in list(model.named_modules()):
+            if not is_basic_block(m):
+                continue
+            aq = getattr(m.conv1, "act_quantizer", None)
+            if not is_fake_quant(m.conv1) or aq is None:
+                raise ConfigError(f"quant.quantize_residual=true: block {name}.conv1 is not "
+                                  "quantized (overrides / first_last keep it float)")
+            m.conv1.act_quantizer = None  # moved to the block: shared with the shortcut
+            branch = self._make(self.act_factory, getattr(aq, "bits", self.act_bits),
+                                f"quant act_bits for block {name}")
+            new = QuantBasicBlock(m, aq, branch)
+            C.set_submodule(model, name, new)
+            self.blocks[name] = new
+        if not self.blocks:
+            raise ConfigError("quant.quantize_residual=true: the model has no residual BasicBlock")
+        # the last block feeds global pooling -> classifier: quantize right after its bypass
+        # add with the classifier's input quantizer (quant_residual docstring)
+        _, last = C.first_and_last(model, (nn.Linear, nn.Conv2d))
+        fc, block = model.get_submodule(last), list(self.blocks.values())[-1]
+        if is_fake_quant(fc) and getattr(fc, "act_quantizer", None) is not None:
+            block.output_quantizer, fc.act_quantizer = fc.act_quantizer, None
 
     def validate(self, pl_module) -> None:
         """Before training (:mod:`qtrain.validation`): select the layers as :meth:`convert`
@@ -143,9 +210,18 @@ class QATCallback(pl.Callback):
             raise C.LayerSelectionError("quant: after the first/last policy and overrides no layer is left")
 
     def set_enabled(self, flag: bool) -> None:
-        for m in self.layers.values():
+        for m in list(self.layers.values()) + list(self.blocks.values()):
             for q in m.quantizers():
                 q.enabled = flag
+
+    def set_bn_frozen(self, step: int) -> None:
+        """Folded layers use (and stop updating) the moving statistics from ``bn_freeze_step`` on."""
+        if self.bn_freeze_step is None:
+            return
+        frozen = step >= int(self.bn_freeze_step)
+        for m in self.layers.values():
+            if hasattr(m, "freeze_bn"):
+                m.freeze_bn(frozen)
 
     # -- Lightning hooks -------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -156,11 +232,16 @@ class QATCallback(pl.Callback):
             self.convert(model)
         else:
             self.layers = {n: m for n, m in model.named_modules() if is_fake_quant(m)}
+            self.blocks = {n: m for n, m in model.named_modules() if isinstance(m, QuantBasicBlock)}
         self.set_enabled(stage != "fit" or self.start_epoch == 0)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
         self.set_enabled(trainer.current_epoch >= self.start_epoch)
+        self.set_bn_frozen(trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.set_bn_frozen(trainer.global_step)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         on = trainer.current_epoch >= self.start_epoch
@@ -177,11 +258,45 @@ class QATCallback(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.set_enabled(True)  # what follows fit (test, export) sees the quantized model
+        if self.integer_eval and trainer.is_global_zero:
+            self.run_integer_eval(trainer, pl_module)
+
+    def run_integer_eval(self, trainer, pl_module) -> None:
+        """Test accuracy of the integer-only model and of the fake-quant model on the same
+        test batches (CPU; ``trainer.limit_test_batches`` honoured)."""
+        from qtrain.nn.integer_inference import to_integer_model
+
+        if pl_module.metric != "acc":
+            raise ConfigError(f"quant.integer_eval=true: classification accuracy only; the task's "
+                              f"metric is {pl_module.metric!r}")
+        dm = trainer.datamodule
+        if dm is None:
+            raise ConfigError("quant.integer_eval=true needs a datamodule with a test set")
+        dm.setup("test")
+        model = copy.deepcopy(pl_module.model).cpu().eval()
+        int_model = to_integer_model(model)
+        limit = trainer.limit_test_batches
+        hits = hits_ref = total = 0
+        for i, batch in enumerate(dm.test_dataloader()):
+            if isinstance(limit, int) and i >= limit:
+                break
+            x, y = pl_module.split_batch(batch)
+            with torch.no_grad():
+                hits += int((int_model(x.cpu()).argmax(-1) == y.cpu()).sum())
+                hits_ref += int((model(x.cpu()).argmax(-1) == y.cpu()).sum())
+            total += len(y)
+        self.int_metric = hits / max(total, 1)
+        self.int_ref_metric = hits_ref / max(total, 1)
+        log.info("integer-only model: test %s %.4f (fake-quant on the same %d images %.4f)",
+                 pl_module.metric, self.int_metric, total, self.int_ref_metric)
 
     def state_dict(self) -> dict:
         return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers),
-                "fp32_state": self.fp32_state}
+                "fp32_state": self.fp32_state, "int_metric": self.int_metric,
+                "int_ref_metric": self.int_ref_metric}
 
     def load_state_dict(self, state: dict) -> None:
         self.fp32_metric = state.get("fp32_metric")
         self.fp32_state = state.get("fp32_state")
+        self.int_metric = state.get("int_metric")
+        self.int_ref_metric = state.get("int_ref_metric")
