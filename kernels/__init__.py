@@ -3,7 +3,18 @@
 Installed from the repository folder ``kernels/`` as the import package ``qtrain_kernels``
 (never ``kernels``, which is an unrelated PyPI package). Imports nothing from ``qtrain``.
 CPU tensors run the same kernels through Triton's interpreter (see ``runtime``).
+Needs triton: the default (CUDA) torch wheel on Linux brings it; with the CPU wheel,
+``pip install "qtrain[kernels]"``.
 """
+
+try:
+    import triton  # noqa: F401
+except ModuleNotFoundError as e:
+    if e.name != "triton":
+        raise
+    raise ModuleNotFoundError(
+        'qtrain_kernels (packed inference, export=true) needs triton (not installed): '
+        'pip install "qtrain[kernels]"', name="triton") from e
 
 from .bitserial import bitserial_matmul, bitserial_matmul_reference
 from .codebook_matmul import codebook_linear, codebook_linear_reference

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from qtrain.data.base import QDataModule
 from qtrain.errors import ConfigError
 from qtrain.offline import require_network
+from qtrain.optional import require
 
 # task -> (text columns in HF, number of labels, metric)
 TASKS = {
@@ -129,6 +130,7 @@ class GLUEDataModule(QDataModule):
     def _raw_splits(self):
         if self.hf:
             require_network(f"data.hf=true (glue/{self.task})", "data.root")
+            require("datasets", "data.hf=true")
             from datasets import load_dataset
 
             ds = load_dataset("glue", self.task)
@@ -143,6 +145,7 @@ class GLUEDataModule(QDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        require("transformers", "GLUE data (a transformers tokenizer)")
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
         from qtrain.models.hf import resolve_pretrained

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from qtrain.data.base import QDataModule
 from qtrain.errors import ConfigError, MissingFileError
 from qtrain.offline import require_network
+from qtrain.optional import require
 
 LAYOUTS = {
     "wikitext2": ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
@@ -116,6 +117,7 @@ class LMDataModule(QDataModule):
     def _split_lines(self) -> list[list[str]]:
         if self.hf_name:
             require_network(f"data.hf_name={self.hf_name!r}", "data.root")
+            require("datasets", f"data.hf_name={self.hf_name!r}")
             from datasets import load_dataset
 
             ds = load_dataset(self.hf_name, HF_CONFIGS.get(self.name))

