@@ -186,8 +186,9 @@ def points(rows: list[dict]) -> dict[str, dict[str, list]]:
 
 def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Draw ``pareto.png`` (module docstring); always ``FIG_SIZE`` at ``DPI``."""
-    import matplotlib
+    from qtrain.optional import require
 
+    matplotlib = require("matplotlib", "pareto.png")
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -208,9 +209,9 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) ->
         if runs:
             ax.scatter([s for s, _, _ in runs], [a for _, a, _ in runs], s=36, color="C0",
                        zorder=3, label="run")
-            for s, a, lab in runs:
-                ax.annotate(lab, (s, a), xytext=(4, 4), textcoords="offset points",
-                            fontsize=7)
+            for k, (s, a, lab) in enumerate(sorted(runs)):  # neighbours: above, below
+                ax.annotate(lab, (s, a), xytext=(4, 5 if k % 2 == 0 else -11),
+                            textcoords="offset points", fontsize=7)
         allp = [(s, a) for s, a, _ in runs] + list(fp32)
         front = [allp[i] for i in pareto_front([s for s, _ in allp], [a for _, a in allp], up)]
         if front:
@@ -297,7 +298,7 @@ def log_wandb(rows: list[dict], png: str | Path, out_dir: str | Path, name: str,
 # ----------------------------------------------------------------------- the callback
 
 
-def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path] | None:
+def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path | None] | None:
     """Write ``summary.csv`` and ``pareto.png`` for the multirun in ``sweep_dir`` (and log
     them to wandb if its jobs did); None if it holds no job."""
     sweep = Path(sweep_dir)
@@ -305,6 +306,13 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     if not dirs:
         return None
     rows = [run_row(d) for d in dirs]
+    from qtrain.optional import available
+
+    if not available("matplotlib"):  # core install: the table, not the picture (or wandb)
+        csv_path = write_csv(rows, sweep / CSV_NAME)
+        print(f"sweep summary: {csv_path} (no {PNG_NAME}: it needs matplotlib, "
+              'pip install "qtrain[plots]")', file=sys.stderr, flush=True)
+        return csv_path, None
     csv_path, png = write(rows, sweep, title=f"sweep {sweep.name}: "
                           f"{sum(r['status'] == 'finished' for r in rows)} of {len(rows)} "
                           "jobs finished")

@@ -206,3 +206,22 @@ def test_require_names_the_extra():
     with pytest.raises(optional.MissingExtraError, match=r'pip install "qtrain\[plots\]"') as e:
         optional.require("matplotlib.not_a_module_of_matplotlib", "a chart")
     assert isinstance(e.value, QtrainError) and "a chart needs matplotlib" in str(e.value)
+
+
+def test_sweep_summary_without_matplotlib_writes_the_table_and_names_the_extra(
+        tmp_path, monkeypatch, capsys):
+    """The end-of-multirun summary (qtrain.sweep_summary) runs on every sweep: on a core
+    install it writes summary.csv and says which extra draws pareto.png instead of failing
+    after the last job; asking for the picture itself names the extra."""
+    from qtrain import sweep_summary
+
+    job = tmp_path / "qat_int4_digits" / "0_quant.bits-4"
+    job.mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps(
+        {"recipe": "qat_int4_digits", "metric": "acc", "quant_metric": 0.9, "fp32_metric": 0.95,
+         "quant_mb": 0.05, "fp32_mb": 0.3, "epochs": 1, "time_s": 1.0}))
+    monkeypatch.setattr(optional, "available", lambda name: name != "matplotlib")
+    csv_path, png = sweep_summary.summarize_sweep(tmp_path)
+    assert png is None and not (tmp_path / sweep_summary.PNG_NAME).exists()
+    assert "qat_int4_digits" in csv_path.read_text()
+    assert 'needs matplotlib, pip install "qtrain[plots]"' in capsys.readouterr().err
