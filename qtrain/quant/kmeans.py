@@ -275,12 +275,20 @@ def _update(x, a, w, old, xw=None):
 
     ``xw``: ``x * w[:, None]`` precomputed (or ``x`` when unweighted). The per-cluster sums
     use ``index_put_(accumulate=True)``: on CPU a serial, row-ordered accumulation (the
-    same sums as ``index_add_``), about 2x faster than ``index_add_`` for (n, 8) rows.
+    same sums as ``index_add_``, bit for bit; on CPU over float pairs viewed as complex64),
+    1.6x faster than ``index_add_`` for (n, 8) rows; on GPU sort-based (deterministic,
+    unlike ``index_add_``'s atomics).
     """
     k = old.shape[0]
     if xw is None:
         xw = x if w is None else x * w[:, None]
-    sums = torch.zeros_like(old).index_put_((a,), xw, accumulate=True)
+    if xw.device.type == "cpu" and xw.dtype == torch.float32 and xw.shape[1] % 2 == 0:
+        # pairs of floats as complex64: half the elements, componentwise the same float adds
+        sums = torch.zeros(k, xw.shape[1] // 2, dtype=torch.complex64).index_put_(
+            (a,), xw.contiguous().view(torch.complex64), accumulate=True)
+        sums = torch.view_as_real(sums).reshape(k, -1)
+    else:
+        sums = torch.zeros_like(old).index_put_((a,), xw, accumulate=True)
     cnt = _counts(a, k, w)
     return torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1e-30)[:, None], old)
 
