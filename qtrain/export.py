@@ -97,6 +97,7 @@ from torch import nn
 
 from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
+from qtrain.nn.abc_quantizer import ABCActQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import (
@@ -245,7 +246,8 @@ PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-w
             "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
             "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
             "S2FP8", "calibrated uniform", "value-aware", "scalar k-means (VQ)",
-            "residual quantization (VQ)", "LAB binary", "Deep Compression (sparse_shared)")
+            "residual quantization (VQ)", "LAB binary", "Deep Compression (sparse_shared)",
+            "ABC-Net binary bases")
 
 
 _PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer)
@@ -271,6 +273,9 @@ def check_packable(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
             continue  # embeddings without a packer stay fake-quant layers (not an error)
+        if hasattr(m, "folded_weight"):  # qtrain.nn.bn_fold: the codes are of the folded weight
+            bad.append((name, "BN-folded layer (quant.fold_bn=true): not packable yet"))
+            continue
         wq = m.weight_quantizer
         why = packed_formats.settings_error(wq) if wq is not None else None
         if wq is None or (_has_packer(wq) and why is None):
@@ -313,6 +318,9 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     for name, m in list(out.named_modules()):
         if _has_codebook(m) and users[id(m.centroids)] > 1:
             continue  # tied codebook: keep the PQ layers (one codebook in the file)
+        if hasattr(m, "folded_weight"):
+            raise ValueError(f"export: layer {name} is BN-folded (quant.fold_bn=true); packing "
+                             "folded layers is not implemented -- run without export=true")
         new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
         if new is None:
             continue
@@ -360,6 +368,7 @@ ACT_QUANTIZERS: dict[str, tuple[type, tuple[str, ...] | Callable]] = {c.__name__
     (DSQQuantizer, ("bits", "hard", "hard_threshold", "ste_forward")),
     (DoReFaActQuantizer, ("bits", "grad_bits", "per_sample", "seed")),
     (BinaryActQuantizer, ("bits",)),
+    (ABCActQuantizer, ("bits", "ste_gain")),  # v / beta: tensors in the file
     (DynamicFixedPointQuantizer, ("bits", "rounding", "seed")),
     (FP8TrainingQuantizer, ("bits", "fmt", "grad_fmt", "saturate", "grad_saturate",
                             "rounding", "grad_rounding", "seed", "accumulation", "chunk_size",

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qtrain.errors import ConfigError
-from qtrain.export import load_packed, pack_model
+from qtrain.export import load_packed, load_run, pack_model
 from qtrain.nn.abc_quantizer import ABCActQuantizer, ABCWeightQuantizer
 from qtrain.nn.fake_quant import is_fake_quant
 from qtrain.quant import abc as A
@@ -117,7 +117,8 @@ def test_bad_settings_raise_one_clear_error():
 def test_smoke_run_learns_v_beta_and_exports_bit_planes(tmp_path):
     """A real Trainer run (smoke data): v and beta are trained by the optimizer, the packed
     file holds M-bit lut codes whose table is sum_i alpha_i (2 bit_i - 1) of the trained
-    weight, and loading it into the trained model reproduces the fake-quant outputs."""
+    weight, and the packed model (load_run from the file alone, or load_packed into the trained
+    model) reproduces the fake-quant outputs."""
     s = run(["recipe=abc_m3n3_digits", "debug=smoke", "export=true"], tmp_path)
     assert s["packed_layers"] > 0
     cfg = OmegaConf.load(tmp_path / "config_resolved.yaml")
@@ -144,5 +145,7 @@ def test_smoke_run_learns_v_beta_and_exports_bit_planes(tmp_path):
     x = torch.rand(4, 1, 8, 8) * 4
     with torch.no_grad():
         ref = model(x)
+        # load_run rebuilds the ABC activation quantizers from the file (trained v / beta)
+        torch.testing.assert_close(load_run(tmp_path, backend="torch")(x), ref, rtol=1e-6, atol=1e-6)
         loaded = load_packed(path, model, backend="torch")
-        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-6, atol=1e-6)
