@@ -50,7 +50,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qtrain import layer_report
@@ -235,7 +235,7 @@ class HessianSensitivity(pl.Callback):
         for b in loader:
             if self.smoke:
                 b = apply_to_collection(b, torch.Tensor, lambda t: t[: self.SMOKE_SAMPLES])
-            batches.append(move_data_to_device(b, pl_module.device))
+            batches.append(trainer.strategy.batch_to_device(b, pl_module.device))  # + datamodule hooks
             if len(batches) == self.num_batches:
                 break
         return batches

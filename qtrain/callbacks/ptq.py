@@ -44,7 +44,7 @@ class PTQCallback(QATCallback):
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
                 break
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            batch = trainer.strategy.batch_to_device(batch, pl_module.device)  # + dm hooks
             inputs, _ = pl_module.split_batch(batch)
             pl_module(inputs)
         for q in qs:

@@ -195,7 +195,7 @@ class QuantNoiseCallback(pl.Callback):
                 for i, batch in enumerate(loader):
                     if self.max_eval_batches is not None and i >= self.max_eval_batches:
                         break
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)  # + dm hooks
                     for k, v in self.metric_fn(pl_module, batch).items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n += 1

@@ -3,6 +3,13 @@
 Smoke mode (``fake=true``, set by ``debug=smoke``): ``prepare_data`` writes a tiny dataset
 in the *same on-disk format* as the real one into ``root`` (``write_fake``), and the module
 then reads it with the same loader as a real run.
+
+Splits held as :class:`~qtrain.data.tensor_images.TensorImages` (``data.loader=tensor``) get
+loaders without worker processes that yield uint8 index batches; ``on_after_batch_transfer``
+(Lightning calls it after moving a batch to the training device) turns them into normalised,
+for training batches augmented, float batches with ``self.batch_transform``. Code that
+iterates a loader itself must move batches with ``trainer.strategy.batch_to_device`` (which
+runs this hook) rather than ``pl_module.transfer_batch_to_device`` (which does not).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qtrain.data.resumable import ResumableDataLoader, ResumableSampler, SeededSamples
+from qtrain.data.tensor_images import BatchTransform, RawImageBatch, TensorImages, collate_raw
 from qtrain.errors import ConfigError, MissingFileError
 
 
@@ -35,6 +43,8 @@ class QDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        #: the device-side transform of TensorImages batches (set by the module's setup)
+        self.batch_transform: BatchTransform | None = None
 
     # -- smoke data -------------------------------------------------------------------
     def write_fake(self, root: str) -> None:
@@ -65,6 +75,13 @@ class QDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset | None, train: bool, name: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: {name} split not set up")
+        if isinstance(ds, TensorImages):  # index batches: no workers, no per-sample collate
+            kw = dict(num_workers=0, collate_fn=collate_raw, drop_last=False,
+                      generator=torch.Generator().manual_seed(self.seed))
+            if train:
+                return ResumableDataLoader(ds, batch_size=self.batch_size,
+                                           sampler=ResumableSampler(ds, self.seed), **kw)
+            return DataLoader(ds, batch_size=self.eval_batch_size, **kw)
         # own generator: creating an iterator (which draws the workers' base seed) never
         # consumes the global RNG, which belongs to the model (dropout, noise, rounding)
         kw = dict(num_workers=self.num_workers, collate_fn=getattr(self, "collate_fn", None),
@@ -75,6 +92,15 @@ class QDataModule(pl.LightningDataModule):
                 SeededSamples(ds), batch_size=self.batch_size,
                 sampler=ResumableSampler(ds, self.seed), **kw)
         return DataLoader(ds, batch_size=self.eval_batch_size, **kw)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """A :class:`RawImageBatch` (now on the training device) -> ``(x, y)``: crop/flip
+        when it carries augmentation parameters, then normalisation; other batches as is."""
+        if isinstance(batch, RawImageBatch):
+            if self.batch_transform is None:
+                raise RuntimeError(f"{type(self).__name__}: tensor batches but no batch_transform")
+            return self.batch_transform(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, "train")

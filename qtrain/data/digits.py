@@ -2,6 +2,12 @@
 
 Images are scaled to [0, 1] (pixel / 16), normalised by the training mean/std, shaped
 (1, 8, 8). A fixed stratified split: 60% train, 20% val, 20% test (seeded).
+
+``loader``: ``tensor`` keeps the 4-bit pixels as uint8 tensors and normalises each batch on
+the training device (:mod:`qtrain.data.tensor_images`; bitwise the same floats as the
+per-sample path); ``torchvision`` (the name shared with the image datasets' per-sample path;
+no torchvision transform is involved here) serves pre-normalised float tensors from a
+``TensorDataset`` sample by sample. No augmentation either way.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ import torch
 from torch.utils.data import TensorDataset
 
 from qtrain.data.base import QDataModule
+from qtrain.data.tensor_images import BatchTransform, TensorImages, check_loader
 
 
 class DigitsDataModule(QDataModule):
     num_classes = 10
 
-    def __init__(self, batch_size: int = 64, fake: bool = False, seed: int = 0, **kw) -> None:
+    def __init__(self, batch_size: int = 64, fake: bool = False, seed: int = 0,
+                 loader: str = "torchvision", **kw) -> None:
         super().__init__(batch_size=batch_size, fake=fake, seed=seed, **kw)
+        self.loader = check_loader(loader)
 
     def prepare_data(self) -> None:  # bundled with scikit-learn: nothing to write
         pass
@@ -37,6 +46,12 @@ class DigitsDataModule(QDataModule):
         if self.fake:  # smoke: the same real data, a small slice
             tr, va, te = tr[:128], va[:64], te[:64]
         mean, std = x[tr].mean(), x[tr].std()
+        if self.loader == "tensor":  # pixels 0..16 exactly in uint8; (x / 16 - mean) / std later
+            raw = torch.tensor(d.data, dtype=torch.uint8).reshape(-1, 1, 8, 8)
+            self.train_set, self.val_set, self.test_set = (
+                TensorImages(raw[s], y[s]) for s in (tr, va, te))
+            self.batch_transform = BatchTransform(mean, std, scale=16.0)
+            return
         x = (x - mean) / std
         self.train_set = TensorDataset(x[tr], y[tr])
         self.val_set = TensorDataset(x[va], y[va])

@@ -10,6 +10,13 @@ must be the official release's.
 Nothing is downloaded unless ``download=true`` and there is network; a missing dataset
 stops the run at once with one line naming ``data.root``. The validation split is the
 official test split (as in the CIFAR/ImageNet papers' reported numbers).
+
+``loader`` (CIFAR, MNIST): ``tensor`` holds each split in memory as uint8 tensors and runs
+augmentation + normalisation batched on the training device
+(:mod:`qtrain.data.tensor_images`; the configs' default, ``conf/data/*.yaml``);
+``torchvision`` is the per-sample Dataset + PIL transform path with ``num_workers`` worker
+processes (the Python default, and ImageNet's only path). Same files, same checks, same
+augmentation distribution; ``num_workers`` applies to ``torchvision`` only.
 """
 
 from __future__ import annotations
@@ -18,18 +25,22 @@ import os
 import pickle
 
 import numpy as np
+import torch
 from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
 from qtrain.data import file_checks as FC
 from qtrain.data.base import QDataModule
+from qtrain.data.tensor_images import BatchTransform, TensorImages, check_loader
+from qtrain.errors import DataFileError
 from qtrain.offline import require_network
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FORMATS = ("pickle", "imagefolder")
 
@@ -82,6 +93,18 @@ def _fake_images(n: int, size: int, channels: int, num_classes: int, seed: int):
     return imgs, labels
 
 
+def _folder_tensor(folder: datasets.ImageFolder, size: int) -> tuple:
+    """Every image of an ImageFolder tree decoded once into uint8 ``(N, 3, size, size)``."""
+    imgs = np.empty((len(folder.samples), size, size, 3), np.uint8)
+    for k, (path, _) in enumerate(folder.samples):
+        img = folder.loader(path)
+        if img.size != (size, size):
+            raise DataFileError(f"{path}: {img.size[0]}x{img.size[1]} image; data.loader=tensor "
+                                f"needs {size}x{size} (or use data.loader=torchvision)")
+        imgs[k] = np.asarray(img)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), folder.targets
+
+
 def write_image_folder(root: str, split: str, imgs, labels, classes) -> None:
     for i, (img, y) in enumerate(zip(imgs, labels)):
         d = os.path.join(root, split, classes[y])
@@ -92,9 +115,11 @@ def write_image_folder(root: str, split: str, imgs, labels, classes) -> None:
 class CIFARDataModule(QDataModule):
     def __init__(
         self, name: str = "cifar10", root: str | None = None, format: str = "pickle",
-        download: bool = False, verify_checksums: bool = True, augment: bool = True, **kw,
+        download: bool = False, verify_checksums: bool = True, augment: bool = True,
+        loader: str = "torchvision", **kw,
     ) -> None:
         super().__init__(root=root, **kw)
+        self.loader = check_loader(loader)
         if name not in CIFAR_STATS:
             raise ValueError(f"data.name={name!r}; allowed: {sorted(CIFAR_STATS)}")
         if format not in FORMATS:
@@ -153,15 +178,33 @@ class CIFARDataModule(QDataModule):
             self.train_set = cls(self.root, True, self.transforms(True), download=self.download,
                                  verify=self.verify)
             self.val_set = cls(self.root, False, self.transforms(False), verify=self.verify)
+        if self.loader == "tensor":  # the decoded splits as uint8 tensors, transforms unused
+            self.train_set, self.val_set = (self._tensor_split(ds, train)
+                                            for ds, train in ((self.train_set, True),
+                                                              (self.val_set, False)))
+            self.batch_transform = BatchTransform(*CIFAR_STATS[self.name], scale=255.0,
+                                                  pad=4 if self.augment else 0)
         self.test_set = self.val_set
+
+    def _tensor_split(self, ds, train: bool) -> TensorImages:
+        """RandomCrop(32, padding=4) + RandomHorizontalFlip for training (``augment``)."""
+        if isinstance(ds, datasets.ImageFolder):
+            images, labels = _folder_tensor(ds, 32)
+        else:  # torchvision's CIFAR layout: data (N, 32, 32, 3) uint8, targets
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = ds.targets
+        aug = train and self.augment
+        return TensorImages(images, labels, pad=4 if aug else 0, flip=aug, classes=ds.classes)
 
 
 class MNISTDataModule(QDataModule):
     num_classes = 10
 
-    def __init__(self, root: str | None = None, download: bool = False, **kw) -> None:
+    def __init__(self, root: str | None = None, download: bool = False,
+                 loader: str = "torchvision", **kw) -> None:
         super().__init__(root=root, **kw)
         self.download = download
+        self.loader = check_loader(loader)
 
     def write_fake(self, root: str) -> None:
         raw = os.path.join(root, "MNIST", "raw")
@@ -185,9 +228,15 @@ class MNISTDataModule(QDataModule):
         raw = os.path.join(self.root or "", "MNIST", "raw")
         if not self.download or os.path.isdir(raw):  # (a fresh download is md5-checked)
             FC.check_mnist_raw(raw)
-        tf = T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+        tf = T.Compose([T.ToTensor(), T.Normalize(*MNIST_STATS)])
         self.train_set = datasets.MNIST(self.root, True, tf, download=self.download)
         self.val_set = self.test_set = datasets.MNIST(self.root, False, tf, download=False)
+        if self.loader == "tensor":  # no augmentation: normalisation only, on the device
+            self.train_set, self.val_set = (
+                TensorImages(ds.data[:, None].contiguous(), ds.targets, classes=ds.classes)
+                for ds in (self.train_set, self.val_set))
+            self.test_set = self.val_set
+            self.batch_transform = BatchTransform(*MNIST_STATS, scale=255.0)
 
 
 class ImageNetDataModule(QDataModule):
