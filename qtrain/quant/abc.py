@@ -1,5 +1,7 @@
 """ABC-Net: Lin, Zhao & Pan 2017, "Towards Accurate Binary Convolutional Neural Network"
-(NeurIPS 2017, arXiv:1711.11294) -- the pure tensor math.
+(NeurIPS 2017, arXiv:1711.11294) -- the pure tensor math. Equation numbers are our reading
+of the arXiv version (not re-checked against the paper in this session; the NeurIPS version
+may number them differently).
 
 Weights (sec. 3.1). ``W ~ alpha_1 B_1 + ... + alpha_M B_M`` with binary bases
 
