@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 SUMMARY_KEYS = {  # summary.json key -> logged name (``{m}``: the task metric)
     "quant_metric": "test/{m}_quant",
+    "int_metric": "test/{m}_int",  # the integer-only model (quant.integer_eval)
     "float_weights_metric": "test/{m}_float_master",
     "fp32_metric": "test/{m}_fp32",
     "fp32_val_metric": "val/{m}_fp32",

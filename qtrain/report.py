@@ -31,6 +31,7 @@ def format_summary(s: dict) -> str:
         (f"FP32 {s['metric']} (test)", fmt(s.get("fp32_metric"))),
         (f"quantized {s['metric']} (test)", fmt(s.get("quant_metric"))),
         (f"float master weights {s['metric']} (test)", fmt(s.get("float_weights_metric"))),
+        (f"integer-only {s['metric']} (test)", fmt(s.get("int_metric"))),
         ("size FP32 (MB)", fmt(s["fp32_mb"], 4)),
         ("size quantized (MB)", fmt(s["quant_mb"], 4)),
         ("compression", f"{s['compression']:.2f}x"),

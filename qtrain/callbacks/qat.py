@@ -170,8 +170,8 @@ class QATCallback(pl.Callback):
             new = QuantBasicBlock(m, aq, branch)
             C.set_submodule(model, name, new)
             self.blocks[name] = new
-        if not self.blocks:
-            raise ConfigError("quant.quantize_residual=true: the model has no residual BasicBlock")
+        if not self.blocks:  # a plain chain (no bypass add): nothing to change
+            return
         # the last block feeds global pooling -> classifier: quantize right after its bypass
         # add with the classifier's input quantizer (quant_residual docstring)
         _, last = C.first_and_last(model, (nn.Linear, nn.Conv2d))
@@ -280,6 +280,7 @@ class QATCallback(pl.Callback):
         for i, batch in enumerate(dm.test_dataloader()):
             if isinstance(limit, int) and i >= limit:
                 break
+            batch = dm.on_after_batch_transfer(batch, 0)  # normalisation of uint8 loaders
             x, y = pl_module.split_batch(batch)
             with torch.no_grad():
                 hits += int((int_model(x.cpu()).argmax(-1) == y.cpu()).sum())
