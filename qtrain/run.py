@@ -170,6 +170,8 @@ def train(cfg: DictConfig) -> dict:
         "quant_metric": quant_metric if quant_cb is not None else None,
         "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
         "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
+        "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
+        "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
         "fp32_mb": fp32_bits / 8 / 1e6,
         "quant_mb": quant_bits / 8 / 1e6,
         "compression": fp32_bits / quant_bits,
