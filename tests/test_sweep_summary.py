@@ -104,7 +104,7 @@ def real_sweep() -> dict:
         r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m",
                             "recipe=qat_int4_digits", "debug=smoke", "logger=csv",
                             "quant.bits=2,4,12"], cwd=cwd, env={**os.environ, **ENV_KEYS},
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=1800)  # shared CPUs
         (sweep,) = (cwd / "multirun").iterdir()
         _SWEEP.update(proc=r, sweep=sweep)
     return _SWEEP
