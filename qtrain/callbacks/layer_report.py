@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,7 @@ class LayerReportCallback(pl.Callback):
         self.extra: dict[str, dict] = {}
         self.reports: dict[str, list[dict]] = {}  # event -> rows (latest run of this object)
         self.files: dict[str, list[str]] = {}
+        self.seconds = 0.0  # wall time spent in reports (this process)
 
     # -- events ---------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -128,6 +130,7 @@ class LayerReportCallback(pl.Callback):
     def report(self, trainer, pl_module, event: str) -> LR.Report | None:
         if not self.enabled or not trainer.is_global_zero:
             return None
+        t0 = time.perf_counter()
         model = pl_module
         names = LR.quantized_layer_names(model, self.in_place)
         if not names:
@@ -142,6 +145,11 @@ class LayerReportCallback(pl.Callback):
         LR.write_csv(rep, csv_path)
         files, figs = [str(csv_path)], {}
         title = f"{event} (step {trainer.global_step}, epoch {trainer.current_epoch})"
+        from qtrain.optional import available
+
+        if self.png and not available("matplotlib"):  # core install: CSV + loggers, no PNG
+            log.info('layer report: no PNGs (they need matplotlib: pip install "qtrain[plots]")')
+            self.png = False
         if self.png:
             p = out / f"layer_report{suffix}.png"
             figs["layer_report"] = (LR.plot_png(rep, p, f"per-layer report: {title}"), p)
@@ -155,6 +163,9 @@ class LayerReportCallback(pl.Callback):
             files.append(str(p))
         self._log(trainer, event, rep, figs, samples)
         self.reports[event], self.files[event] = rep.rows, files
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        log.info("layer report %s: %d layers, %.2f s -> %s", event, len(rep.rows), dt, csv_path)
         return rep
 
     # -- loggers --------------------------------------------------------------------------

@@ -175,3 +175,25 @@ def test_default_callbacks_config_has_the_report(tmp_path):
     cb = instantiate(cfg.callbacks.layer_report)
     assert isinstance(cb, LayerReportCallback) and not cb.enabled and cb.hist_max_layers == 3
     assert compose_cfg([], tmp_path).callbacks.layer_report.enabled is True
+
+
+def test_hawq_bits_and_sensitivity_reach_the_report(tmp_path):
+    """HAWQ-V2 announces its allocation: the report after it has the chosen bits and the
+    callback's own per-layer sensitivity / curvature (its table), and so does the end one."""
+    from qtrain.callbacks.hessian_sensitivity import HessianSensitivity
+    from tests.callbacks.test_hessian_sensitivity_callback import Tiny, loader
+
+    model = Tiny()
+    hs = HessianSensitivity(method="hawq_v2", num_batches=2, average_bits=3.5,
+                            bit_choices=(2, 4, 8), tol=0.5, min_iter=2, max_iter=6, seed=0, mode="train")
+    rep = LayerReportCallback(png=False, histograms=False)
+    trainer(max_epochs=1, callbacks=[hs, rep], default_root_dir=str(tmp_path)).fit(
+        model, loader())
+    for f in ("layer_report_hessiansensitivity_bits.csv", "layer_report.csv"):
+        rows = rows_of(tmp_path / f)
+        assert set(rows) == set(hs.bits)
+        for r in hs.rows:
+            got = rows[r["layer"]]
+            assert int(got["bits"]) == hs.bits[r["layer"]]
+            assert float(got["sensitivity"]) == pytest.approx(r["sensitivity"], rel=1e-9)
+            assert float(got["curvature"]) == pytest.approx(r["curvature"], rel=1e-9)
