@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpointing, dashboard, optional, report, validation
+from qtrain import checkpointing, dashboard, init_weights, optional, report, validation
 from qtrain.callbacks.resume_state import ResumeState
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.signals import SignalCheckpoint
@@ -124,10 +124,13 @@ def train(cfg: DictConfig) -> dict:
     ckpt_io = checkpointing.VerifiedCheckpointIO(checkpointing.run_metadata(cfg))
     if ckpt_path and cfg.fit:
         ckpt_io.preload(ckpt_path)
+    # init_from=<float run>: its weights, loaded before the method converts the layers
+    init_loaded = init_weights.read(cfg.get("init_from"))
     pl.seed_everything(cfg.seed, workers=True)
     _prepare_smoke(cfg)
     dm = build_datamodule(cfg)
     model = instantiate(cfg.model)
+    init_info = init_weights.initialise(model, cfg.get("init_from"), init_loaded)
     fp32_bits = report.model_bits(model)
     module = instantiate(cfg.task, model=model)
     callbacks, quant_cb = build_callbacks(cfg)
@@ -170,8 +173,6 @@ def train(cfg: DictConfig) -> dict:
         "quant_metric": quant_metric if quant_cb is not None else None,
         "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
         "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
-        "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
-        "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
         "fp32_mb": fp32_bits / 8 / 1e6,
         "quant_mb": quant_bits / 8 / 1e6,
         "compression": fp32_bits / quant_bits,
@@ -180,6 +181,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "run_dir": os.path.abspath(run_dir),
         "smoke": bool(OmegaConf.select(cfg, "data.fake", default=False)),
+        "init_from": init_info,  # file, checksum, recipe and step of the starting weights
         "overrides": _overrides(),  # qtrain.sweep_summary / qtrain.compare label runs by them
     }
     summary["time_s"] = time.time() - t0
