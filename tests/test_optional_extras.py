@@ -71,8 +71,8 @@ def run(env, cwd, *args, code=None):
 
 
 CORE_CHECK = textwrap.dedent('''
-    import importlib.metadata as md, importlib.util as u, json, sys
-    hidden, out_dir = sys.argv[1].split(","), sys.argv[2]
+    import importlib.metadata as md, importlib.util as u, json, os, runpy, sys
+    hidden = os.environ["QTRAIN_TEST_HIDE"].split(",")
     out = {"spec": [n for n in hidden if u.find_spec(n) is not None], "dist": []}
     for n in ("transformers", "datasets", "matplotlib", "triton", "wandb", "tensorboard"):
         try:
@@ -85,25 +85,7 @@ CORE_CHECK = textwrap.dedent('''
         out["import"] = "ok"
     except ModuleNotFoundError as e:
         out["import"] = e.name
-    import torch
-    from hydra.utils import instantiate
-    import qtrain.run as R
     from qtrain import optional
-    from tests.hydra_helpers import compose_cfg
-    cfg = compose_cfg(["debug=smoke"], out_dir)  # the default recipe: digits, 4-bit QAT
-    optional.check_config(cfg)
-    dm = R.build_datamodule(cfg)
-    model = instantiate(cfg.model)
-    module = instantiate(cfg.task, model=model)
-    callbacks, quant_cb = R.build_callbacks(cfg)
-    assert len(dm.train_set) > 0
-    out["logits"] = list(module.model(torch.randn(4, 1, 8, 8)).shape)
-    out["quant_cb"] = type(quant_cb).__name__
-    try:
-        optional.check_config(compose_cfg(["recipe=qbert_sst2", "debug=smoke"], out_dir))
-        out["nlp"] = "no error"
-    except optional.MissingExtraError as e:
-        out["nlp"] = str(e)
     try:
         import qtrain.export  # noqa: F401  (qtrain_kernels: triton)
         out["kernels"] = "imported"
@@ -115,33 +97,19 @@ CORE_CHECK = textwrap.dedent('''
         out["hf"] = "built"
     except optional.MissingExtraError as e:
         out["hf"] = str(e)
-    out["imported"] = [n for n in hidden if n in sys.modules]
-    print(json.dumps(out))
+    train_py, sys.argv = sys.argv[1], sys.argv[1:]
+    try:
+        runpy.run_path(train_py, run_name="__main__")  # train.py as the user runs it
+    finally:
+        out["imported"] = [n for n in hidden if n in sys.modules]
+        with open(os.environ["QTRAIN_TEST_OUT"], "w") as f:
+            json.dump(out, f)
 ''')
 
 
-def test_core_packages_build_a_vision_run_and_refuse_nlp(core_env, tmp_path):
-    """The blocker hides what a core install lacks (else this test would pass on a machine
-    with every extra and a blocker doing nothing); then, without those packages, (a) the
-    default recipe's data, model, task and QAT callback build and run a forward pass, and
-    (b) an NLP recipe's config is refused naming ``qtrain[nlp]``."""
-    r = run(core_env, ROOT, ",".join(HIDDEN), str(tmp_path), code=CORE_CHECK)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["spec"] == [] and out["dist"] == [] and out["import"] == "transformers"
-    assert out["logits"] == [4, 10] and out["quant_cb"] == "QATCallback"
-    assert "model._target_=qtrain.models.hf.HFSequenceClassifier" in out["nlp"]
-    assert 'pip install "qtrain[nlp' in out["nlp"]
-    assert out["kernels"].endswith('needs triton (not installed): pip install "qtrain[kernels]"')
-    assert out["hf"] == ("Hugging Face models (qtrain.models.hf) needs transformers (not "
-                         'installed): pip install "qtrain[nlp]"')
-    assert out["imported"] == []  # nothing hidden was imported behind the blocker's back
-
-
-@pytest.mark.slow
 def test_vision_smoke_run_without_the_extras(core_env, tmp_path):
-    """The default recipe's smoke run end to end on the core packages (45 s wall, shared
-    2-core machine)."""
+    """(a) The default recipe (digits, 4-bit QAT, the default callbacks and logger) runs end
+    to end on the core packages: nothing on by default may need an extra."""
     r = run(core_env, tmp_path, "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -149,10 +117,19 @@ def test_vision_smoke_run_without_the_extras(core_env, tmp_path):
 
 
 def test_nlp_recipe_without_the_extra_is_one_line_naming_it(core_env, tmp_path):
-    """(b) An NLP recipe stops before data and model are built: one line, exit status 2,
-    naming the config key and ``qtrain[nlp]``."""
-    r = run(core_env, tmp_path, "recipe=qbert_sst2", "debug=smoke",
-            f"hydra.run.dir={tmp_path / 'run'}")
+    """The blocker hides what a core install lacks (else these tests would pass on a machine
+    with every extra and a blocker doing nothing); without those packages (b) an NLP recipe
+    stops before data and model are built: one line, exit status 2, naming the config key
+    and ``qtrain[nlp]``; the kernels and the HF model name their extras too."""
+    env = {**core_env, "QTRAIN_TEST_OUT": str(tmp_path / "out.json")}
+    r = run(env, tmp_path, str(ROOT / "train.py"), "recipe=qbert_sst2", "debug=smoke",
+            f"hydra.run.dir={tmp_path / 'run'}", code=CORE_CHECK)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["spec"] == [] and out["dist"] == [] and out["import"] == "transformers"
+    assert out["kernels"].endswith('needs triton (not installed): pip install "qtrain[kernels]"')
+    assert out["hf"] == ("Hugging Face models (qtrain.models.hf) needs transformers (not "
+                         'installed): pip install "qtrain[nlp]"')
+    assert out["imported"] == []  # nothing hidden was imported behind the blocker's back
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
