@@ -26,6 +26,7 @@ def format_summary(s: dict) -> str:
 
     rows = [
         ("recipe", s.get("recipe")),
+        *([("initial weights (init_from)", s["init_from"]["file"])] if s.get("init_from") else []),
         (f"FP32 {s['metric']} (val, before quant.)", fmt(s.get("fp32_val_metric"))),
         (f"quantized {s['metric']} (val)", fmt(s.get("quant_val_metric"))),
         (f"FP32 {s['metric']} (test)", fmt(s.get("fp32_metric"))),

@@ -14,6 +14,13 @@ and the next epoch's ``on_train_epoch_start`` hooks, so the resumed run would di
 epoch trigger saves right after (with ``every_n_epochs: 1``); otherwise the next step or
 time trigger does.
 
+``last.ckpt`` is always the newest checkpoint of the run: a file of that name already in the
+folder (a run resumed from a checkpoint kept elsewhere into its old folder, or a rerun into
+the same ``hydra.run.dir``) is replaced, not kept beside a new ``last-v1.ckpt`` as Lightning's
+version counter would do (``ckpt_path=last`` / ``ckpt_path=<run dir>`` would then resume from
+the stale file and lose the work in between). The same holds for the epoch/step files:
+their names carry the global step, so a name that exists is a save of that same step.
+
 "Keep the last K": with ``monitor="step"`` and ``mode="max"`` (the defaults here, as in
 ``conf/callbacks/default.yaml``) Lightning's top-k bookkeeping keeps the ``save_top_k``
 newest checkpoints (``-1``: all, ``0``: only ``last.ckpt``). Files are written atomically
@@ -51,6 +58,7 @@ class RunCheckpoint(ModelCheckpoint):
             raise ConfigError(f"callbacks.checkpoint.save_top_k={save_top_k!r}; allowed: -1 (all), "
                               "0 (only last.ckpt) or the number of newest checkpoints to keep")
         # Lightning validates the epoch trigger; the step and time triggers are set after
+        kwargs.setdefault("enable_version_counter", False)  # last.ckpt is the newest (above)
         super().__init__(every_n_epochs=every_n_epochs or 0, monitor=monitor, mode=mode,
                          save_top_k=save_top_k, save_last=save_last, **kwargs)
         self._every_n_train_steps = steps

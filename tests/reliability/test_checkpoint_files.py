@@ -68,6 +68,19 @@ def test_default_config_checkpoints_every_epoch_keeping_the_newest_two(tmp_path)
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 15
 
 
+def test_last_ckpt_replaces_a_stale_one_in_the_folder(tmp_path):
+    """A run writing into a folder that already holds an older last.ckpt (resumed from a
+    checkpoint kept elsewhere, or rerun into the same hydra.run.dir) replaces it: Lightning's
+    version counter wrote last-v1.ckpt beside it, and ckpt_path=<run dir> then resumed from
+    the stale file."""
+    folder = _fit(tmp_path, None, epochs=1)
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
+    folder = _fit(tmp_path, None, epochs=2)  # a new run into the same folder
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert resolve_ckpt_path(str(tmp_path), str(tmp_path)) == str(folder / "last.ckpt")
+
+
 def test_step_and_epoch_triggers_combine_but_skip_the_last_batch(tmp_path):
     folder = _fit(tmp_path, None, every_n_train_steps=2, save_top_k=-1)
     # steps 2, 4 | epoch end 5 | 6, 8 | epoch end 10 (the step trigger skips last batches)
