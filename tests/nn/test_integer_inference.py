@@ -175,3 +175,22 @@ def test_digits_integer_accuracy_equals_fake_quant():
         acc_int = (im(xte).argmax(1) == yte).float().mean().item()
     assert acc_fake > 0.85  # it learned
     assert abs(acc_int - acc_fake) <= 0.001, (acc_int, acc_fake)
+
+
+def test_sequential_relu6_and_linear_bn_per_layer():
+    """nn.Sequential with ReLU6 (clamp to [Z, Z + round(6 / S)]) and a Linear -> BatchNorm1d
+    pair (FoldedLinearBN) in the integer path."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, 5))
+    _convert(model)
+    assert type(model[4]).__name__ == "FoldedLinearBN"
+    _warm(model, (16, 1, 8, 8))
+    x = torch.randn(32, 1, 8, 8) * 4  # large inputs: ReLU6 saturates
+    im, diffs, steps, _, _ = _per_layer(model, x)
+    assert max(diffs.values()) <= 1 and steps <= 1.0
+    q6 = im.ops[0].fn.clamp
+    p = im.ops[0].fn.out_q
+    assert q6 == (p.zero_point, min(255, p.zero_point + round(6 / p.scale)))
+    assert int(im.codes["4.act_quantizer"].max()) <= q6[1]
