@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear, _adopt
 
 
@@ -208,7 +209,11 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     (``nn.Sequential`` neighbours and attribute pairs like ResNet's conv1 / bn1 alike)."""
     from torch import fx
 
-    gm = fx.symbolic_trace(model)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # data-dependent control flow etc.
+        raise ConfigError(f"quant.fold_bn=true: {type(model).__name__} cannot be traced by "
+                          f"torch.fx to find conv -> BatchNorm pairs ({type(e).__name__}: {e})") from None
     mods = dict(model.named_modules())
     pairs = {}
     for node in gm.graph.nodes:

@@ -282,7 +282,11 @@ class _Tracer(fx.Tracer):
 
 def _chain(model: nn.Module) -> list[tuple[str, object, fx.Node]]:
     """The model as a chain of (kind, target, node); every node feeds only the next."""
-    graph = _Tracer().trace(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # data-dependent control flow etc.
+        raise ConfigError(f"integer inference: {type(model).__name__} cannot be traced by "
+                          f"torch.fx ({type(e).__name__}: {e})") from None
     mods = dict(model.named_modules())
     out = []
     for node in graph.nodes:
