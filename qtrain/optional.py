@@ -16,7 +16,10 @@ extra            packages                                    needed by
 ``wandb``        wandb                                       ``logger=wandb|wandb_offline``
 ``tensorboard``  tensorboard                                 ``logger=tensorboard|many``
 ``plots``        matplotlib                                  the Hessian sensitivity chart
-                                                             (HAWQ recipes)
+                                                             (HAWQ, Q-BERT recipes); the
+                                                             PNGs of a sweep's summary and
+                                                             of the per-layer report are
+                                                             skipped without it
 ``kernels``      triton                                      packed inference:
                                                              ``export=true``,
                                                              :mod:`qtrain.export`,
