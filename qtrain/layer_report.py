@@ -308,7 +308,7 @@ def plot_png(report: Report, path, title: str = "layer report"):
     a1.set_yticks(y)
     a1.set_yticklabels(names, fontsize=7)
     a1.invert_yaxis()
-    a1.legend(fontsize=7, loc="lower right")
+    a1.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False)
     err = [r["rel_error"] if r["rel_error"] == r["rel_error"] else 0.0 for r in rows]
     a2.barh(y, err, color="tab:red")
     for i, r in zip(y, rows):

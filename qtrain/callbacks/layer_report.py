@@ -88,7 +88,7 @@ class LayerReportCallback(pl.Callback):
         self.extra: dict[str, dict] = {}
         self.reports: dict[str, list[dict]] = {}  # event -> rows (latest run of this object)
         self.files: dict[str, list[str]] = {}
-        self.seconds = 0.0  # wall time spent in reports (this process)
+        self.seconds = self.cpu_seconds = 0.0  # wall / process CPU time spent in reports
 
     # -- events ---------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -130,7 +130,7 @@ class LayerReportCallback(pl.Callback):
     def report(self, trainer, pl_module, event: str) -> LR.Report | None:
         if not self.enabled or not trainer.is_global_zero:
             return None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model = pl_module
         names = LR.quantized_layer_names(model, self.in_place)
         if not names:
@@ -163,9 +163,11 @@ class LayerReportCallback(pl.Callback):
             files.append(str(p))
         self._log(trainer, event, rep, figs, samples)
         self.reports[event], self.files[event] = rep.rows, files
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         self.seconds += dt
-        log.info("layer report %s: %d layers, %.2f s -> %s", event, len(rep.rows), dt, csv_path)
+        self.cpu_seconds += dc
+        log.info("layer report %s: %d layers, %.2f s (%.2f s CPU) -> %s", event, len(rep.rows),
+                 dt, dc, csv_path)
         return rep
 
     # -- loggers --------------------------------------------------------------------------

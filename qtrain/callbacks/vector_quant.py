@@ -45,6 +45,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
+from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules, set_submodule
@@ -200,7 +201,8 @@ class VectorQuantizationCallback(pl.Callback):
         if self.applied or trainer.current_epoch < self.start_epoch:
             return
         self._record_fp32(trainer, pl_module)
-        self.apply(pl_module, trainer.current_epoch)
+        with layer_report.event(trainer, self, "apply"):  # per-layer report
+            self.apply(pl_module, trainer.current_epoch)
         if not any(p.requires_grad for p in pl_module.parameters()):
             log.info("vector_quant: no trainable parameter left (post-training); stopping fit")
             trainer.should_stop = True
@@ -210,7 +212,8 @@ class VectorQuantizationCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.applied:  # the FP32 phase ended before start_epoch: quantize now
             self._record_fp32(trainer, pl_module)
-            self.apply(pl_module, trainer.current_epoch)
+            with layer_report.event(trainer, self, "apply"):  # per-layer report
+                self.apply(pl_module, trainer.current_epoch)
 
     def _apply_outside_fit(self, trainer, pl_module) -> None:
         if not self.applied and trainer.state.fn != TrainerFn.FITTING:

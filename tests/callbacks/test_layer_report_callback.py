@@ -197,3 +197,35 @@ def test_hawq_bits_and_sensitivity_reach_the_report(tmp_path):
             assert int(got["bits"]) == hs.bits[r["layer"]]
             assert float(got["sensitivity"]) == pytest.approx(r["sensitivity"], rel=1e-9)
             assert float(got["curvature"]) == pytest.approx(r["curvature"], rel=1e-9)
+
+
+@pytest.mark.slow  # a wandb service process: ~10 s CPU
+def test_wandb_offline_run_has_table_images_and_histograms(tmp_path, monkeypatch):
+    """A real offline wandb run: the table file wandb wrote equals the CSV, both images are
+    in the run's media, the histogram keys are in its .wandb log."""
+    import json
+
+    wandb = pytest.importorskip("wandb")
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    pl.seed_everything(0)
+    qat = QATCallback(bits=2, weight=partial(UniformQuantizer, symmetric=True,
+                                             granularity="tensor"), first_last="quantize")
+    lg = WandbLogger(save_dir=str(tmp_path), offline=True, project="t")
+    trainer(max_epochs=1, callbacks=[qat, LayerReportCallback(hist_max_weights=100)], logger=lg,
+            default_root_dir=str(tmp_path / "run")).fit(Net(), image_loader(n=32, batch=8))
+    wandb.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run / "files" / "media" / "table" / "layer_report").glob("end_*.table.json")
+    t = json.loads(table.read_text())
+    csv_rows = rows_of(tmp_path / "run" / "layer_report.csv")
+    assert t["columns"][:3] == ["layer", "method", "format"] and len(t["data"]) == 3
+    for row in t["data"]:
+        r = dict(zip(t["columns"], row))
+        assert r["rel_error"] == pytest.approx(float(csv_rows[r["layer"]]["rel_error"]))
+    media = {p.parent.name for p in (run / "files" / "media" / "images").rglob("*.png")}
+    assert media == {"layer_report", "weight_histograms"}
+    log = next(run.glob("*.wandb")).read_bytes()
+    assert b"weights/model.5/quantized" in log and b"weights/model.5/float" in log
