@@ -64,7 +64,14 @@ from torch import nn
 from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
 from qtrain.errors import ConfigError
-from qtrain.nn.convert import as_patterns, select_modules, set_submodule
+from qtrain.nn.convert import (
+    as_patterns,
+    layer_name,
+    network_prefix,
+    rule_matcher,
+    select_modules,
+    set_submodule,
+)
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import kmeans as KM
 from qtrain.quant import pruning as P
@@ -139,13 +146,14 @@ class DeepCompressionCallback(pl.Callback):
         self.fp32_state: dict | None = None
         self.report: dict | None = None
         self._layers: dict[str, nn.Module] = {}
+        self._prefix = ""  # convert.network_prefix of the LightningModule (set in setup)
         self._cfg: dict[str, dict] = {}
         self._hooked: dict[int, object] = {}
 
     # -- configuration --------------------------------------------------------------------
     def _resolve(self, name: str, m: nn.Module, by_type: dict, overrides: dict, key: str):
-        for pat, v in overrides.items():
-            if re.fullmatch(pat, name):
+        for pat, v in overrides.items():  # network-relative name; the old prefixed form too
+            if re.fullmatch(pat, layer_name(name, self._prefix)) or re.fullmatch(pat, name):
                 return v
         if _kind(m) not in by_type:
             raise ConfigError(f"deep_compression.{key}: no value for layer {name} ({_kind(m)}); "
@@ -155,13 +163,15 @@ class DeepCompressionCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage=None) -> None:
         self._layers = select_modules(pl_module, self.include, self.exclude,
                                       tuple(LAYER_TYPES.values()), "deep_compression")
+        self._prefix = network_prefix(pl_module)
         if self._cfg:
             return
         for key, over in (("layer_sparsity", self.layer_sparsity), ("layer_bits", self.layer_bits)):
             for pat in over:
-                if not any(re.fullmatch(pat, n) for n in self._layers):
+                if rule_matcher(re.compile(pat), self._layers, self._prefix,
+                                f"deep_compression.{key}") is None:
                     raise ConfigError(f"deep_compression.{key}: pattern {pat!r} matches no "
-                                      f"selected layer ({', '.join(list(self._layers)[:6])})")
+                                      f"selected layer ({', '.join(layer_name(n, self._prefix) for n in list(self._layers)[:6])})")
         for name, m in self._layers.items():
             s = self._resolve(name, m, self.sparsity, self.layer_sparsity, "sparsity")
             b = self._resolve(name, m, self.bits_cfg, self.layer_bits, "bits")

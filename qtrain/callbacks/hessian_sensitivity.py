@@ -57,7 +57,7 @@ from qtrain import layer_report
 from qtrain.errors import ConfigError
 from qtrain.hessian import report
 from qtrain.hessian.sensitivity import SensitivityConfig, analyze
-from qtrain.nn.convert import as_patterns, select_modules
+from qtrain.nn.convert import as_patterns, layer_name, network_prefix, rule_matcher, select_modules
 from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.quantizer_base import Quantizer
 
@@ -90,8 +90,10 @@ def default_loss(module: torch.nn.Module, batch) -> torch.Tensor:
 class HessianSensitivity(pl.Callback):
     """Args: see :class:`qtrain.hessian.sensitivity.SensitivityConfig` for the analysis
     options (method, bit_choices, budget_bits / average_bits, ties, mode, tol, max_iter, ...),
-    plus ``num_batches``, ``at_epoch``, ``include``/``exclude`` (regexes over module names of
-    the LightningModule), ``ties`` as lists of regexes, ``loss_fn``, ``analyze_float``,
+    plus ``num_batches``, ``at_epoch``, ``include``/``exclude`` (regexes over layer names
+    relative to the network, the LightningModule's ``model``, as in every callback:
+    ``layer1\\.0\\.conv1``; the old ``model\\.``-prefixed form warns),
+    ``ties`` as lists of such regexes, ``loss_fn``, ``analyze_float``,
     ``stagewise`` (None: on for hawq_v1), ``stage_length`` / ``stage_unit`` ('epoch' |
     'step') and ``smoke`` (see the module docstring)."""
 
@@ -150,6 +152,7 @@ class HessianSensitivity(pl.Callback):
     # ---------------------------------------------------------------- scheduling
     def on_train_start(self, trainer, pl_module) -> None:
         if self.done:
+            self._upgrade_names(pl_module)
             self._apply(pl_module)
             self._hold(pl_module, [n for g in self.stages[self.stage:] for n in g])
         elif self.at_epoch is None:
@@ -183,7 +186,7 @@ class HessianSensitivity(pl.Callback):
     def _hold(self, pl_module, names) -> None:
         for n in names:
             if n not in self._held:
-                wq = pl_module.get_submodule(n).weight_quantizer
+                wq = self._net(pl_module).get_submodule(n).weight_quantizer
                 self._held[n] = wq.register_forward_hook(_float_weight_hook)
 
     def _release(self, names) -> None:
@@ -206,19 +209,47 @@ class HessianSensitivity(pl.Callback):
         self.stage_start = int(state_dict.get("stage_start", 0))
 
     # ---------------------------------------------------------------- analysis
+    @staticmethod
+    def _net(pl_module) -> torch.nn.Module:
+        """The network whose module names the layer rules, bits and report use."""
+        prefix = network_prefix(pl_module)
+        return pl_module.get_submodule(prefix[:-1]) if prefix else pl_module
+
     def layers(self, pl_module) -> dict[str, torch.nn.Module]:
+        """Selected fake-quant layers by name relative to the network (``layer1.0.conv1``,
+        as every callback's include/exclude: :func:`qtrain.nn.convert.network_prefix`)."""
+        prefix = network_prefix(pl_module)
         found = select_modules(pl_module, self.include, self.exclude,
                                types=(QuantLinear, QuantConv2d), key="hessian")
-        return {n: m for n, m in found.items() if m.weight_quantizer is not None}
+        return {layer_name(n, prefix): m for n, m in found.items()
+                if m.weight_quantizer is not None}
 
-    def _ties(self, names: list[str]) -> list[list[str]]:
-        ties = []
+    def _upgrade_names(self, pl_module) -> None:
+        """State from a checkpoint written when the names carried the LightningModule
+        prefix ('model.layer1.0.conv1'): the same layers by their network-relative names."""
+        prefix, net = network_prefix(pl_module), self._net(pl_module)
+        have = dict(net.named_modules())
+
+        def fix(n: str) -> str:
+            return layer_name(n, prefix) if n not in have else n
+
+        self.bits = {fix(n): b for n, b in self.bits.items()}
+        self.rows = [{**r, "layer": fix(r["layer"])} if "layer" in r else r for r in self.rows]
+        self.stages = [[fix(n) for n in g] for g in self.stages]
+
+    def _ties(self, names: list[str], prefix: str = "") -> list[list[str]]:
+        ties, full = [], [prefix + n for n in names]
         for tie in self.tie_patterns:
             group = []
             for pat in tie:
-                hit = [n for n in names if re.fullmatch(pat, n)]
+                try:
+                    match = rule_matcher(re.compile(pat), full, prefix, "hessian.ties")
+                except re.error as e:
+                    raise ConfigError(f"hessian.ties: invalid regex {pat!r}: {e}") from None
+                hit = [n for n, f in zip(names, full) if match is not None and match(f)]
                 if not hit:
-                    raise ValueError(f"hessian.ties: pattern {pat!r} matches no analysed layer")
+                    raise ConfigError(f"hessian.ties: pattern {pat!r} matches no analysed layer "
+                                      f"(layers are named like: {', '.join(names[:6])}, ...)")
                 group += hit
             ties.append(list(dict.fromkeys(group)))
         return ties
@@ -251,7 +282,7 @@ class HessianSensitivity(pl.Callback):
         analysis on rank 0 is broadcast too, so no rank hangs at the broadcast.
         """
         names = list(self.layers(pl_module))
-        self.cfg.ties = self._ties(names)
+        self.cfg.ties = self._ties(names, network_prefix(pl_module))
         self._check_sync_bn(trainer, pl_module)
         payload, error = None, None
         if trainer.is_global_zero:
@@ -267,8 +298,9 @@ class HessianSensitivity(pl.Callback):
         self.rows, self.bits = result
         self.done = True
         self._apply(pl_module)
+        pre = network_prefix(pl_module)  # the layer report names layers of the LightningModule
         layer_report.notify(trainer, self, "bits", **{  # per-layer report columns
-            c: {r["layer"]: r.get(c) for r in self.rows} for c in ("curvature", "sensitivity")})
+            c: {pre + r["layer"]: r.get(c) for r in self.rows} for c in ("curvature", "sensitivity")})
         if self.stagewise:
             order = sorted((r for r in self.rows if "stage" in r), key=lambda r: r["stage"])
             self.stages = [[r["layer"] for r in order if r["stage"] == i]
@@ -300,13 +332,14 @@ class HessianSensitivity(pl.Callback):
                     q.enabled = False
             # the fused SDPA kernels (flash / memory-efficient) have no double backward
             with sdpa_kernel(SDPBackend.MATH):
-                return analyze(pl_module, names, batches, self.loss_fn, self.cfg)
+                return analyze(pl_module, names, batches, self.loss_fn, self.cfg,
+                               root=self._net(pl_module))
         finally:
             for q, f in zip(quantizers, flags):
                 q.enabled = f
 
     def _apply(self, pl_module) -> None:
-        mods = dict(pl_module.named_modules())
+        mods = dict(self._net(pl_module).named_modules())
         for name, b in self.bits.items():
             m = mods.get(name)
             if m is None or getattr(m, "weight_quantizer", None) is None:

@@ -56,7 +56,14 @@ from torch import nn
 from qtrain import layer_report
 from qtrain.callbacks.optimizer_hooks import rebuild_optimizers
 from qtrain.errors import ConfigError
-from qtrain.nn.convert import LayerSelectionError, as_patterns, select_modules, set_submodule
+from qtrain.nn.convert import (
+    LayerSelectionError,
+    as_patterns,
+    layer_name,
+    network_prefix,
+    select_modules,
+    set_submodule,
+)
 from qtrain.nn.pq_layers import (
     is_pq,
     pq_class_for,
@@ -94,7 +101,7 @@ def default_block_size(name: str, m: nn.Module, blocks: dict) -> int:
 def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
     """CNN preset: one stage per top-level child holding Linear/Conv2d/Embedding layers.
     Wrappers with a single such child (a LightningModule holding ``model``) are descended."""
-    prefix = ""
+    prefix, net_prefix = "", network_prefix(model)  # patterns name layers without net_prefix
     while True:
         holders = [(n, c) for n, c in model.named_children()
                    if any(isinstance(m, TYPES) for m in c.modules())]
@@ -104,7 +111,8 @@ def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
     stages = []
     for child, mod in model.named_children():
         names = [n for n, m in mod.named_modules() if isinstance(m, TYPES)]
-        names = [f"{prefix}{child}.{n}" if n else f"{prefix}{child}" for n in names]
+        names = [layer_name(f"{prefix}{child}.{n}" if n else f"{prefix}{child}", net_prefix)
+                 for n in names]
         names = [n for n in names if not any(re.fullmatch(p, n) for p in exclude)]
         if names:
             stages.append([re.escape(n) for n in names])

@@ -108,11 +108,16 @@ def analyze(
     batches: Sequence,
     loss: Callable[[nn.Module, object], torch.Tensor],
     cfg: SensitivityConfig,
+    root: nn.Module | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """Per-layer table rows and chosen bits for the weights of ``layer_names``."""
+    """Per-layer table rows and chosen bits for the weights of ``layer_names``.
+
+    ``loss(model, batch)`` is evaluated on ``model``; ``layer_names`` name modules of ``root``
+    (default ``model``; the callback passes the LightningModule's network, so names are
+    relative to it as in every layer-selection rule)."""
     if not batches:
         raise ValueError("hessian analysis: no calibration batches")
-    groups = layer_groups(model, layer_names)
+    groups = layer_groups(model if root is None else root, layer_names)
     numel = {n: sum(p.numel() for p in ps) for n, ps in groups.items()}
     weights = {n: ps[0] for n, ps in groups.items()}
     rows = {n: {"layer": n, "numel": numel[n], "method": cfg.method} for n in layer_names}

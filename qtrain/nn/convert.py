@@ -5,6 +5,12 @@ Rules are Python regexes matched with ``re.fullmatch`` against names from
 exclude pattern must match at least one layer of the requested types: a pattern that matches
 nothing is an error (fairseq's iPQ silently ignored such patterns).
 
+One naming convention for every callback (QAT, iPQ, Quant-Noise, VQ, INQ, Deep Compression,
+Hessian): names are relative to the network, the LightningModule's ``model``
+(``layer1.0.conv1``, not ``model.layer1.0.conv1``), whether a callback selects from the
+network or from the LightningModule (:func:`network_prefix`). The old prefixed form
+(``model\\.conv1``) still selects the same layers with a FutureWarning saying what to write.
+
 First/last-layer policy (common practice since DoReFa / PACT: the first conv and the last
 classifier are the most sensitive): ``'quantize'`` treats them like any other layer,
 ``'keep'`` leaves them in float, ``'8bit'`` quantizes them to 8 bits whatever ``bits`` says.
@@ -13,6 +19,8 @@ classifier are the most sensitive): ``'quantize'`` treats them like any other la
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
@@ -59,6 +67,40 @@ def _compile(patterns: Iterable[str] | str, key: str) -> list[re.Pattern]:
     return out
 
 
+def network_prefix(root: nn.Module) -> str:
+    """``'model.'`` when ``root`` is a LightningModule holding the network as its ``model``
+    child (qtrain's TaskModule): the prefix that layer-selection rules leave out; else ''."""
+    pl = sys.modules.get("pytorch_lightning")
+    if pl is not None and isinstance(root, pl.LightningModule) and \
+            isinstance(root._modules.get("model"), nn.Module):
+        return "model."
+    return ""
+
+
+def layer_name(name: str, prefix: str) -> str:
+    """``name`` (from ``root.named_modules()``) as rules write it: without ``prefix``."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def rule_matcher(pattern: re.Pattern, names: Iterable[str], prefix: str, what: str):
+    """A predicate ``full name -> bool`` for one rule, or None if it matches no name.
+
+    The rule is matched against the names without ``prefix``; a rule that matches none of
+    them but matches a prefixed name is the old form: a FutureWarning naming ``what`` (the
+    config key) and the rule to write instead, and it keeps matching the prefixed names."""
+    names = list(names)
+    if any(pattern.fullmatch(layer_name(n, prefix)) for n in names):
+        return lambda n: pattern.fullmatch(layer_name(n, prefix)) is not None
+    if prefix and any(pattern.fullmatch(n) for n in names):
+        new = re.sub(r"^(\^)?model(\\\.|\.)", r"\1", pattern.pattern)
+        warnings.warn(
+            f"{what}: pattern {pattern.pattern!r} names layers with the LightningModule prefix "
+            f"'{prefix}'; layer names are relative to the network (as in quant.include): "
+            f"write {new!r}. The prefixed form is deprecated.", FutureWarning, stacklevel=3)
+        return lambda n: pattern.fullmatch(n) is not None
+    return None
+
+
 def select_modules(
     model: nn.Module,
     include: Iterable[str] = (".*",),
@@ -68,23 +110,30 @@ def select_modules(
 ) -> dict[str, nn.Module]:
     """Modules of ``types`` whose name fully matches an include and no exclude pattern.
 
-    Raises LayerSelectionError (naming ``key`` and the pattern) when a pattern matches no
-    layer of the given types, or when nothing is selected at all.
+    Patterns name layers relative to the network (:func:`network_prefix`); the returned
+    names are ``model.named_modules()`` names. Raises LayerSelectionError (naming ``key`` and
+    the pattern) when a pattern matches no layer of the given types, or when nothing is
+    selected at all.
     """
     candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, types)}
     type_names = "/".join(t.__name__ for t in types)
+    prefix = network_prefix(model)
     inc, exc = _compile(include, f"{key}.include"), _compile(exclude, f"{key}.exclude")
+    rules = {}
     for kind, pats in (("include", inc), ("exclude", exc)):
+        rules[kind] = []
         for p in pats:
-            if not any(p.fullmatch(n) for n in candidates):
-                sample = ", ".join(list(candidates)[:6])
+            match = rule_matcher(p, candidates, prefix, f"{key}.{kind}")
+            if match is None:
+                sample = ", ".join(layer_name(n, prefix) for n in list(candidates)[:6])
                 raise LayerSelectionError(
                     f"{key}.{kind}: pattern {p.pattern!r} matches no {type_names} layer "
                     f"(layers are named like: {sample}, ...)"
                 )
+            rules[kind].append(match)
     chosen = {
         n: m for n, m in candidates.items()
-        if any(p.fullmatch(n) for p in inc) and not any(p.fullmatch(n) for p in exc)
+        if any(f(n) for f in rules["include"]) and not any(f(n) for f in rules["exclude"])
     }
     if not chosen:
         raise LayerSelectionError(f"{key}: the include/exclude rules select no {type_names} layer")
