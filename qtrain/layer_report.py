@@ -55,7 +55,7 @@ from qtrain.quant.size import model_storage_bits
 HOOK = "on_quantization_event"
 COLUMNS = ("layer", "method", "format", "bits", "n_centroids", "block_size", "params",
            "storage_bits", "bits_per_weight", "rel_error", "levels", "reference")
-MAX_LEVEL_ELEMENTS = 1 << 20
+MAX_LEVEL_ELEMENTS = 1 << 16
 _FLOAT_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 _FORMAT_ATTRS = ("granularity", "symmetric", "group_size", "axis", "mode", "block_size",
                  "bucket_size", "n_centroids", "fmt", "exp_bits", "man_bits")
@@ -315,8 +315,9 @@ def plot_png(report: Report, path, title: str = "layer report"):
         e = r["rel_error"]
         a2.text(err[i], i, " n/a" if e != e else f" {e:.3f}", va="center", fontsize=7)
     a2.set_xlabel("||Q(W) - W|| / ||W||")
+    a2.set_xlim(left=0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
