@@ -29,7 +29,8 @@ extra            packages                                    needed by
 ===============  ==========================================  ===============================
 
 (On Linux the default CUDA build of torch already depends on triton; the CPU build does
-not.) ``slurm`` (Hydra's submitit launcher), ``bench`` (PyHessian) and ``dev`` (all of the
+not.) ``faiss`` (faiss-cpu: the k-means search of PQ / iPQ / Deep Compression / VQ on CPU,
+used when installed; :mod:`qtrain.quant.kmeans`), ``slurm`` (Hydra's submitit launcher), ``bench`` (PyHessian) and ``dev`` (all of the
 above plus the test tools) complete the list in ``pyproject.toml``.
 
 :func:`check_config` runs at the start of ``train`` (before data and model are built) and
@@ -56,6 +57,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "tensorboard"),
     "matplotlib": ("plots", "matplotlib"),
     "triton": ("kernels", "triton"),
+    "faiss": ("faiss", "faiss-cpu"),
 }
 
 # ``_target_`` prefix in the composed config -> (import name, what needs it)
