@@ -44,6 +44,7 @@ from qtrain.nn import convert as C
 from qtrain.nn.bn_fold import find_conv_bn_pairs, fold_bn_layer
 from qtrain.nn.fake_quant import FAKE_QUANT_TYPES, is_fake_quant
 from qtrain.nn.quant_residual import QuantBasicBlock, is_basic_block
+from qtrain.quant.rounding import derive_seed
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -140,6 +141,8 @@ class QATCallback(pl.Callback):
             wq = self._make(self.weight_factory, bits, f"quant bits for layer {name}")
             aq = None if isinstance(m, nn.Embedding) else self._make(
                 self.act_factory, act_bits, f"quant act_bits for layer {name}")
+            _own_random_stream(wq, name, "weight")
+            _own_random_stream(aq, name, "act")
             if name in pairs:
                 folded_bns.append(pairs[name])
                 return fold_bn_layer(m, model.get_submodule(pairs[name]), wq, aq)
@@ -301,3 +304,12 @@ class QATCallback(pl.Callback):
         self.fp32_state = state.get("fp32_state")
         self.int_metric = state.get("int_metric")
         self.int_ref_metric = state.get("int_ref_metric")
+
+
+def _own_random_stream(q, layer: str, role: str) -> None:
+    """A seeded quantizer (``quant.weight.seed`` / ``quant.act.seed``: stochastic rounding,
+    stochastic gradient quantization) gets a seed of its own per layer and role, derived from
+    the configured one (:func:`qtrain.quant.rounding.derive_seed`); its generator is created
+    from it on first use."""
+    if q is not None and getattr(q, "seed", None) is not None:
+        q.seed = derive_seed(q.seed, layer, role)

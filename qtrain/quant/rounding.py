@@ -13,9 +13,21 @@ Each function acts on values already divided by the step (the grid is the intege
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 ROUNDING_MODES = ("nearest", "stochastic", "truncate")
+
+
+def derive_seed(seed: int, *keys: str) -> int:
+    """A seed of its own for each ``keys`` (e.g. layer name and role) from a run's ``seed``:
+    the first 63 bits of SHA-256 over ``seed`` and the keys. Stable across processes and
+    Python versions (unlike ``hash``), so a run's random rounding is reproducible, and
+    different for every layer: generators seeded alike would round every layer of the same
+    shape with the same random draws (perfectly correlated rounding noise across layers)."""
+    h = hashlib.sha256("\0".join([str(int(seed)), *keys]).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
 
 
 def check_rounding(rounding: str, what: str = "rounding") -> str:

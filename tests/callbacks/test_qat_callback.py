@@ -138,3 +138,28 @@ def test_a_plain_string_pattern_is_one_regex():
     assert list(select_modules(model, "2", (), (nn.Linear,), "quant")) == ["2"]
     with pytest.raises(LayerSelectionError, match="pattern 'fc' matches no"):
         select_modules(model, "fc", (), (nn.Linear,), "quant")
+
+
+def test_seeded_stochastic_rounding_draws_differ_between_layers_and_repeat_per_run():
+    """quant.weight.seed / quant.act.seed seed one generator per layer and role (derived from
+    the configured seed): the same tensor is rounded with different random draws in each
+    layer (before, every layer's generator was seeded alike: identical draws, perfectly
+    correlated rounding noise), and a rebuilt run draws the same again."""
+    from functools import partial
+
+    from qtrain.nn.format_quantizers import FixedPointQuantizer
+
+    def quantized_copies():
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        fq = partial(FixedPointQuantizer, frac_bits=4, rounding="stochastic", seed=0)
+        layers = QATCallback(bits=8, weight=fq, act=fq, first_last="quantize").convert(model)
+        x = torch.linspace(0, 1, 4096) / 16  # within one step (2^-4): the draw decides
+        return ([lay.weight_quantizer(x) for lay in layers.values()]
+                + [lay.act_quantizer(x) for lay in layers.values()])
+
+    a, b = quantized_copies(), quantized_copies()
+    assert len(a) == 6
+    for i in range(6):
+        assert torch.equal(a[i], b[i])  # reproducible run to run
+        for j in range(i):
+            assert (a[i] != a[j]).float().mean() > 0.2, (i, j)  # independent draws
