@@ -276,9 +276,6 @@ def check_packable(model: nn.Module) -> None:
         if hasattr(m, "folded_weight"):  # qtrain.nn.bn_fold: the codes are of the folded weight
             bad.append((name, "BN-folded layer (quant.fold_bn=true): not packable yet"))
             continue
-        if hasattr(m, "folded_weight"):  # qtrain.nn.bn_fold: the codes are of the folded weight
-            bad.append((name, "BN-folded layer (quant.fold_bn=true): not packable yet"))
-            continue
         wq = m.weight_quantizer
         why = packed_formats.settings_error(wq) if wq is not None else None
         if wq is None or (_has_packer(wq) and why is None):
@@ -321,9 +318,6 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     for name, m in list(out.named_modules()):
         if _has_codebook(m) and users[id(m.centroids)] > 1:
             continue  # tied codebook: keep the PQ layers (one codebook in the file)
-        if hasattr(m, "folded_weight"):
-            raise ValueError(f"export: layer {name} is BN-folded (quant.fold_bn=true); packing "
-                             "folded layers is not implemented -- run without export=true")
         if hasattr(m, "folded_weight"):
             raise ValueError(f"export: layer {name} is BN-folded (quant.fold_bn=true); packing "
                              "folded layers is not implemented -- run without export=true")
