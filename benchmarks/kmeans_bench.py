@@ -141,14 +141,19 @@ def bench_stack(threads: int, rounds: int) -> dict:
     torch.set_num_threads(threads)
     stack = minilm_stack()
     obj: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {"old_torch": [], "new_auto": []}
 
     def old():
+        t0 = time.process_time()
         obj["old_torch"] = sum(old_kmeans(KM.blocks_of(w, bs), K, N_ITER, i)[2][-1]
                                for i, (_, w, bs) in enumerate(stack))
+        cpu["old_torch"].append(time.process_time() - t0)
 
     def new():
+        t0 = time.process_time()
         obj["new_auto"] = sum(KM.pq_fit(w, bs, K, N_ITER, seed=i, backend="auto", name=n).objective[-1]
                               for i, (n, w, bs) in enumerate(stack))
+        cpu["new_auto"].append(time.process_time() - t0)
 
     times = timing.interleaved_times({"old_torch": old, "new_auto": new}, warmup=0,
                                      rounds=rounds, alternate=True)
@@ -157,14 +162,16 @@ def bench_stack(threads: int, rounds: int) -> dict:
             "sub_vectors": sum(w.numel() // bs for _, w, bs in stack),
             "backend_auto_resolves_to": KM.resolve_backend("auto", torch.device("cpu")),
             "seconds_median": med, "seconds_all": times, "objective_sum": obj,
-            "speedup": med["old_torch"] / med["new_auto"]}
+            "cpu_seconds_median": {k: statistics.median(v) for k, v in cpu.items()},
+            "speedup": med["old_torch"] / med["new_auto"],
+            "cpu_speedup": statistics.median(cpu["old_torch"]) / statistics.median(cpu["new_auto"])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stack-rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--stack-threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/kmeans_bench.json")
     ap.add_argument("--machine", default="", help="free-text note, e.g. 'shared 2-core VM'")
@@ -186,7 +193,8 @@ def main() -> None:
         res["layer_stack"] = s
         print(f"MiniLM stack ({s['layers']} layers, threads={s['threads']}): "
               f"old {s['seconds_median']['old_torch']:.1f}s, new {s['seconds_median']['new_auto']:.1f}s "
-              f"({s['speedup']:.2f}x); objectives {s['objective_sum']}", flush=True)
+              f"({s['speedup']:.2f}x); CPU {s['cpu_seconds_median']} ({s['cpu_speedup']:.2f}x); "
+              f"objectives {s['objective_sum']}", flush=True)
     timing.write_json(args.out, res, indent=1)
     print(f"medians of {args.rounds} (problem) / {args.stack_rounds} (stack) rounds -> {args.out}")
 
