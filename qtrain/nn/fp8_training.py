@@ -38,6 +38,22 @@ Floating Point Numbers", NeurIPS), on any device (CPU included), with the FP8 fo
 Simplifications: the paper's FP16 master-weight updates with stochastic rounding are not
 simulated here (weights stay FP32 masters, as in Micikevicius 2018 mixed precision);
 with ``accumulation='fp32'`` (the default) the layers' matmuls accumulate in FP32.
+
+S2FP8 (Cambier et al. 2020, "Shifted and Squeezed 8-bit Floating Point Format for
+Low-Precision Training of Deep Neural Networks", ICLR; ``fmt='s2fp8'`` / ``grad_fmt='s2fp8'``,
+``conf/quant/s2fp8_training.yaml``): every tensor X is stored as E5M2 numbers Y with two
+per-tensor statistics, log2|Y| = alpha log2|X| + beta (eq. 1), where over the non-zero entries
+mu = mean log2|X|, m = max log2|X| (eq. 3) and alpha = 15 / (m - mu), beta = -alpha mu (eq. 4):
+Y has log-magnitudes of mean 0 and maximum 15 and fills E5M2's range; X^ =
+(2^-beta FP8_RNE(Y))^(1/alpha) (eq. 5; :func:`qtrain.quant.floats.s2fp8_quantize`). The
+statistics are recomputed from each tensor every time it is truncated (weights, layer inputs,
+errors, GEMM outputs alike). Sec. 4.1: the truncation is applied "before and after every
+convolution and matrix-matrix product, during both the forward and backward passes", with
+round-to-nearest-even, FP32 accumulation, FP32 master weights, no loss scaling and no layer
+kept in FP32. Here: before = the weight and the input (forward) and the error (backward,
+``grad_at='error_and_outputs'``); after = the layer output (``round_output=True``) and the
+backward GEMM outputs dX, dW (``grad_at='error_and_outputs'``). Simplification: the layer
+output is truncated after the bias add (F.linear / F.conv2d add it inside the GEMM call).
 """
 
 from __future__ import annotations
@@ -46,23 +62,41 @@ import torch
 
 from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
-from qtrain.quant.floats import default_saturate, get_format, simulate_float
+from qtrain.quant.floats import default_saturate, get_format, s2fp8_quantize, simulate_float
 from qtrain.quant.rounding import check_rounding
 
-FP8_FORMATS = ("e4m3", "e5m2")
+FP8_FORMATS = ("e4m3", "e5m2", "s2fp8")
 ACCUMULATIONS = ("fp32", "chunked")
-GRAD_AT = ("error", "gemm_outputs")
+GRAD_AT = ("error", "gemm_outputs", "error_and_outputs")
 ACC_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_format(x: torch.Tensor, fmt: str, saturate: bool | None, rounding: str,
+              gen: torch.Generator | None) -> torch.Tensor:
+    """``x`` rounded to ``fmt`` (an FP8 format, or S2FP8 with the statistics of ``x`` itself;
+    S2FP8 has no overflow, ``saturate`` does not apply to it), returned in ``x``'s dtype."""
+    if fmt == "s2fp8":
+        return s2fp8_quantize(x, rounding, gen).to(x.dtype)
+    f = get_format(fmt)
+    sat = default_saturate(f) if saturate is None else saturate
+    return simulate_float(x, f, sat, rounding, gen).to(x.dtype)
+
+
+def _inside(x: torch.Tensor, fmt: str, saturate: bool | None) -> torch.Tensor | None:
+    """Where the clipped STE passes the gradient (None: everywhere; S2FP8 never clips)."""
+    if fmt == "s2fp8":
+        return None
+    f = get_format(fmt)
+    sat = default_saturate(f) if saturate is None else saturate
+    return x.abs() <= f.max_value if sat else None
 
 
 class _FP8TrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fmt, saturate, rounding, grad_fmt, grad_saturate, grad_rounding, gen, ggen):
-        f = get_format(fmt)
-        sat = default_saturate(f) if saturate is None else saturate
-        ctx.save_for_backward(x.abs() <= f.max_value if sat else None)
+        ctx.save_for_backward(_inside(x, fmt, saturate))
         ctx.grad_args = (grad_fmt, grad_saturate, grad_rounding, ggen)
-        return simulate_float(x, f, sat, rounding, gen).to(x.dtype)
+        return to_format(x, fmt, saturate, rounding, gen)
 
     @staticmethod
     def backward(ctx, g):
@@ -70,23 +104,30 @@ class _FP8TrainFn(torch.autograd.Function):
         if inside is not None:  # clipped STE where the forward saturated
             g = g * inside
         fmt, sat, rounding, gen = ctx.grad_args
-        if fmt is not None:  # grad_at='gemm_outputs': round this GEMM output
-            g = simulate_float(g, fmt, sat, rounding, gen).to(g.dtype)
+        if fmt is not None:  # grad_at='gemm_outputs' / 'error_and_outputs': this GEMM output
+            g = to_format(g, fmt, sat, rounding, gen)
         return g, None, None, None, None, None, None, None, None
 
 
 class _FP8ErrorFn(torch.autograd.Function):
-    """Identity forward; the gradient (the layer's error) rounded to FP8 in the backward."""
+    """The layer output: forward value unchanged, or rounded to ``out_fmt`` (straight-through;
+    S2FP8's truncation after the GEMM); its gradient (the layer's error) rounded to ``fmt``
+    in the backward (None: left float)."""
 
     @staticmethod
-    def forward(ctx, y, fmt, sat, rounding, gen):
+    def forward(ctx, y, fmt, sat, rounding, gen, out_fmt=None, out_sat=None, out_rounding="nearest",
+                out_gen=None):
         ctx.args = (fmt, sat, rounding, gen)
-        return y.view_as(y)
+        if out_fmt is None:
+            return y.view_as(y)
+        return to_format(y, out_fmt, out_sat, out_rounding, out_gen)
 
     @staticmethod
     def backward(ctx, g):
         fmt, sat, rounding, gen = ctx.args
-        return simulate_float(g, fmt, sat, rounding, gen).to(g.dtype), None, None, None, None
+        if fmt is not None:
+            g = to_format(g, fmt, sat, rounding, gen)
+        return g, None, None, None, None, None, None, None, None
 
 
 class FP8TrainingQuantizer(Quantizer):
@@ -94,8 +135,9 @@ class FP8TrainingQuantizer(Quantizer):
 
     Args:
         bits: 8.
-        fmt: forward format, 'e5m2' (Wang 2018) or 'e4m3'.
-        grad_fmt: gradient format, 'e5m2' (default) or 'e4m3'.
+        fmt: forward format, 'e5m2' (Wang 2018), 'e4m3' or 's2fp8' (Cambier 2020: E5M2 with
+            per-tensor squeeze alpha and shift beta; module docstring).
+        grad_fmt: gradient format, 'e5m2' (default), 'e4m3' or 's2fp8'.
         saturate / grad_saturate: overflow behaviour (None: as the torch cast; e5m2 then
             overflows to inf, which GradScaler detects and skips).
         rounding / grad_rounding: 'nearest' | 'stochastic' | 'truncate'.
@@ -106,9 +148,14 @@ class FP8TrainingQuantizer(Quantizer):
             and backward). Set it on the weight quantizer (either slot works).
         chunk_size: CL, terms per chunk (Wang 2018: 64).
         acc_dtype: 'fp16' (Wang 2018) or 'bf16': the accumulator format.
-        grad_at: 'error' (Wang 2018: the error entering both backward GEMMs is FP8) or
-            'gemm_outputs' (the old behaviour: the backward GEMM outputs are rounded).
-    Storage: 8 bits per element.
+        grad_at: 'error' (Wang 2018: the error entering both backward GEMMs is FP8),
+            'gemm_outputs' (the old behaviour: the backward GEMM outputs are rounded) or
+            'error_and_outputs' (both: Cambier 2020 sec. 4.1 truncates before and after
+            every GEMM of the backward pass).
+        round_output: also round the layer's output (the forward GEMM's result) to ``fmt``
+            with ``rounding`` (Cambier 2020: truncation after every GEMM; set it on the act
+            slot, which the layer asks first). Default False (Wang 2018: FP16 outputs).
+    Storage: 8 bits per element (S2FP8: + fp32 alpha and beta per tensor).
     """
 
     min_bits = max_bits = 8
@@ -117,11 +164,12 @@ class FP8TrainingQuantizer(Quantizer):
                  saturate: bool | None = None, grad_saturate: bool | None = None,
                  rounding: str = "nearest", grad_rounding: str = "nearest",
                  seed: int | None = None, accumulation: str = "fp32", chunk_size: int = 64,
-                 acc_dtype: str = "fp16", grad_at: str = "error") -> None:
+                 acc_dtype: str = "fp16", grad_at: str = "error",
+                 round_output: bool = False) -> None:
         super().__init__(bits)
         if grad_at not in GRAD_AT:
             raise ConfigError(f"FP8TrainingQuantizer: grad_at={grad_at!r}; allowed: {GRAD_AT}")
-        self.grad_at = grad_at
+        self.grad_at, self.round_output = grad_at, bool(round_output)
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"FP8TrainingQuantizer: accumulation={accumulation!r}; "
                              f"allowed: {ACCUMULATIONS}")
@@ -151,7 +199,7 @@ class FP8TrainingQuantizer(Quantizer):
         return self._gens[key]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        gemm_out = self.grad_at == "gemm_outputs"
+        gemm_out = self.grad_at in ("gemm_outputs", "error_and_outputs")
         y = _FP8TrainFn.apply(
             x, self.fmt, self.saturate, self.rounding, self.grad_fmt if gemm_out else None,
             self.grad_saturate, self.grad_rounding, self._gen(x.device, "fwd", self.rounding),
@@ -161,21 +209,27 @@ class FP8TrainingQuantizer(Quantizer):
         return y
 
     def quantize_output_grad(self, y: torch.Tensor) -> torch.Tensor:
-        """The layer's output ``y`` unchanged; its gradient (the error entering both backward
-        GEMMs) rounded to ``grad_fmt`` (``grad_at='error'`` and enabled)."""
-        if not self.enabled or self.grad_at != "error":
+        """The layer's output ``y``, rounded to ``fmt`` when ``round_output``; its gradient
+        (the error entering both backward GEMMs) rounded to ``grad_fmt`` when ``grad_at`` is
+        'error' or 'error_and_outputs'. Identity when disabled."""
+        err = self.grad_at in ("error", "error_and_outputs")
+        if not self.enabled or not (err or self.round_output):
             return y
-        return _FP8ErrorFn.apply(y, self.grad_fmt, self.grad_saturate, self.grad_rounding,
-                                 self._gen(y.device, "grad", self.grad_rounding))
+        out = (self.fmt, self.saturate, self.rounding, self._gen(y.device, "fwd", self.rounding)
+               ) if self.round_output else (None, None, "nearest", None)
+        return _FP8ErrorFn.apply(y, self.grad_fmt if err else None, self.grad_saturate,
+                                 self.grad_rounding,
+                                 self._gen(y.device, "grad", self.grad_rounding), *out)
 
     def storage_bits(self, weight: torch.Tensor) -> int:
-        return 8 * weight.numel()
+        return 8 * weight.numel() + (64 if self.fmt == "s2fp8" else 0)
 
     def extra_repr(self) -> str:
         acc = (f", accumulation=chunked({self.chunk_size}, {self.acc_dtype})"
                if self.accumulation == "chunked" else "")
         return (f"fmt={self.fmt}, grad_fmt={self.grad_fmt}, grad_at={self.grad_at}, "
                 f"rounding={self.rounding}, grad_rounding={self.grad_rounding}{acc}, "
+                f"round_output={self.round_output}, "
                 f"enabled={self.enabled}")
 
 
