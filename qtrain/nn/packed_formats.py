@@ -42,7 +42,7 @@ Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton
 
 * ``binary`` / ``ternary`` (existing formats): XNOR-Net, DoReFa 1-bit and LAB (Hou et al.
   2017; alpha from the quantizer's curvature) through one ``_binary``; TWN's codes and alpha;
-  alpha stored in fp16 per row.
+  ELQ's codes and solved alpha (:mod:`qtrain.nn.elq_quantizer`); alpha stored in fp16 per row.
 
 Exactness (vs. the fake-quant layer in eval mode, measured in tests/test_export_more_formats.py):
 bit-exact: DoReFa k-bit and DSQ (``lut``), TTQ, Polino differentiable (``lut`` /
@@ -68,7 +68,7 @@ import math
 import torch
 from qtrain_kernels import layout as L
 
-from qtrain.nn import packed_sparse
+from qtrain.nn import elq_quantizer, packed_sparse
 from qtrain.nn import polino_quantizer as polino_q
 from qtrain.nn.abc_quantizer import ABCWeightQuantizer
 from qtrain.nn.bucket_quantizer import BucketUniformQuantizer
@@ -478,6 +478,7 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
            ABCWeightQuantizer: _abc,
            TWNQuantizer: _twn, BinaryWeightQuantizer: _xnor,
+           elq_quantizer.ELQWeightQuantizer: elq_quantizer.pack,
            SharedWeightQuantizer: packed_sparse.pack}
 
 
