@@ -10,6 +10,9 @@ signal, Lightning's SLURM ``hpc_ckpt_*``) goes through it:
 - **metadata** (``checkpoint["qtrain"]``): format version, recipe, method
   (``quant._target_``), model (``model._target_``/``model.name``) and every bit width in the
   ``quant`` and ``extra_callbacks`` configs (:func:`run_metadata`).
+- **config** (``checkpoint["config"]``): the run's resolved Hydra config as plain
+  containers, so a checkpoint says how it was trained without its run folder
+  (:func:`checkpoint_config` reads it back).
 - **checksum**: SHA-256 over every tensor (dtype, shape, raw bytes) and every other value of
   the checkpoint, in a canonical order, plus the metadata (:func:`checkpoint_checksum`).
 
@@ -41,6 +44,7 @@ from qtrain.errors import ConfigError, DataFileError
 #: version of the qtrain checkpoint layout (the ``qtrain`` block and what it covers)
 FORMAT_VERSION = 1
 KEY = "qtrain"
+CONFIG_KEY = "config"  # the resolved run config (plain containers)
 LAST = "last.ckpt"
 
 
@@ -215,8 +219,9 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO``: atomic writes with metadata and checksum
     (:func:`write_checkpoint`), verified reads (:func:`read_checkpoint`)."""
 
-    def __init__(self, metadata: dict | None = None) -> None:
+    def __init__(self, metadata: dict | None = None, config: dict | None = None) -> None:
         self.metadata = dict(metadata or {"format_version": FORMAT_VERSION})
+        self.config = config
         self._preloaded: dict[str, dict] = {}
 
     def preload(self, path: str) -> None:
@@ -227,6 +232,8 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("VerifiedCheckpointIO.save_checkpoint: storage_options not supported")
+        if self.config is not None:
+            checkpoint = {**checkpoint, CONFIG_KEY: self.config}
         write_checkpoint(checkpoint, path, self.metadata)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
@@ -238,6 +245,15 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             return ckpt
         return read_checkpoint(path, self.metadata,
                                map_location if map_location is not None else "cpu")
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict:
+    """The resolved config a qtrain checkpoint was trained with (verified file)."""
+    ckpt = read_checkpoint(path)
+    if CONFIG_KEY not in ckpt:
+        raise DataFileError(f"checkpoint {path}: holds no run config (written before qtrain "
+                            "stored it; the run folder's config_resolved.yaml has it)")
+    return ckpt[CONFIG_KEY]
 
 
 # ----------------------------------------------------------------------------- ckpt_path

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qtrain import checkpointing, dashboard, init_weights, optional, report, validation
 from qtrain.callbacks.resume_state import ResumeState
+from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.signals import SignalCheckpoint
 
@@ -118,6 +119,9 @@ def train(cfg: DictConfig) -> dict:
         if os.path.exists(os.path.join(run_dir, stale)):
             os.remove(os.path.join(run_dir, stale))
     validation.check_config(cfg)
+    if cfg.get("export_onnx") and not cfg.get("export"):
+        raise ConfigError("export_onnx=true needs export=true (the ONNX file is written from "
+                          "the packed model)")
     optional.check_config(cfg)  # every optional package the config needs is installed
     # ckpt_path=last | <run dir> | <file>; verified (checksum, recipe, bits) before building
     ckpt_path = checkpointing.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
@@ -140,6 +144,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg)
     with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_io.config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           default_root_dir=run_dir, plugins=[ckpt_io])
     dashboard.log_config(trainer.loggers, cfg)
@@ -173,6 +178,7 @@ def train(cfg: DictConfig) -> dict:
         "quant_metric": quant_metric if quant_cb is not None else None,
         "int_metric": getattr(quant_cb, "int_metric", None),  # integer-only model (intqat)
         "int_ref_metric": getattr(quant_cb, "int_ref_metric", None),
+        "effective_bits": getattr(quant_cb, "effective_bits", None),  # Merolla 2016 (merolla)
         "fp32_mb": fp32_bits / 8 / 1e6,
         "quant_mb": quant_bits / 8 / 1e6,
         "compression": fp32_bits / quant_bits,
@@ -191,6 +197,10 @@ def train(cfg: DictConfig) -> dict:
             from qtrain.export import run_info
 
             summary.update(export_packed(module.model, run_dir, run_info(cfg)))
+            if cfg.get("export_onnx"):  # <run dir>/model.onnx from the packed file
+                from qtrain.export_onnx import export_run
+
+                summary.update(export_run(run_dir, dm, module, run_info(cfg)))
             report.write_summary(summary, run_dir)
         dashboard.log_final(trainer.loggers, summary, trainer.global_step)
         print(report.format_summary(summary), flush=True)

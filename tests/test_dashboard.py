@@ -7,6 +7,7 @@ import csv
 import pytest
 import yaml
 
+from qtrain.checkpointing import checkpoint_config
 from qtrain.dashboard import final_metrics
 from tests.hydra_helpers import run
 
@@ -25,6 +26,11 @@ def test_csv_and_tensorboard_get_config_final_metrics_and_sizes(tmp_path):
     # CSV: the resolved config and one row with every final number, under distinct names
     hp = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
     assert hp["quant"]["bits"] == 3 and hp["model"]["_target_"] == "qtrain.models.small.SmallCNN"
+    # every checkpoint carries the same resolved config (read back through the verified reader)
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    for c in ckpts:
+        assert checkpoint_config(c) == hp, c.name
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     final = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith(
         ("test/", "size/"))}
