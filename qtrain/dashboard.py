@@ -26,6 +26,7 @@ SUMMARY_KEYS = {  # summary.json key -> logged name (``{m}``: the task metric)
     "packed_mb": "size/packed_mb",
     "compression": "size/compression",
     "huffman_mb": "size/huffman_mb",
+    "effective_bits": "quant/effective_bits",  # bits per distorted weight (quant=merolla)
 }
 
 
