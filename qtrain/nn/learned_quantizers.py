@@ -355,36 +355,67 @@ class DSQQuantizer(Quantizer):
         return self.bits * weight.numel() + 64  # codes + fp32 l and u (alpha: training only)
 
 
+SIGMA_UNITS = ("absolute", "variance")
+
+
 class SoftToHardVQ(Quantizer):
-    """Soft-to-hard vector quantization (Agustsson et al. 2017, eqs. (5)-(7)).
+    """Soft-to-hard vector quantization (Agustsson et al. 2017, "Soft-to-Hard Vector
+    Quantization for End-to-End Learning Compressible Representations", NeurIPS, sec. 3).
 
     The tensor is split into sub-vectors z of ``dim`` consecutive elements along each row
     (a weight (out, in, ...) is viewed as (out, -1)); L = 2^bits learnable centers c_j.
-    Soft assignment: phi(z) = sum_j softmax(-sigma ||z - c_j||^2)_j c_j; hard: Q(z) = nearest
-    c_j. Forward uses Q, backward the gradient of phi (the paper's stop-gradient form
-    z_hat = phi + stop_gradient(Q - phi)). ``sigma`` is annealed upward with :meth:`anneal`.
+    Soft assignment phi(z) = softmax(-sigma ||z - c_j||^2)_j over j, soft quantization
+    Q~(z) = sum_j phi_j(z) c_j, hard quantization Q^(z) = the nearest c_j. Forward uses Q^,
+    backward the gradient of Q~ (the paper's stop-gradient form
+    z^ = Q~ + stop_gradient(Q^ - Q~)). ``sigma`` is annealed upward with :meth:`anneal`
+    (:class:`qtrain.callbacks.soft_to_hard_vq.SoftToHardVQCallback` schedules it).
+
+    Rate: :meth:`soft_entropy` is the paper's histogram estimate of the entropy of the code
+    symbols, H~ = H(p, q~) = -sum_j p_j log2 q~_j, with p the histogram of the hard
+    assignments (a constant) and q~_j = mean_z phi_j(z) the soft histogram (differentiable);
+    H(p, q~) = H(p) + KL(p || q~) >= H(p), in bits per sub-vector (section 3, the soft entropy
+    estimate; equation numbers not re-verified). :meth:`hard_entropy` is H(p).
+
+    ``hard`` (a buffer, so a resumed run keeps it): sigma = infinity, forward *and* backward
+    use Q^ (the weights get no gradient through the quantizer; the centers get the summed
+    gradient of their sub-vectors): the end of training, where the assignments are hard.
+
+    ``sigma_units``: 'absolute' (the paper: sigma multiplies ||z - c||^2 as is) or 'variance'
+    (ours, a named option: ||z - c||^2 is divided by the variance of the layer's sub-vector
+    entries measured when the centers are initialised, so one sigma schedule fits layers
+    of different weight scales; the factor is the ``d2_scale`` buffer).
+
     Centers are initialised on the first forward to L distinct sub-vectors drawn with
     ``seed`` (needs at least L sub-vectors). Memory: one (num_subvectors x L) distance matrix.
     """
 
     min_bits, max_bits = 1, 12
 
-    def __init__(self, bits: int = 4, dim: int = 1, sigma: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, bits: int = 4, dim: int = 1, sigma: float = 1.0, seed: int = 0,
+                 sigma_units: str = "absolute") -> None:
         super().__init__(bits)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"SoftToHardVQ: dim must be a positive int, got {dim!r}")
         if not sigma > 0:
             raise ValueError(f"SoftToHardVQ: sigma must be > 0, got {sigma}")
-        self.dim, self.seed = dim, seed
+        if sigma_units not in SIGMA_UNITS:
+            raise ConfigError(f"SoftToHardVQ: sigma_units={sigma_units!r}; allowed: {SIGMA_UNITS}")
+        self.dim, self.seed, self.sigma_units = dim, seed, sigma_units
         self.centers = nn.Parameter(torch.zeros(2**bits, dim))
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("hard", torch.tensor(False))
+        self.register_buffer("d2_scale", torch.tensor(1.0))
 
     @torch.no_grad()
     def anneal(self, sigma: float) -> None:
         if not sigma > 0:
             raise ValueError(f"SoftToHardVQ.anneal: sigma must be > 0, got {sigma}")
         self.sigma.fill_(sigma)
+
+    @torch.no_grad()
+    def set_hard(self, flag: bool = True) -> None:
+        self.hard.fill_(bool(flag))
 
     def subvectors(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
@@ -398,25 +429,67 @@ class SoftToHardVQ(Quantizer):
         d2 = (z * z).sum(1, keepdim=True) - 2 * z @ c.t() + (c * c).sum(1)
         return d2.clamp_min(0.0)
 
+    def _init_centers(self, z: torch.Tensor) -> None:
+        L = self.centers.shape[0]
+        if z.shape[0] < L:
+            raise ValueError(f"SoftToHardVQ: {z.shape[0]} sub-vectors < {L} centers "
+                             f"(bits={self.bits}); lower bits or dim")
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(z.shape[0], generator=g)[:L].to(z.device)
+        with torch.no_grad():
+            self.centers.copy_(z.detach()[pick])
+            if self.sigma_units == "variance":
+                var = float(z.detach().float().var())
+                self.d2_scale.fill_(1.0 / var if var > 0 else 1.0)
+            self.initialized.fill_(True)
+
+    def assignments(self, z: torch.Tensor, d2: torch.Tensor | None = None) -> torch.Tensor:
+        """phi(z): (num_subvectors, L) soft assignments, softmax(-sigma ||z - c_j||^2)."""
+        d2 = self.sq_distances(z) if d2 is None else d2
+        return torch.softmax(-(self.sigma * self.d2_scale) * d2, dim=1)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         z = self.subvectors(x)
-        L = self.centers.shape[0]
         if not bool(self.initialized):
-            if z.shape[0] < L:
-                raise ValueError(f"SoftToHardVQ: {z.shape[0]} sub-vectors < {L} centers "
-                                 f"(bits={self.bits}); lower bits or dim")
-            g = torch.Generator().manual_seed(self.seed)
-            pick = torch.randperm(z.shape[0], generator=g)[:L].to(z.device)
-            with torch.no_grad():
-                self.centers.copy_(z.detach()[pick])
-                self.initialized.fill_(True)
+            self._init_centers(z)
         d2 = self.sq_distances(z)
-        soft = torch.softmax(-self.sigma * d2, dim=1) @ self.centers
         hard = self.centers[d2.argmin(dim=1)]
+        if bool(self.hard):
+            return hard.reshape(x.shape)
+        soft = self.assignments(z, d2) @ self.centers
         return (soft + (hard - soft).detach()).reshape(x.shape)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest center per sub-vector (rows of sub-vectors per output row)."""
+        z = self.subvectors(weight)
+        if not bool(self.initialized):
+            self._init_centers(z)
+        rows = 1 if weight.dim() < 2 else weight.shape[0]
+        return self.sq_distances(z).argmin(dim=1).reshape(rows, -1)
+
+    def soft_entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """H(p, q~) in bits per sub-vector (class docstring); differentiable in ``x`` and the
+        centers through q~."""
+        z = self.subvectors(x)
+        if not bool(self.initialized):
+            self._init_centers(z)
+        d2 = self.sq_distances(z)
+        L = self.centers.shape[0]
+        p = torch.bincount(d2.argmin(dim=1), minlength=L).to(z.dtype) / z.shape[0]
+        q = self.assignments(z, d2).mean(0)
+        used = p > 0  # q~_j >= phi_j(z) / N > 0 wherever p_j > 0 (argmin has the largest phi)
+        return -(p[used] * torch.log2(q[used])).sum()
+
+    @torch.no_grad()
+    def hard_entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """H(p): the empirical entropy of the hard code symbols, bits per sub-vector."""
+        c = torch.bincount(self.codes(x).reshape(-1), minlength=self.centers.shape[0]).double()
+        p = c[c > 0] / c.sum()
+        return -(p * torch.log2(p)).sum()
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return self.bits * (weight.numel() // self.dim) + 32 * self.centers.numel()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, dim={self.dim}, sigma={float(self.sigma)}"
+        return (f"bits={self.bits}, dim={self.dim}, sigma={float(self.sigma)}, "
+                f"sigma_units={self.sigma_units}, hard={bool(self.hard)}")
