@@ -89,13 +89,15 @@ def optimal_alpha(v: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """argmin_alpha ||alpha c - v||^2 = sum c v / sum c^2, clamped at 0 (0 when all c = 0)."""
     num = (codes.double() * v.double()).sum()
     den = (codes.double() ** 2).sum()
-    return (num / den).clamp_min(0.0) if den > 0 else torch.zeros((), dtype=torch.float64)
+    if den > 0:
+        return (num / den).clamp_min(0.0)
+    return torch.zeros((), dtype=torch.float64, device=v.device)
 
 
 def _start_alpha(v: torch.Tensor, kind: str) -> torch.Tensor:
     a = v.abs().double()
     if kind == "binary" or a.numel() == 0:
-        return a.mean() if a.numel() else torch.zeros((), dtype=torch.float64)
+        return a.mean() if a.numel() else torch.zeros((), dtype=torch.float64, device=v.device)
     keep = a > TWN_START * a.mean()
     return a[keep].mean() if keep.any() else a.mean()
 
@@ -109,7 +111,7 @@ def _exact_ternary(v: torch.Tensor, fixed: torch.Tensor, fixed_codes: torch.Tens
     a = v[free_idx].abs().double()
     order = a.argsort(descending=True)
     csum = torch.cat([a.new_zeros(1), a[order].cumsum(0)]) + s0
-    cnt = torch.arange(len(order) + 1, dtype=torch.float64) + n0
+    cnt = torch.arange(len(order) + 1, dtype=torch.float64, device=v.device) + n0
     # E(k) - const = -(alpha_k S_k) + alpha_k^2 n_k / 2 with alpha_k = max(S_k, 0) / n_k
     score = torch.where(cnt > 0, csum.clamp_min(0) ** 2 / cnt.clamp_min(1), torch.zeros_like(cnt))
     k = int(score.argmax())
