@@ -85,10 +85,25 @@ def _overrides() -> list[str] | None:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-def _test_snapshot(trainer, module, dm, state: dict, key: str) -> float | None:
-    """Test metric of ``module`` with ``state`` loaded and quantizers off; restores after."""
+def _fits(module, state: dict | None) -> bool:
+    """Every tensor of ``state`` (the float network before conversion) is still a tensor of
+    ``module`` with its shape (not so after BN folding, which renames them)."""
+    if state is None:
+        return False
+    own = module.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        log.info("FP32 test of the init_from weights skipped: %d tensors no longer in the "
+                 "converted model (e.g. %s)", len(bad), bad[0])
+    return not bad
+
+
+def _test_snapshot(trainer, module, dm, state: dict, key: str, strict: bool = True) -> float | None:
+    """Test metric of ``module`` with ``state`` loaded and quantizers off; restores after.
+    ``strict=False``: ``state`` is the float network before conversion (quantizer tensors
+    absent; they are unused with the quantizers off)."""
     current = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=strict)
     set_quantizers_enabled(module.model, False)
     try:
         return _metric(trainer.test(module, datamodule=dm, verbose=False), key)
@@ -137,6 +152,10 @@ def train(cfg: DictConfig) -> dict:
     init_info = init_weights.initialise(model, cfg.get("init_from"), init_loaded)
     fp32_bits = report.model_bits(model)
     module = instantiate(cfg.task, model=model)
+    # the starting network's own test metric is the run's FP32 number when the method
+    # quantizes from the first step (no FP32 phase): keep its weights for that test
+    init_snapshot = ({k: v.detach().clone() for k, v in module.state_dict().items()}
+                     if init_info is not None else None)
     callbacks, quant_cb = build_callbacks(cfg)
     validation.check_callbacks(module, callbacks)  # every quantizer vs every layer, pre-fit
     callbacks.append(SignalCheckpoint(os.path.join(run_dir, "checkpoints")))  # qtrain.signals
@@ -161,17 +180,23 @@ def train(cfg: DictConfig) -> dict:
     if qs:  # the float master weights, evaluated without quantization
         float_metric = _metric(trainer.test(module, datamodule=dm, verbose=False), key)
         set_quantizers_enabled(module.model, True)
+    fp32_source = None
     if quant_cb is None:
-        fp32_metric = quant_metric
+        fp32_metric, fp32_source = quant_metric, "this run (no quantization)"
+    elif fp32_val_metric is None and _fits(module, init_snapshot):  # quantized from the start
+        fp32_metric = _test_snapshot(trainer, module, dm, init_snapshot, key, strict=False)
+        fp32_source = "init_from weights"
     elif fp32_val_metric is None:  # quantized from the start (or PTQ): same weights in float
-        fp32_metric = float_metric
+        fp32_metric, fp32_source = float_metric, "float master weights (no FP32 phase)"
     elif getattr(quant_cb, "fp32_state", None) is not None:  # the FP32 phase's final weights
         fp32_metric = _test_snapshot(trainer, module, dm, quant_cb.fp32_state, key)
+        fp32_source = "FP32 phase's last weights"
     quant_bits = report.model_bits(module.model)
     summary = {
         "recipe": cfg.get("recipe_name") or OmegaConf.select(cfg, "hydra_recipe", default=None),
         "metric": module.metric,
         "fp32_metric": fp32_metric,
+        "fp32_source": fp32_source,  # which weights fp32_metric tested
         "fp32_val_metric": fp32_val_metric,
         "quant_val_metric": quant_val_metric if quant_cb is not None else None,
         "float_weights_metric": float_metric,

@@ -68,6 +68,19 @@ def test_quantized_run_starts_from_the_float_run(tmp_path):
     assert q["init_from"]["file"] == str((tmp_path / "fp32" / "checkpoints" / "last.ckpt"))
 
 
+def test_fine_tune_from_init_reports_the_starting_network_as_fp32(tmp_path):
+    """quant_start_epoch=0 with init_from (no FP32 phase): the run's FP32 test number is the
+    starting network's own (equal to the float run's to the last digit), not the fine-tuned
+    float master weights, and the summary says which weights it tested."""
+    fp32 = run(["recipe=fp32_resnet20_cifar10", "debug=smoke"], tmp_path / "fp32")
+    q = run(["recipe=lsq_w2a2_resnet20_cifar10", "debug=smoke", "quant_start_epoch=0",
+             "trainer.max_epochs=1", "optimizer.lr=0.5", f"init_from={tmp_path / 'fp32'}"],
+            tmp_path / "q")
+    assert q["fp32_source"] == "init_from weights"
+    assert q["fp32_metric"] == pytest.approx(fp32["fp32_metric"], abs=0)
+    assert fp32["fp32_source"] == "this run (no quantization)"
+
+
 def test_run_refuses_another_architectures_weights_before_training(tmp_path):
     """run.py really loads init_from: a digits CNN cannot start from a ResNet-20 file."""
     torch.manual_seed(0)
