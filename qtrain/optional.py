@@ -58,6 +58,8 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "matplotlib": ("plots", "matplotlib"),
     "triton": ("kernels", "triton"),
     "faiss": ("faiss", "faiss-cpu"),
+    "onnx": ("onnx", "onnx"),
+    "onnxruntime": ("onnx", "onnxruntime"),
 }
 
 # ``_target_`` prefix in the composed config -> (import name, what needs it)
@@ -158,6 +160,9 @@ def needed(cfg) -> list[tuple[str, str, str]]:
                         "loading data from the Hugging Face hub"))
     if tree.get("export") is True:
         out.append(("export=true", "triton", "the packed-model export (qtrain_kernels)"))
+    if tree.get("export_onnx") is True:
+        out += [("export_onnx=true", n, "the ONNX export (qtrain.export_onnx)")
+                for n in ("onnx", "onnxruntime")]
     return out
 
 
