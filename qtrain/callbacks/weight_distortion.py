@@ -9,8 +9,8 @@ callback's (:class:`qtrain.callbacks.qat.QATCallback`: include/exclude regexes t
 training projection (``train``: a new draw every step, BinaryConnect-style: forward with
 P(w), gradient applied to the float w) and test projection (``test``: validation and test;
 one draw per weight version). ``train.projection=none`` trains in float and only tests
-distorted; ``train.projection=stochastic_rule`` is the paper's stochastic projection rule
-(:mod:`qtrain.quant.distortions`).
+distorted; ``train.projection=stochastic_multiply`` is the paper's stochastic projection
+rule as a public reimplementation reads it (:mod:`qtrain.quant.distortions`).
 
 What the callback adds:
 

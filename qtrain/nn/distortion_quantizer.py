@@ -14,9 +14,10 @@ change), from a seed of its own per layer.
 
 Projection spec (dict; ``quant.train.*`` / ``quant.test.*`` in the config): ``projection``
 (:data:`PROJECTION_NAMES`), ``levels`` (kquant), ``beta`` (power), ``clip`` (clip),
-``sigma`` (mult_noise / add_noise), ``rounding`` (kquant: nearest | stochastic), and for the
-stochastic projection rule (``projection: stochastic_rule``, training only): ``rule`` (the
-projection it applies), ``p`` (its probability per step) and ``granularity`` (layer | weight).
+``sigma`` (mult_noise / add_noise), ``gamma`` (stochastic_multiply: the paper's stochastic
+projection rule, u ~ U[gamma, 1 / gamma]), ``rounding`` (kquant: nearest | stochastic), and for
+``projection: mixture`` (our option, training only): ``rule`` (the projection it applies),
+``p`` (its probability per step) and ``granularity`` (layer | weight).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from qtrain.nn.quantizer_base import Quantizer
 from qtrain.quant import distortions as D
 from qtrain.quant.rounding import ROUNDING_MODES, derive_seed
 
-PROJECTION_NAMES = D.PROJECTIONS + ("stochastic_rule",)
-SPEC_KEYS = ("projection", "levels", "beta", "clip", "sigma", "rounding", "rule", "p",
+PROJECTION_NAMES = D.PROJECTIONS + ("mixture",)
+SPEC_KEYS = ("projection", "levels", "beta", "clip", "sigma", "gamma", "rounding", "rule", "p",
              "granularity")
 SCALE_BITS = 32  # one fp32 alpha per layer
 
@@ -56,6 +57,7 @@ class ProjectionSpec:
     beta: float = 0.5
     clip: float = 1.0
     sigma: float = 0.5
+    gamma: float = 0.5
     rounding: str = "nearest"
     rule: str = "binary"
     p: float = 0.5
@@ -76,7 +78,7 @@ class ProjectionSpec:
         names = PROJECTION_NAMES if allow_rule else D.PROJECTIONS
         if s.projection not in names:
             raise ConfigError(f"{key}.projection={s.projection!r}; allowed: {list(names)}"
-                              + ("" if allow_rule else " (stochastic_rule is training-only)"))
+                              + ("" if allow_rule else " (mixture is training-only)"))
         if s.rule not in D.PROJECTIONS or s.rule == "none":
             raise ConfigError(f"{key}.rule={s.rule!r}; allowed: "
                               f"{[p for p in D.PROJECTIONS if p != 'none']}")
@@ -85,7 +87,8 @@ class ProjectionSpec:
         except ValueError as e:
             raise ConfigError(f"{key}.levels: {e}") from None
         checks = (("beta", s.beta >= 0, ">= 0"), ("clip", s.clip > 0, "> 0"),
-                  ("sigma", s.sigma >= 0, ">= 0"), ("p", 0 <= s.p <= 1, "in [0, 1]"))
+                  ("sigma", s.sigma >= 0, ">= 0"), ("p", 0 <= s.p <= 1, "in [0, 1]"),
+                  ("gamma", 0 < s.gamma < 1, "0 < gamma < 1"))
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{key}.{name}={getattr(s, name)}; allowed: {allowed}")
@@ -97,12 +100,12 @@ class ProjectionSpec:
 
     @property
     def base(self) -> str:
-        """The projection actually applied (the rule's for the stochastic rule)."""
-        return self.rule if self.projection == "stochastic_rule" else self.projection
+        """The projection actually applied (the rule's for a mixture)."""
+        return self.rule if self.projection == "mixture" else self.projection
 
     @property
     def random(self) -> bool:
-        return (self.projection == "stochastic_rule" or self.projection in D.STOCHASTIC
+        return (self.projection == "mixture" or self.projection in D.STOCHASTIC
                 or (self.projection == "kquant" and self.rounding == "stochastic"))
 
     @property
@@ -111,9 +114,9 @@ class ProjectionSpec:
 
     def apply(self, w: torch.Tensor, scale: str, generator=None) -> torch.Tensor:
         out = D.project(w, self.base, scale=scale, levels=self.levels, beta=self.beta,
-                        clip_value=self.clip, sigma=self.sigma, rounding=self.rounding,
-                        generator=generator)
-        if self.projection == "stochastic_rule":
+                        clip_value=self.clip, sigma=self.sigma, gamma=self.gamma,
+                        rounding=self.rounding, generator=generator)
+        if self.projection == "mixture":
             out = D.stochastic_mixture(w, out, self.p, self.granularity, generator)
         return out
 
@@ -123,7 +126,7 @@ class WeightDistortionQuantizer(Quantizer):
         bits: unused by the projections (kept for the quantizer interface); storage follows
             the test projection (:meth:`storage_bits`).
         train / test: projection specs (module docstring); ``test=None``: the training
-            projection (the stochastic rule's own projection for ``stochastic_rule``).
+            projection (a mixture's own projection for ``mixture``).
         scale: alpha_k of the normalizing projections: max_abs | mean_abs | none.
         seed: base seed of the random draws (the QAT callback derives one per layer); None:
             PyTorch's global generator.
@@ -180,7 +183,7 @@ class WeightDistortionQuantizer(Quantizer):
         the evaluation's)."""
         s = self.test_spec
         return D.effective_bits(w, s.projection, scale=self.scale, levels=s.levels,
-                                sigma=s.sigma, rounding=s.rounding,
+                                sigma=s.sigma, gamma=s.gamma, rounding=s.rounding,
                                 generator=self.test_generator(w))
 
     def code_bits(self) -> int:

@@ -25,18 +25,23 @@ Projections (``u = w / alpha``):
 * ``mult_noise``: w (1 + sigma n), n ~ N(0, 1) per weight (Gaussian DropConnect-like).
 * ``add_noise``: w + sigma std(w) n: additive Gaussian noise, sigma relative to the layer's
   weight standard deviation (our parameterization: the SNR is 1 / sigma^2 in every layer).
+* ``stochastic_multiply``: w u, u ~ U[gamma, 1 / gamma] per weight (gamma in (0, 1); default
+  0.5): the paper's stochastic projection rule ("stochastic multiplicative") as a public
+  reimplementation reads it (a numpy one citing the paper, with gamma = 0.5 and u drawn on
+  [gamma, 1 / gamma]); its optional random sign flip is not implemented (that reimplementation
+  reports it diverging). ~, not re-verified against the paper's text.
 * ``none``: w.
 
-The paper's stochastic projection rule: :func:`stochastic_mixture` applies a projection to a
-layer with probability p per training step (``granularity='layer'``, our reading of the rule,
-~, not re-verified) or to each weight independently (``'weight'``), the identity otherwise.
+:func:`stochastic_mixture` (our option, the quantizer's ``mixture``): a projection applied to
+a layer with probability p per training step (``granularity='layer'``) or to each weight
+independently (``'weight'``), the identity otherwise.
 
 Effective bits per weight (:func:`effective_bits`): what one distorted weight still carries.
 Discrete projections: the entropy of the codes drawn (<= 1 bit for binarization, <= log2 k
 for k levels: the entropy-coded size). Noise: the capacity of the Gaussian channel w -> w +
 noise, 0.5 log2(1 + Var(w) / E[noise^2]) (Shannon; exact mutual information for Gaussian
 weights, an upper bound otherwise); ``add_noise``: 0.5 log2(1 + 1 / sigma^2), so 0.68 bits is
-sigma = 0.80. The paper reports 0.68 effective bits per weight at 11% CIFAR-10 test error
+sigma = 0.80; ``stochastic_multiply``: signal E[u] w, noise (u - E[u]) w. The paper reports 0.68 effective bits per weight at 11% CIFAR-10 test error
 (abstract, verified); that it computes the bits from the SNR of additive noise this way is our
 reading (~, not re-verified). Continuous deterministic projections (``none``, ``clip``,
 ``power``) keep float weights: 32 bits.
@@ -53,8 +58,8 @@ from qtrain.quant.rounding import check_rounding, round_values
 from qtrain.quant.size import entropy_bits
 
 PROJECTIONS = ("none", "binary", "stochastic_binary", "kquant", "power", "clip",
-               "mult_noise", "add_noise")
-STOCHASTIC = ("stochastic_binary", "mult_noise", "add_noise")
+               "mult_noise", "add_noise", "stochastic_multiply")
+STOCHASTIC = ("stochastic_binary", "mult_noise", "add_noise", "stochastic_multiply")
 SCALES = ("max_abs", "mean_abs", "none")
 GRANULARITIES = ("layer", "weight")
 FLOAT_BITS = 32.0
@@ -137,6 +142,25 @@ def add_noise(w: torch.Tensor, sigma: float, generator=None) -> torch.Tensor:
     return w + sigma * std * _normal(w, generator)
 
 
+def check_gamma(gamma) -> float:
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma={gamma}; allowed: 0 < gamma < 1")
+    return gamma
+
+
+def stochastic_multiply(w: torch.Tensor, gamma: float = 0.5, generator=None) -> torch.Tensor:
+    """w u, u ~ U[gamma, 1 / gamma] per weight."""
+    check_gamma(gamma)
+    u = torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+    return w * (gamma + (1.0 / gamma - gamma) * u)
+
+
+def uniform_factor_moments(gamma: float) -> tuple[float, float]:
+    """(E[u], Var[u]) of u ~ U[gamma, 1 / gamma]."""
+    lo, hi = gamma, 1.0 / gamma
+    return (lo + hi) / 2, (hi - lo) ** 2 / 12
+
+
 def check_levels(levels) -> int:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels={levels!r}; allowed: an int >= 2")
@@ -145,7 +169,7 @@ def check_levels(levels) -> int:
 
 def project(w: torch.Tensor, projection: str, *, scale: str = "max_abs", levels: int = 3,
             beta: float = 0.5, clip_value: float = 1.0, sigma: float = 0.5,
-            rounding: str = "nearest", generator=None) -> torch.Tensor:
+            gamma: float = 0.5, rounding: str = "nearest", generator=None) -> torch.Tensor:
     """``projection`` of ``w`` (values only, no gradient rule: see the quantizer)."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection={projection!r}; allowed: {PROJECTIONS}")
@@ -157,6 +181,8 @@ def project(w: torch.Tensor, projection: str, *, scale: str = "max_abs", levels:
         return mult_noise(w, sigma, generator)
     if projection == "add_noise":
         return add_noise(w, sigma, generator)
+    if projection == "stochastic_multiply":
+        return stochastic_multiply(w, gamma, generator)
     alpha = layer_scale(w, scale)
     if projection == "binary":
         return binarize(w, alpha)
@@ -188,8 +214,9 @@ def gaussian_channel_bits(signal_var: float, noise_var: float) -> float:
 
 
 def effective_bits(w: torch.Tensor, projection: str, *, scale: str = "max_abs",
-                   levels: int = 3, sigma: float = 0.5, rounding: str = "nearest",
-                   generator=None, codes: torch.Tensor | None = None) -> float:
+                   levels: int = 3, sigma: float = 0.5, gamma: float = 0.5,
+                   rounding: str = "nearest", generator=None,
+                   codes: torch.Tensor | None = None) -> float:
     """Effective bits per weight of ``w`` under ``projection`` (module docstring). ``codes``:
     the drawn codes of a discrete projection (drawn here from ``generator`` if not given)."""
     if projection not in PROJECTIONS:
@@ -211,4 +238,8 @@ def effective_bits(w: torch.Tensor, projection: str, *, scale: str = "max_abs",
     if projection == "mult_noise":
         var, power_ = float(w.var(unbiased=False)), float((w**2).mean())
         return min(FLOAT_BITS, gaussian_channel_bits(var, sigma**2 * power_))
+    if projection == "stochastic_multiply":
+        mean_u, var_u = uniform_factor_moments(check_gamma(gamma))
+        var, power_ = float(w.var(unbiased=False)), float((w**2).mean())
+        return min(FLOAT_BITS, gaussian_channel_bits(mean_u**2 * var, var_u * power_))
     return FLOAT_BITS

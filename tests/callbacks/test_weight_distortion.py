@@ -69,7 +69,8 @@ def test_quantizer_forward_is_the_projection_and_the_gradient_reaches_the_float_
     assert torch.equal(w.detach(), before)  # the float weight is never overwritten
 
 
-@pytest.mark.parametrize("projection", ["stochastic_binary", "mult_noise", "add_noise"])
+@pytest.mark.parametrize("projection", ["stochastic_binary", "mult_noise", "add_noise",
+                                        "stochastic_multiply"])
 def test_random_training_draw_changes_every_step_and_test_draw_is_fixed(projection):
     w = nn.Parameter(torch.randn(8, 8))
     w0 = w.detach().clone()
@@ -160,9 +161,9 @@ def test_trainer_float_training_only_tested_distorted():
             assert set(torch.unique(out).tolist()) <= {-alpha, 0.0, alpha}
 
 
-def test_trainer_stochastic_rule_projects_some_steps_and_not_others():
+def test_trainer_mixture_projects_some_steps_and_not_others():
     module = Net()
-    cb = WeightDistortionCallback(train={"projection": "stochastic_rule", "rule": "binary",
+    cb = WeightDistortionCallback(train={"projection": "mixture", "rule": "binary",
                                          "p": 0.5}, clip_weights=None, seed=1)
     calls = []
     tr = trainer(max_epochs=5, callbacks=[cb], limit_val_batches=0)
@@ -182,7 +183,8 @@ def test_trainer_stochastic_rule_projects_some_steps_and_not_others():
 
 @pytest.mark.parametrize("kw, match", [
     ({"train": {"projection": "ternary"}}, r"quant\.train\.projection='ternary'; allowed"),
-    ({"test": {"projection": "stochastic_rule"}}, r"quant\.test\.projection=.*training-only"),
+    ({"test": {"projection": "mixture"}}, r"quant\.test\.projection=.*training-only"),
+    ({"train": {"projection": "stochastic_multiply", "gamma": 1.5}}, r"quant\.train\.gamma"),
     ({"train": {"projection": "kquant", "levels": 1}}, r"quant\.train\.levels"),
     ({"train": {"sigma": -1}}, r"quant\.train\.sigma=-1; allowed: >= 0"),
     ({"train": {"levles": 3}}, r"quant\.train: keys \['levles'\] unknown"),

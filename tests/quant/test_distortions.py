@@ -136,6 +136,32 @@ def test_add_noise_moments_relative_to_layer_std():
     assert abs(np.corrcoef(noise, w.numpy())[0, 1]) < 0.01  # independent of the weight
 
 
+def test_stochastic_multiply_factor_is_uniform_on_gamma_to_one_over_gamma():
+    # P(w) / w = u ~ U[gamma, 1 / gamma]: range, mean (gamma + 1/gamma) / 2 and variance
+    # (1/gamma - gamma)^2 / 12 of a uniform (numpy's formulas), a KS-style CDF check
+    w = torch.full((200000,), -0.3)
+    gamma = 0.5
+    u = (D.project(w, "stochastic_multiply", gamma=gamma, generator=gen()) / w).numpy()
+    assert u.min() >= gamma - 1e-6 and u.max() <= 1 / gamma + 1e-6
+    assert u.mean() == pytest.approx((gamma + 1 / gamma) / 2, abs=5 * 0.433 / np.sqrt(len(u)))
+    assert u.var() == pytest.approx((1 / gamma - gamma) ** 2 / 12, rel=0.01)
+    qs = np.quantile(u, [0.1, 0.5, 0.9])
+    np.testing.assert_allclose(qs, gamma + (1 / gamma - gamma) * np.array([0.1, 0.5, 0.9]),
+                               atol=0.01)
+    assert D.uniform_factor_moments(0.5) == pytest.approx((1.25, 1.5**2 / 12))
+    with pytest.raises(ValueError, match="gamma=1.0"):
+        D.project(w, "stochastic_multiply", gamma=1.0)
+
+
+def test_effective_bits_of_stochastic_multiply_by_numpy():
+    w = weights(5000, seed=10) + 0.1
+    a = w.numpy().astype(np.float64)
+    g = 0.5
+    m, v = (g + 1 / g) / 2, (1 / g - g) ** 2 / 12
+    ref = 0.5 * np.log2(1 + m**2 * a.var() / (v * (a**2).mean()))
+    assert D.effective_bits(w, "stochastic_multiply", gamma=g) == pytest.approx(ref, rel=1e-9)
+
+
 @pytest.mark.parametrize("granularity", ["layer", "weight"])
 def test_stochastic_mixture_rate(granularity):
     w = weights(1000, seed=6)
