@@ -9,7 +9,7 @@ OpenVINO read):
   ``PackedConv2d`` / ``PackedEmbedding``: uniform QAT / PTQ / LSQ / Q-BERT group-wise /
   calibrated / Quant-Noise int weights, Jacob et al. 2018 eq. (1) ``r = S (q - Z)``) are
   stored as integer initializers -- INT8 / UINT8 for 5..8-bit codes, INT4 / UINT4 (two codes
-  a byte) for 2..4-bit codes, signed for symmetric codes (no zero-point), unsigned with a
+  a byte) for 1..4-bit codes, signed for symmetric codes (no zero-point), unsigned with a
   zero-point of the same type for affine codes -- with their float32 scales, per output
   channel (``axis=0``) or per group of ``G`` consecutive inputs of a row (blocked
   quantization: ``axis=1, block_size=G`` on the ``(out, in)`` matrix; a convolution's weight
@@ -76,7 +76,7 @@ from qtrain.quant import uniform as U
 
 OPSET = 21
 DOMAIN = "qtrain_export"  # the placeholders' domain (none is left in the written file)
-SUPPORTED = ("packed 'uniform' weights with 2..8-bit codes and integer zero-points, per "
+SUPPORTED = ("packed 'uniform' weights with 1..8-bit codes and integer zero-points, per "
              "output channel or per group along the input (uniform QAT/PTQ, LSQ, Q-BERT "
              "group-wise, calibrated, Quant-Noise int8/int4); activation quantizers: "
              "UniformQuantizer per tensor with the EMA observer (static range)")
@@ -86,7 +86,7 @@ SUPPORTED = ("packed 'uniform' weights with 2..8-bit codes and integer zero-poin
 def _weight_problem(m: PackedLinear) -> str | None:
     if m.fmt != "uniform":
         return f"packed format {m.fmt!r}"
-    if not 2 <= int(m.bits) <= 8:
+    if not 1 <= int(m.bits) <= 8:
         return f"{m.bits}-bit codes"
     zeros = getattr(m, "zeros", None)
     if not m.symmetric and (zeros is None or zeros.dtype != torch.uint8):
@@ -141,14 +141,20 @@ def weight_codes(m: PackedLinear) -> dict:
     per output channel)."""
     import onnx
 
+    T = onnx.TensorProto
     u = L.unpack_codes(m.packed, L.container_bits(m.bits), m.in_features)
     narrow = m.bits <= 4
     if m.symmetric:
         codes, zp = u - 2 ** (m.bits - 1), None
-        t = onnx.TensorProto.INT4 if narrow else onnx.TensorProto.INT8
+        t = T.INT4 if narrow else T.INT8
     else:
         codes, zp = u, m.zeros.to(torch.int64)
-        t = onnx.TensorProto.UINT4 if narrow else onnx.TensorProto.UINT8
+        t = T.UINT4 if narrow else T.UINT8
+    lo, hi = {T.INT8: (-128, 127), T.UINT8: (0, 255), T.INT4: (-8, 7), T.UINT4: (0, 15)}[t]
+    for what, v in (("codes", codes), ("zero-points", zp)):
+        if v is not None and v.numel() and not (lo <= int(v.min()) and int(v.max()) <= hi):
+            raise ConfigError(f"ONNX export: {what} of a {m.bits}-bit layer outside "
+                              f"[{lo}, {hi}] ({T.DataType.Name(t)})")
     ng = m.scales.shape[1]
     return {"codes": codes, "scale": m.scales.float(), "zero_point": zp, "onnx_type": t,
             "group_size": None if ng == 1 else m.in_features // ng}

@@ -253,3 +253,28 @@ def test_cli_subprocess(tmp_path):
                           "--out", str(tmp_path / "n.onnx")], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+def test_embedding_table_becomes_dequantize_gather(tmp_path):
+    """A uniform per-row int8 embedding (QAT types [Embedding]) -> UINT8 table + zero-points,
+    DequantizeLinear -> Gather; token ids in, the fake-quant model's vectors out exactly."""
+    from torch import nn
+
+    from qtrain.nn.fake_quant import QuantEmbedding
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 16)
+    model = nn.Sequential(QuantEmbedding.from_float(emb, UniformQuantizer(
+        8, symmetric=False, granularity="channel")), nn.Flatten(), nn.Linear(48, 4)).eval()
+    ids = torch.randint(0, 50, (7, 3))
+    packed = pack_model(model, backend="torch")
+    save_onnx(packed, ids[:1], tmp_path / "e.onnx")
+    g = onnx.load(str(tmp_path / "e.onnx")).graph
+    inits = {i.name: i for i in g.initializer}
+    assert inits["0.weight_quantized"].data_type == T.UINT8
+    assert [n.op_type for n in g.node][:2] == ["DequantizeLinear", "Gather"]
+    with torch.no_grad():
+        ref = model(ids)
+        w = model[0].weight_quantizer(model[0].weight).numpy()
+    np.testing.assert_array_equal(dequantized(inits, "0"), w)
+    torch.testing.assert_close(run_onnx(tmp_path / "e.onnx", ids), ref, rtol=1e-6, atol=1e-6)
