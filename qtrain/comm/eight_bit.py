@@ -58,7 +58,14 @@ class EightBitState:
         self.format, self.normalize, self.chunk_size = format, normalize, chunk_size
         self.process_group = process_group
         self.table: CodeTable = make_table(format)
+        self._tables: dict = {}  # device -> the table there (moved once, not per bucket)
         self.reset()
+
+    def table_on(self, device) -> CodeTable:
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = self.table.to(device)
+        return self._tables[key]
 
     def reset(self) -> None:
         self.bytes_sent = self.bytes_fp32 = self.bytes_received = self.buckets = 0
@@ -96,7 +103,7 @@ def eight_bit_hook(state: "EightBitState", bucket) -> torch.futures.Future[torch
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
     lengths = state.lengths(bucket).to(buffer.device)
-    table = state.table.to(buffer.device)
+    table = state.table_on(buffer.device)
     codes, scales = quantize(buffer.detach(), table, lengths)
     n = codes.numel()
     payload = torch.cat([codes, scales.view(torch.uint8)])
