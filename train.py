@@ -17,4 +17,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from qtrain.config_schema import exit_on_bad_argv
+
+    exit_on_bad_argv(sys.argv[1:])  # an unknown recipe / group option / key: "did you mean"
     sys.exit(main())

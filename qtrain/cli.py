@@ -16,10 +16,15 @@ killed without warning (SIGKILL, OOM)  -           ``RUNNING`` left behind (its 
 second run can never write into a directory in use. In a multirun (``-m``) a failing job
 writes its ``FAILED`` and the sweep goes on with the next job (see
 :mod:`qtrain.sweep_status`); a stopping signal stops the whole sweep.
+
+The config is checked (:func:`qtrain.validation.check_config`, :mod:`qtrain.config_schema`)
+before torch and the training code are imported: a bad value costs well under a second, not
+the seconds of ``import torch``. This module imports neither at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -30,7 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from qtrain import signals
+from qtrain import validation
 from qtrain.errors import ConfigError, QtrainError
 
 LOCK = "RUNNING"
@@ -153,9 +158,13 @@ def _failed_text(e: BaseException, user: QtrainError | None) -> str:
     return describe(e) + "\n\n" + "\n".join(tb[-TRACEBACK_LINES:])
 
 
-def run_or_report(cfg: DictConfig):
-    from qtrain.run import train
+def _signals():
+    from qtrain import signals  # imports pytorch_lightning: only once the config is checked
 
+    return signals
+
+
+def run_or_report(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     with open_dict(cfg):
@@ -163,11 +172,20 @@ def run_or_report(cfg: DictConfig):
     run_dir = cfg.paths.output_dir
     lock = None
     try:
-        with signals.handling():
+        validation.check_config(cfg)  # before torch is imported: a bad value fails in < 1 s
+        bad = None
+    except Exception as e:  # reported below as always (lock, FAILED); bad input: torch-free
+        bad = e
+    try:
+        with contextlib.nullcontext() if bad is not None else _signals().handling():
             lock = acquire(run_dir)
             for stale in MARKERS:  # a rerun into the same directory (after a kill)
                 if os.path.exists(os.path.join(run_dir, stale)):
                     os.remove(os.path.join(run_dir, stale))
+            if bad is not None:
+                raise bad
+            from qtrain.run import train
+
             summary = train(cfg)
     except BaseException as e:
         if lock is None and _rank_zero() and isinstance(e, QtrainError):  # another run's dir
@@ -175,7 +193,8 @@ def run_or_report(cfg: DictConfig):
             if multirun:
                 return None
             sys.exit(2)
-        if signals.is_stop(e):
+        if not isinstance(e, QtrainError) and _signals().is_stop(e):
+            signals = _signals()
             marker, rc, msg = signals.outcome(e)
             write_marker(run_dir, marker, f"{marker}: {msg}")
             print(f"{marker.lower()}: {msg} (run dir: {run_dir})", file=sys.stderr, flush=True)
