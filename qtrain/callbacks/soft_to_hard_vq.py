@@ -121,6 +121,9 @@ class SoftToHardVQCallback(QATCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
+            if trainer.max_epochs is None or int(trainer.max_epochs) < 1:
+                raise ConfigError(f"quant (soft-to-hard VQ): the sigma schedule and hard_epochs "
+                                  f"need trainer.max_epochs >= 1, got {trainer.max_epochs}")
             hook = getattr(pl_module, "loss_hook", None)
             if hook is not None and hook != self.loss_hook:
                 raise ConfigError("quant (soft-to-hard VQ): the LightningModule's loss_hook is "

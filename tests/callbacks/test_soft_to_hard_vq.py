@@ -196,3 +196,7 @@ def test_bad_settings():
     with pytest.raises(ConfigError, match="sigma_units"):
         SoftToHardVQCallback(sigma_units="relative")
     assert math.isfinite(SoftToHardVQCallback().sigma_at(5, 10))
+    cb = SoftToHardVQCallback(bits=2, first_last="quantize")
+    module = ImageClassifier(Net(), num_classes=4)
+    with pytest.raises(ConfigError, match="max_epochs >= 1"):
+        trainer(max_epochs=-1, max_steps=3, callbacks=[cb]).fit(module, image_loader(n=16))
