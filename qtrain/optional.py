@@ -60,6 +60,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "faiss": ("faiss", "faiss-cpu"),
     "onnx": ("onnx", "onnx"),
     "onnxruntime": ("onnx", "onnxruntime"),
+    "optuna": ("optuna", "optuna"),
 }
 
 # ``_target_`` prefix in the composed config -> (import name, what needs it)

@@ -1,0 +1,219 @@
+"""A Hydra sweeper that searches bit widths and method knobs with Optuna (issue 13 item 5).
+
+``python train.py -m hparams_search=qat_bits_digits`` (or ``hydra/sweeper=qtrain_optuna`` plus
+``hydra.sweeper.*``): every trial is a normal qtrain run (its own job dir, summary.json,
+checkpoints, loggers) launched through the configured Hydra launcher (local, or SLURM with
+``hydra/launcher=slurm``) in batches of ``n_jobs``; Optuna's ask/tell API proposes the next
+overrides from the finished trials' ``summary.json``.
+
+- ``objectives``: ``{summary key: maximize|minimize}`` (or a list ``[key:direction, ...]``,
+  which replaces the config's on the command line); one key = single objective (TPE by
+  default), several = multi-objective (NSGA-II by default), e.g. accuracy vs size.
+- ``constraints``: ``{summary key: upper bound}``, e.g. ``{quant_mb: 0.05}`` (a size budget;
+  or a list ``['quant_mb<=0.05']``, quoted on the command line):
+  Optuna constraints (``value - bound <= 0`` feasible), used by the TPE / NSGA-II samplers
+  and by ``best_trial(s)``.
+- ``params``: the search space in Hydra's sweep grammar (:mod:`qtrain.search_space`); sweep
+  overrides on the command line are searched too, plain overrides are passed to every trial.
+- a trial whose run fails (no summary.json) is told FAIL and the search goes on.
+
+Results in the sweep dir: ``optuna_trials.csv`` (one row per trial: number, state, params,
+values, constraint values, job dir) and ``optimization_results.yaml`` (the best feasible
+trial, or the Pareto front for several objectives). Hydra's own multirun summary
+(``qtrain.sweep_summary``: summary.csv and the Pareto plot) still runs at the end.
+
+The plugin is ours (not ``hydra-optuna-sweeper``, which is not installable here and pins an
+old Optuna); it uses only Optuna's public ask/tell API.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import Any
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from qtrain import search_space as S
+from qtrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+
+
+class QtrainOptunaSweeper(Sweeper):
+    def __init__(self, objectives: Any, n_trials: int = 20, n_jobs: int = 1,
+                 sampler: str | None = None, seed: int = 0, constraints: Any = None,
+                 params: Any = None, study_name: str = "qtrain", storage: str | None = None):
+        from qtrain.optional import require
+
+        require("optuna", "hydra/sweeper=qtrain_optuna (hparams_search=...)")
+        self.objectives = S.check_objectives(_plain(objectives))
+        if int(n_trials) < 1 or int(n_jobs) < 1:
+            raise ConfigError(f"hydra.sweeper: n_trials={n_trials}, n_jobs={n_jobs}; both >= 1")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ConfigError(f"hydra.sweeper.sampler={sampler!r}; allowed: {SAMPLERS}")
+        self.n_trials, self.n_jobs, self.seed = int(n_trials), int(n_jobs), int(seed)
+        self.sampler_name = sampler or ("tpe" if len(self.objectives) == 1 else "nsga2")
+        self.constraints = S.check_constraints(_plain(constraints))
+        self.params = {k: str(v) for k, v in (_plain(params) or {}).items()}
+        self.study_name, self.storage = study_name, storage
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # ----------------------------------------------------------------------------- Optuna
+    def _sampler(self, space: dict):
+        import optuna
+
+        if self.sampler_name == "random":
+            return optuna.samplers.RandomSampler(seed=self.seed)
+        if self.sampler_name == "grid":
+            grid = {}
+            for k, d in space.items():
+                if not isinstance(d, optuna.distributions.CategoricalDistribution):
+                    raise ConfigError(f"hydra.sweeper.sampler=grid: {k} must be choice(...)")
+                grid[k] = list(d.choices)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+            return _AskTellGrid(grid, seed=self.seed)
+        cons = _constraints if self.constraints else None
+        if self.sampler_name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=cons)
+        return optuna.samplers.TPESampler(seed=self.seed, constraints_func=cons)
+
+    def sweep(self, arguments: list[str]) -> list:
+        import optuna
+        from optuna.trial import TrialState
+
+        assert self.config is not None and self.launcher is not None
+        space, fixed = S.split_arguments(arguments, self.params)
+        if not space:
+            raise ConfigError("hydra.sweeper.params: no search space (give e.g. "
+                              "quant.bits: choice(2,3,4,8) or a sweep override on the command line)")
+        sweep_dir = self.config.hydra.sweep.dir
+        os.makedirs(sweep_dir, exist_ok=True)
+        study = optuna.create_study(
+            study_name=self.study_name, storage=self.storage, load_if_exists=True,
+            sampler=self._sampler(space),
+            directions=[d for d in self.objectives.values()])
+        log.info("Optuna search: %d trials, %s, objectives %s, constraints %s, space %s",
+                 self.n_trials, self.sampler_name, self.objectives, self.constraints,
+                 {k: str(v) for k, v in space.items()})
+        rows, returns, job_idx = [], [], 0
+        while job_idx < self.n_trials:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - job_idx))]
+            batch = [fixed + [f"{k}={_value(v)}" for k, v in t.params.items()] for t in trials]
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=job_idx)
+            for trial, ret in zip(trials, results):
+                job_dir = str(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
+                                               default="") or "") if ret.hydra_cfg else ""
+                summary = S.read_summary(job_dir) if job_dir else None
+                row = {"number": trial.number, "job_dir": job_dir, **trial.params}
+                if summary is None:
+                    study.tell(trial, state=TrialState.FAIL)
+                    row["state"] = "FAIL"
+                else:
+                    values = S.objective_values(summary, self.objectives)
+                    cons = [float(summary.get(k, float("inf")) or float("inf")) - b
+                            for k, b in self.constraints.items()]
+                    trial.set_user_attr("constraint", cons)
+                    trial.set_user_attr("job_dir", job_dir)
+                    study.tell(trial, values)
+                    row.update({"state": "COMPLETE", **{k: summary.get(k) for k in self.constraints},
+                                **dict(zip(self.objectives, values)),
+                                "feasible": all(c <= 0 for c in cons)})
+                rows.append(row)
+                returns.append(ret)
+            job_idx += len(trials)
+            _write_trials(os.path.join(sweep_dir, "optuna_trials.csv"), rows)
+        best = _best(study, self.objectives, self.constraints)
+        OmegaConf.save(OmegaConf.create(best), os.path.join(sweep_dir, "optimization_results.yaml"))
+        log.info("Optuna search done: %s", best)
+        return returns
+
+
+def _ask_tell_grid():
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        """Optuna's grid sampler calls ``study.stop()`` once the grid is done, which only
+        works inside ``study.optimize``; with ask/tell the sweep stops by itself after
+        ``n_trials`` (capped at the grid size)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return AskTellGrid
+
+
+def _AskTellGrid(grid, seed):  # noqa: N802 (a class built on first use: optuna imported lazily)
+    return _ask_tell_grid()(grid, seed=seed)
+
+
+def _constraints(trial) -> list[float]:
+    return trial.user_attrs.get("constraint", [float("inf")])
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _value(v: Any) -> str:
+    return repr(v) if isinstance(v, str) and "," in v else str(v)
+
+
+def _feasible(t) -> bool:
+    return all(c <= 0 for c in t.user_attrs.get("constraint", []))
+
+
+def _best(study, objectives: dict, constraints: dict) -> dict:
+    from optuna.trial import TrialState
+
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and _feasible(t)]
+    out: dict[str, Any] = {"objectives": objectives, "constraints": constraints,
+                           "n_trials": len(study.trials), "n_feasible": len(done)}
+    if not done:
+        out["best"] = None
+        return out
+
+    def describe(t):
+        return {"number": t.number, "params": dict(t.params),
+                "values": dict(zip(objectives, t.values)), "job_dir": t.user_attrs.get("job_dir")}
+
+    if len(objectives) == 1:
+        sign = 1 if next(iter(objectives.values())) == "maximize" else -1
+        out["best"] = describe(max(done, key=lambda t: sign * t.values[0]))
+    else:
+        signs = [1 if d == "maximize" else -1 for d in objectives.values()]
+
+        def dominated(a, b):  # b is at least as good everywhere and better somewhere
+            pairs = [(s * va, s * vb) for s, va, vb in zip(signs, a.values, b.values)]
+            return all(vb >= va for va, vb in pairs) and any(vb > va for va, vb in pairs)
+
+        out["pareto_front"] = [describe(t) for t in done
+                               if not any(dominated(t, o) for o in done if o is not t)]
+    return out
+
+
+def _write_trials(path: str, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,119 @@
+"""The Optuna bit-width search (issue 13 item 5): Hydra sweep grammar -> Optuna distributions,
+the best feasible trial / Pareto front against brute force and Optuna's own, and a real
+``train.py -m hparams_search=...`` sweep whose size budget decides the winner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+from optuna.distributions import (  # noqa: E402
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from hydra_plugins.qtrain_optuna_sweeper.qtrain_optuna_sweeper import (  # noqa: E402
+    QtrainOptunaSweeper,
+    _best,
+)
+from qtrain import search_space as S  # noqa: E402
+from qtrain.errors import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_grammar_to_distributions():
+    space, fixed = S.split_arguments(
+        ["quant.bits=choice(2,4,8)", "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
+         "seed=3"],
+        {"quant.act_bits": "range(2,9,2)", "quant_start_epoch": "int(interval(1, 5))",
+         "quant.bits": "choice(3)"})
+    assert space["quant.bits"] == CategoricalDistribution([2, 4, 8])  # command line wins
+    assert space["quant.act_bits"] == IntDistribution(2, 8, step=2)  # Hydra: end excluded
+    assert space["quant_start_epoch"] == IntDistribution(1, 5)
+    assert space["optimizer.lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert fixed == ["seed=3"]
+
+
+@pytest.mark.parametrize("bad", ["shuffle(range(1,4))", "range(5,2)"])
+def test_bad_search_space_is_one_config_error(bad):
+    with pytest.raises(ConfigError, match="quant.bits"):
+        S.split_arguments([f"quant.bits={bad}"], {})
+
+
+def test_bad_sweeper_settings():
+    with pytest.raises(ConfigError, match="maximize"):
+        QtrainOptunaSweeper(objectives={"quant_metric": "max"})
+    with pytest.raises(ConfigError, match="allowed"):
+        QtrainOptunaSweeper(objectives={"quant_metric": "maximize"}, sampler="cmaes")
+    with pytest.raises(ConfigError, match="quant_mb<=0.05"):
+        S.check_constraints(["quant_mb=0.05"])
+    assert S.check_constraints(["quant_mb <= 0.05"]) == {"quant_mb": 0.05}
+    assert S.check_objectives(["a:maximize", "b: minimize"]) == {"a": "maximize", "b": "minimize"}
+    with pytest.raises(ConfigError, match="no value for 'acc'.*quant_metric"):
+        S.objective_values({"quant_metric": 0.9, "recipe": "x"}, {"acc": "maximize"})
+
+
+def _study(points, directions):
+    study = optuna.create_study(directions=directions)
+    for i, (values, cons) in enumerate(points):
+        study.add_trial(optuna.trial.create_trial(
+            params={"quant.bits": i}, distributions={"quant.bits": IntDistribution(0, 99)},
+            values=values, user_attrs={"constraint": cons}))
+    return study
+
+
+def test_best_feasible_and_pareto_front_vs_brute_force():
+    import random
+
+    rng = random.Random(0)
+    pts = [([rng.random(), rng.random()], [rng.random() - 0.3]) for _ in range(60)]
+    res = _best(_study(pts, ["maximize", "minimize"]),
+                {"acc": "maximize", "mb": "minimize"}, {"mb": 0.3})
+    feas = [i for i, (_, c) in enumerate(pts) if c[0] <= 0]
+    front = {i for i in feas if not any(
+        pts[j][0][0] >= pts[i][0][0] and pts[j][0][1] <= pts[i][0][1] and pts[j][0] != pts[i][0]
+        for j in feas)}
+    assert {t["number"] for t in res["pareto_front"]} == front and res["n_feasible"] == len(feas)
+    # without constraints the front is Optuna's own best_trials
+    free = [(v, [-1.0]) for v, _ in pts]
+    study = _study(free, ["maximize", "minimize"])
+    res = _best(study, {"acc": "maximize", "mb": "minimize"}, {})
+    assert {t["number"] for t in res["pareto_front"]} == {t.number for t in study.best_trials}
+    # one objective: the best feasible value, not the best overall
+    one = [([0.9], [0.5]), ([0.7], [-0.1]), ([0.8], [0.0])]
+    assert _best(_study(one, ["maximize"]), {"acc": "maximize"}, {"mb": 1})["best"]["number"] == 2
+
+
+def test_real_search_the_size_budget_picks_the_winner(tmp_path):
+    """A real two-trial grid search over quant.bits {2, 8} that MAXIMISES size under a budget
+    between the two models' sizes: only the budget can make the 2-bit model win."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=qat_bits_digits",
+           "debug=smoke", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=2",
+           "~hydra.sweeper.params", "quant.bits=choice(2,8)",
+           "hydra.sweeper.objectives=[quant_mb:maximize]",
+           "hydra.sweeper.constraints=['quant_mb<=0.0035']", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "optuna_trials.csv")))
+    assert sorted(int(r["quant.bits"]) for r in rows) == [2, 8]
+    for r in rows:  # the values told to Optuna are the jobs' own summaries
+        s = json.load(open(Path(r["job_dir"]) / "summary.json"))
+        assert float(r["quant_mb"]) == pytest.approx(s["quant_mb"])
+        assert (r["feasible"] == "True") == (s["quant_mb"] <= 0.0035)
+    import yaml
+
+    best = yaml.safe_load(open(sweep / "optimization_results.yaml"))["best"]
+    assert best["params"]["quant.bits"] == 2
+    sizes = {int(r["quant.bits"]): float(r["quant_mb"]) for r in rows}
+    assert sizes[8] > 0.0035 >= sizes[2]  # the budget really separates them
