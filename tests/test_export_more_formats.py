@@ -79,6 +79,8 @@ CASES = {
     "fp8_training_chunked": (lambda: FP8TrainingQuantizer(fmt="e4m3", accumulation="chunked"),
                              "float", 1e-3),  # packed: fp32 GEMM, fake-quant: fp16 chunks
     "s2fp8": (lambda: S2FP8Quantizer(), "float", 0),
+    "fp8_training_s2fp8": (lambda: FP8TrainingQuantizer(fmt="s2fp8", grad_fmt="s2fp8"), "float",
+                           0),  # S2FP8 training (Cambier 2020): E5M2 codes + alpha / beta
     "calibrated": (lambda: CalibratedQuantizer(4, "minmax"), "uniform", 0),
     "calibrated_aciq_affine": (lambda: CalibratedQuantizer(8, "aciq", symmetric=False), "uniform",
                              0),

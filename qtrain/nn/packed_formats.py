@@ -443,6 +443,14 @@ def _s2fp8(wq, w, flat, bias, backend, scale_dtype):
                        s2fp8=(alpha, beta)), None
 
 
+def _fp8_training(wq, w, flat, bias, backend, scale_dtype, ref=None):
+    """FP8 training's weights: a plain FP8 dtype, or S2FP8 (``fmt='s2fp8'``, Cambier 2020)
+    stored as E5M2 codes plus the tensor's alpha / beta."""
+    if wq.fmt == "s2fp8":
+        return _s2fp8(wq, w, flat, bias, backend, scale_dtype)
+    return _float(wq, w, flat, bias, backend, scale_dtype, ref=ref)
+
+
 def _calibrated(wq, w, flat, bias, backend, scale_dtype):
     if wq.calibrating:
         raise ValueError("still calibrating (calibrating=True); freeze() it first")
@@ -473,7 +481,7 @@ PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _tt
            PolinoDifferentiableQuantizer: _polino, SoftToHardVQ: _soft_to_hard,
            BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
            FixedPointQuantizer: _fixed,
-           FloatQuantizer: _float, FP8TrainingQuantizer: _float, S2FP8Quantizer: _s2fp8,
+           FloatQuantizer: _float, FP8TrainingQuantizer: _fp8_training, S2FP8Quantizer: _s2fp8,
            CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
            KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
            ABCWeightQuantizer: _abc,
@@ -505,7 +513,7 @@ def pack_weight(weight: torch.Tensor, wq, name: str, bias=None, backend: str = "
     with _Nearest(wq):
         ref = _eval_weight(wq, weight)
         flat = weight.detach().float().reshape(weight.shape[0], -1)
-        kw = {"ref": ref} if fn is _float else {}
+        kw = {"ref": ref} if fn in (_float, _fp8_training) else {}
         try:
             packed, tol = fn(wq, weight.detach().float(), flat, bias, backend, scale_dtype,
                              **kw)
