@@ -47,6 +47,15 @@ passes ``onnx.checker`` with full shape inference. The file records the per-laye
 and the run's recipe / method / bits as ``metadata_props`` (``qtrain.layers``,
 ``qtrain.run``).
 
+Speed: the graph computes what the trained model computed -- quantized layer *inputs*, float
+outputs -- so onnxruntime's CPU provider finds no DQ -> Conv -> Q group to run in integer
+kernels, and by default keeps each weight's ``DequantizeLinear`` in the graph (which also
+keeps it from pre-packing the weights and folding BatchNorm): measured ~1.9x (batch 64) and
+6-20x (batch 1) slower than the fp32 ONNX of the same network on ResNet-20 (shared 2-core
+VM); the session option ``session.disable_quant_qdq=1`` constant-folds the weights at load
+and brings batch 64 to ~1.15x (``benchmarks/onnx_export.py``). The file is the interchange format (int8 / int4 storage,
+exact weights); integer execution is up to the runtime.
+
 CLI: ``python -m qtrain.export_onnx <run dir | model_packed.safetensors> --out model.onnx``
 (the run's ``config_resolved.yaml`` gives the architecture, ``--input-shape 1,1,8,8`` the
 example input when the run's data cannot be built in smoke mode); ``train.py ... export=true
