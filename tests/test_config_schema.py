@@ -401,6 +401,12 @@ def test_unknown_names_suggest_the_closest(argv, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+def test_one_regex_is_a_pattern_list(hydra_conf):
+    check_config(_compose(["quant.include=fc.*", "quant.exclude=null"]))  # as_patterns
+    with pytest.raises(ConfigError, match=r"quant.include\[0\]=3: allowed: a string"):
+        check_config(_compose(["quant.include=[3]"]))
+
+
 @pytest.mark.parametrize("argv", [
     ["quant.bits=4", "recipe=pact_w4a4_resnet20_cifar10"],
     ["-m", "quant.bits=2,3,4", "debug=smoke"],

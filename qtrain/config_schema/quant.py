@@ -29,7 +29,7 @@ UNITS = Literal["epoch", "step"]  # qtrain.callbacks.inq.UNITS / ipq.UNITS
 KMEANS_INITS = Literal["random", "linear"]  # qtrain.quant.kmeans.INITS
 ROUNDINGS = Literal["nearest", "stochastic", "truncate"]  # qtrain.quant.rounding.ROUNDING_MODES
 SEED = Int(ge=0)
-PATTERNS = list[str]
+PATTERNS = str | list[str] | None  # one regex, or a list (qtrain.nn.convert.as_patterns)
 
 
 # ---- quantizers (quant.weight / quant.act) ----------------------------------------------
