@@ -32,8 +32,9 @@ row per run, and a ready ``Measured`` paragraph per recipe), ``results.json``, `
 reports, the run's stdout log) and ``fp32_resnet20_cifar10_last.ckpt`` (the phase-1 weights, to
 ship as recipes/weights/ if good). A kill at any moment leaves the last refresh.
 
-``--scale tiny`` is the CPU test of the same path (tests/test_gpu_campaign.py): CPU, fp32,
-batch 32, 2 training batches, 1 epoch per run, 1 validation / test batch.
+``--scale tiny`` is the CPU test of the same path (tests/test_gpu_campaign.py): CPU (fp32 unless
+``--precision`` says otherwise), batch 32, 2 training batches, 1 epoch per run, 1 validation /
+test batch.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def common_overrides(a, name: str, max_epochs: int) -> list[str]:
           f"hydra.run.dir={Path(a.work) / 'runs' / name}", "trainer.enable_progress_bar=false",
           "logger=csv"]
     if a.scale == "tiny":
-        return ov + ["trainer=cpu", "trainer.precision=32-true", "data.batch_size=32",
+        return ov + ["trainer=cpu", f"trainer.precision={a.precision}", "data.batch_size=32",
                      "data.eval_batch_size=64", "trainer.limit_train_batches=2",
                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                      "trainer.log_every_n_steps=1"]
@@ -209,8 +210,11 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     out = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("val_acc"):
-                out[int(float(row["epoch"]))] = float(row["val_acc"])
+            try:  # (the logger may be writing its last line)
+                if row.get("val_acc"):
+                    out[int(float(row["epoch"]))] = float(row["val_acc"])
+            except (TypeError, ValueError):
+                continue
     return sorted(out.items())
 
 
@@ -235,7 +239,7 @@ def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def measured_text(r: dict, machine: str) -> str:
+def measured_text(r: dict, machine: str, tiny: bool = False) -> str:
     s = r.get("summary")
     curve = r["val_acc"]
     ep = r["epoch_s"]
@@ -248,7 +252,8 @@ def measured_text(r: dict, machine: str) -> str:
            if done is not None and done < r["max_epochs"] else "")
     if r["role"] == "fp32":
         pts = ", ".join(f"{pct(v)} ({e + 1})" for e, v in curve[-4:])
-        return (f"{pct(s.get('fp32_metric'))} test (10k test images){cut}; val (epoch): {pts}; "
+        where = "tiny test data" if tiny else "the 10k test images"
+        return (f"{pct(s.get('fp32_metric'))} test ({where}){cut}; val (epoch): {pts}; "
                 f"{s.get('time_s', 0):.0f} s run{speed}; {machine}")
     return (f"FP32 start {pct(s.get('fp32_metric'))} -> quantized {pct(s.get('quant_metric'))} "
             f"test (float master weights {pct(s.get('float_weights_metric'))}){cut}; "
@@ -258,6 +263,7 @@ def measured_text(r: dict, machine: str) -> str:
 
 def render_md(meta: dict, rows: list[dict]) -> str:
     machine = meta.get("machine", "?")
+    tiny = meta.get("scale") == "tiny"
     lines = [f"# GPU campaign: {meta['started']} ({machine}, scale {meta['scale']})", "",
              f"Budget {meta['budget_s']:.0f} s from the script's start; elapsed "
              f"{meta['elapsed_s']:.0f} s{' (still running)' if not meta.get('done') else ''}. "
@@ -267,7 +273,7 @@ def render_md(meta: dict, rows: list[dict]) -> str:
     lines += ["| run | paper's result | schedule (this campaign) | measured (ours) | status |",
               "|---|---|---|---|---|"]
     for r in rows:
-        cells = [f"`{r['name']}`", r["paper"] or "-", r["schedule"], measured_text(r, machine),
+        cells = [f"`{r['name']}`", r["paper"] or "-", r["schedule"], measured_text(r, machine, tiny),
                  r["status"]]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     lines += ["", "## Measured paragraphs (for the recipe headers)", ""]
@@ -276,7 +282,7 @@ def render_md(meta: dict, rows: list[dict]) -> str:
             o for o in r["overrides"] if not o.startswith(("hydra.run.dir", "data.root")))
         lines += [f"### {r['name']}", "", f"Measured ({machine}, GPU campaign "
                   f"{meta['started']}; {r['schedule']}): {cmd.strip()} data.root=<cifar10 pickles>: "
-                  f"{measured_text(r, machine)}.", ""]
+                  f"{measured_text(r, machine, tiny)}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -291,10 +297,16 @@ def tar_runs(work: Path) -> bytes:
     buf = io.BytesIO()
     runs = work / "runs"
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        if runs.is_dir():
-            tar.add(runs, arcname="runs",
-                    filter=lambda ti: None if ("/checkpoints" in ti.name or ti.name.endswith(".ckpt")
-                                               or "/smoke_data" in ti.name) else ti)
+        for folder, dirs, files in os.walk(runs):
+            dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "smoke_data"))
+            for name in sorted(files):
+                path = Path(folder) / name
+                if name.endswith((".ckpt", ".tmp")):
+                    continue
+                try:  # a running job may replace or remove a file meanwhile
+                    tar.add(path, arcname=str(Path("runs") / path.relative_to(runs)))
+                except OSError:
+                    continue
     return buf.getvalue()
 
 
@@ -323,10 +335,8 @@ def plan_fp32(a, now: float, n_recipes: int) -> Run:
         "scheduler=step", f"scheduler.milestones=[{ms[0]},{ms[1]}]", "scheduler.gamma=0.1",
         f"optimizer.weight_decay={PAPER_WD}", "optimizer.lr=0.1", "optimizer.momentum=0.9",
         f"trainer.check_val_every_n_epoch={a.fp32_val_every if a.scale != 'tiny' else 1}"]
-    max_time = None
-    if a.scale != "tiny":
-        max_time = deadline - now - STARTUP_S - TEST_S
-        ov.append(f"++trainer.max_time={fmt_max_time(max_time)}")
+    max_time = max(10.0, deadline - now - STARTUP_S - TEST_S)
+    ov.append(f"++trainer.max_time={fmt_max_time(max_time)}")
     sched = (f"{epochs} epochs, batch 128, SGD lr 0.1 momentum 0.9 /10 at epochs {ms[0]} and "
              f"{ms[1]}, wd {PAPER_WD:g} (the paper's), {a.precision}, channels_last, tensor "
              f"data path, val every {a.fp32_val_every} epochs"
@@ -357,10 +367,8 @@ def plan_recipes(a, now: float, init: Path, fp32_epoch_s: float | None, meta: di
         epochs = a.ft_epochs or max(1, min(cap, int(train_s / ep_s)))
         ov = common_overrides(a, recipe, epochs) + [
             f"init_from={init}", "quant_start_epoch=0", f"optimizer.lr={a.ft_lr}"]
-        max_time = None
-        if a.scale != "tiny":
-            max_time = max(10.0, train_s)
-            ov.append(f"++trainer.max_time={fmt_max_time(max_time)}")
+        max_time = max(10.0, train_s)
+        ov.append(f"++trainer.max_time={fmt_max_time(max_time)}")
         sched = (f"fine-tune {epochs} epochs (recipe: {cap}) from {init.name if init != SHIPPED_FP32 else 'the shipped 30-epoch weights'} "
                  f"(init_from, quant_start_epoch=0), the recipe's optimizer and cosine schedule "
                  f"from lr {a.ft_lr}, {a.precision}, {n} runs at once on one GPU"
@@ -381,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="540 (tiny: 3600)")
     ap.add_argument("--t0", type=float, default=None, help="the campaign's start (epoch s)")
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
-    ap.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true", "16-mixed"))
+    ap.add_argument("--precision", default=None, choices=("bf16-mixed", "32-true", "16-mixed"),
+                    help="bf16-mixed (tiny: 32-true)")
     ap.add_argument("--fp32-epochs", type=int, default=None, help=f"{PAPER_EPOCHS} (tiny: 1)")
     ap.add_argument("--fp32-val-every", type=int, default=4)
     ap.add_argument("--recipe-reserve-s", type=float, default=150.0,
@@ -403,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = a.scale == "tiny"
     a.budget_s = a.budget_s or (3600.0 if tiny else 540.0)
     a.fp32_epochs = a.fp32_epochs or (1 if tiny else PAPER_EPOCHS)
+    a.precision = a.precision or ("32-true" if tiny else "bf16-mixed")
     a.ft_epochs = a.ft_epochs if a.ft_epochs is not None else (1 if tiny else 0)
     a.recipes = [r for r in a.recipes.split(",") if r]
     for r in [FP32, *a.recipes]:

@@ -68,7 +68,7 @@ fi
 mkdir -p /tmp/qtrain_path && ln -sfn "$PWD/kernels" /tmp/qtrain_path/qtrain_kernels
 export PYTHONPATH="$PWD:/tmp/qtrain_path:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
 
-{ date -u; uname -a; nproc; nvidia-smi 2>&1 | head -20; } > "$OUT/machine.txt" 2>&1
+{ date -u; uname -a; getconf _NPROCESSORS_ONLN; nvidia-smi 2>&1 | head -20; } > "$OUT/machine.txt" 2>&1
 # one import of torch (seconds): versions into machine.txt, the device's name into MACHINE
 MACHINE=$("$PY" -c "
 import sys, torch, pytorch_lightning as pl
@@ -76,7 +76,7 @@ name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'lightning', pl.__version__,
       'device', name, file=sys.stderr)
 print(name)" 2>> "$OUT/machine.txt")
-log "scale $SCALE on $MACHINE, $(nproc) cores"
+log "scale $SCALE on $MACHINE, $(getconf _NPROCESSORS_ONLN) cores"
 
 # CIFAR-10 in the pickle layout data=cifar10 reads
 DATA=${CAMPAIGN_DATA:-}
@@ -110,7 +110,7 @@ if [ "$SCALE" = full ] && command -v nvidia-smi >/dev/null; then
 fi
 
 ARGS=(--out "$OUT" --work "$WORK" --data-root "$DATA" --scale "$SCALE" --t0 "$T0"
-      --machine "$MACHINE, $(nproc) CPU cores$([ $MPS_STARTED = 1 ] && echo ', MPS')")
+      --machine "$MACHINE, $(getconf _NPROCESSORS_ONLN) CPU cores$([ $MPS_STARTED = 1 ] && echo ', MPS')")
 [ -n "${CAMPAIGN_BUDGET_S:-}" ] && ARGS+=(--budget-s "$CAMPAIGN_BUDGET_S")
 [ -n "${CAMPAIGN_RECIPES+x}" ] && ARGS+=(--recipes "$CAMPAIGN_RECIPES")
 [ -n "${CAMPAIGN_FT_EPOCHS:-}" ] && ARGS+=(--ft-epochs "$CAMPAIGN_FT_EPOCHS")

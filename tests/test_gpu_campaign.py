@@ -68,10 +68,16 @@ def write_real_format(folder: Path, n_train: int = 64, n_test: int = 40, seed: i
 
 
 def _read_with_qtrain(root: Path, train: bool):
-    from qtrain.data.vision import _SafeCIFAR10
+    """The split as data=cifar10 reads it (qtrain.data.vision._SafePickles: the restricted
+    unpickler and layout checks of qtrain.data.file_checks, files in torchvision's order)."""
+    from qtrain.data import file_checks as FC
 
-    ds = _SafeCIFAR10(str(root), train=train, verify=False)
-    return ds.data, np.asarray(ds.targets), ds.classes
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    parts = [FC.cifar_batch(str(folder / n), "labels") for n in names]
+    data = np.vstack([d for d, _ in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray([y for _, ys in parts for y in ys])
+    return data, labels, FC.cifar_classes(str(folder / "batches.meta"), "label_names")
 
 
 @pytest.mark.parametrize("qualities", [(75,), (75, 90)])
@@ -174,7 +180,7 @@ def test_campaign_tiny_scale_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, CAMPAIGN_SCALE="tiny", CAMPAIGN_PACKED=str(tmp_path / "packed"),
                CAMPAIGN_WORK=str(tmp_path / "work"), OUT=str(out), PYTHON=sys.executable,
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", CAMPAIGN_PRECISION="bf16-mixed")  # the device's autocast
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_campaign.sh")], env=env,
                        capture_output=True, text=True, timeout=3000)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
