@@ -413,6 +413,7 @@ def test_one_regex_is_a_pattern_list(hydra_conf):
     ["+quant@extra_callbacks.ipq=ipq", "extra_callbacks.ipq.start=3"],
     ["--help"],
     ["hydra.run.dir=/tmp/x", "+new_key=1"],
+    ["-m", "recipe=glob(qat*)", "quant.bits=choice(2,4)"],
 ])
 def test_known_names_pass(argv):
     check_argv(argv)

@@ -129,8 +129,11 @@ def check_argv(argv: list[str], conf: Path = CONF) -> None:
             rest.append(o)
             continue
         if (conf / name).is_dir():
-            values = (list(o.sweep_string_iterator()) if o.is_sweep_override()
-                      else [o.value()])
+            try:
+                values = (list(o.sweep_string_iterator()) if o.is_sweep_override()
+                          else [o.value()])
+            except Exception:  # glob(*) etc.: expanded by Hydra's sweeper, against conf/
+                values = []
             _check_group(conf, name, values)
             rest.append(o)
         else:
@@ -142,7 +145,7 @@ def check_argv(argv: list[str], conf: Path = CONF) -> None:
         if o.is_sweep_override():
             try:
                 first = next(iter(o.sweep_string_iterator()))
-            except Exception:
+            except Exception:  # glob(*): which options it picks is the sweeper's business
                 return
             compose_with.append(f"{o.get_key_element()}={first}")
         else:
