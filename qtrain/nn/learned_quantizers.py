@@ -140,7 +140,15 @@ class PACTQuantizer(Quantizer):
 
     Args:
         bits: 1..8 (unsigned codes 0..2^k-1 on [0, alpha]).
-        alpha_init: initial clipping level (paper: ~10; Distiller uses 8).
+        alpha_init: initial clipping level (paper: ~10; Distiller uses 8), or
+            ``"calibrate"`` (our option, for fine-tuning a pretrained network): alpha is set
+            on the first forward that quantizes, to the ``calib_percentile``-th percentile of
+            that batch's inputs (the paper trains from scratch, where alpha = 10 shrinks over
+            200 epochs; a pretrained network's activations rarely reach 10, so alpha gets no
+            loss gradient -- PACT's d y / d alpha is 1 only where x >= alpha -- and the k-bit
+            step stays alpha / (2^k - 1) ~ 0.67 at 4 bits). Until then alpha is NaN; a
+            loaded checkpoint's alpha is kept.
+        calib_percentile: percentile (0, 100] for ``alpha_init="calibrate"``.
         l2_decay: lambda of the paper's L2 regulariser on alpha. It is *not* applied by the
             optimizer: ``regularization()`` returns ``lambda * alpha^2``, which the
             LightningModule adds to its loss (see :func:`regularization_loss`); the
@@ -150,19 +158,45 @@ class PACTQuantizer(Quantizer):
 
     min_bits, max_bits = 1, 8
 
-    def __init__(self, bits: int = 4, alpha_init: float = 10.0, l2_decay: float = 0.0) -> None:
+    def __init__(self, bits: int = 4, alpha_init: float | str = 10.0, l2_decay: float = 0.0,
+                 calib_percentile: float = 99.9) -> None:
         super().__init__(bits)
-        if not alpha_init > 0:
-            raise ValueError(f"PACTQuantizer: alpha_init must be > 0, got {alpha_init}")
+        if alpha_init == "calibrate":
+            alpha_init = float("nan")
+        elif isinstance(alpha_init, str) or not alpha_init > 0:
+            raise ValueError(f"PACTQuantizer: alpha_init must be > 0 or 'calibrate', got "
+                             f"{alpha_init!r}")
+        if not 0 < calib_percentile <= 100:
+            raise ValueError(f"PACTQuantizer: calib_percentile must be in (0, 100], got "
+                             f"{calib_percentile}")
         if l2_decay < 0:
             raise ValueError(f"PACTQuantizer: l2_decay must be >= 0, got {l2_decay}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.l2_decay = l2_decay
+        self.calib_percentile = float(calib_percentile)
+        self._alpha_set = False  # checked once (a host sync), not on every step
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1)
+        flat = flat[:: max(1, flat.numel() // (1 << 22))]  # torch.quantile's size limit
+        a = torch.quantile(flat, self.calib_percentile / 100)
+        self.alpha.copy_(a.clamp_min(_EPS))
+
+    def _alpha_is_set(self) -> bool:
+        if not self._alpha_set:
+            self._alpha_set = not bool(torch.isnan(self.alpha))
+        return self._alpha_set
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._alpha_is_set():  # alpha_init="calibrate": the first quantized batch
+            self._calibrate(x)
+            self._alpha_set = True
         return _PACTFn.apply(x, self.alpha, float(2**self.bits - 1))
 
     def regularization(self) -> torch.Tensor:
+        if not self._alpha_is_set():  # not calibrated yet (quantizer not used so far)
+            return self.alpha.new_zeros(())
         return self.l2_decay * self.alpha**2
 
     def storage_bits(self, weight: torch.Tensor) -> int:

@@ -328,3 +328,29 @@ def test_storage_bits_and_state_dict_roundtrip():
         ya = a(w)
         b.load_state_dict(a.state_dict())  # lazily initialised values are restored
         assert torch.equal(b(w * 3), a(w * 3)) and torch.equal(b(w), ya)
+
+
+def test_pact_alpha_calibrate_option_sets_the_percentile_once():
+    """alpha_init="calibrate": alpha = the 99.9th percentile (numpy) of the first quantized
+    batch, then learned as usual (a second batch does not reset it); no L2 term before; a
+    loaded alpha is kept."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    q = LQ.PACTQuantizer(4, alpha_init="calibrate", l2_decay=1e-4)
+    assert torch.isnan(q.alpha) and float(q.regularization()) == 0.0
+    x = torch.relu(torch.randn(64, 8, 5, 5, generator=g)) * 2
+    y = q(x)
+    want = np.percentile(x.numpy().reshape(-1), 99.9)
+    assert float(q.alpha) == pytest.approx(want, rel=1e-5)
+    assert float(y.max()) == pytest.approx(want, rel=1e-5)  # the top level is alpha
+    assert len(torch.unique(y)) == 16  # every 4-bit level used: not the 0.67 step of alpha=10
+    q(x * 10)
+    assert float(q.alpha) == pytest.approx(want, rel=1e-5)
+    assert float(q.regularization()) == pytest.approx(1e-4 * want**2, rel=1e-5)
+    r = LQ.PACTQuantizer(4, alpha_init="calibrate")
+    r.load_state_dict({"alpha": torch.tensor(3.0)})
+    r(x)
+    assert float(r.alpha) == 3.0
+    with pytest.raises(ValueError, match="calibrate"):
+        LQ.PACTQuantizer(4, alpha_init="max")
