@@ -83,7 +83,9 @@ BAD = {
     "unknown quantizer key": (["+quant.weight.granularty=channel"], "quant.weight.granularty",
                               ["did you mean 'granularity'", "allowed keys: symmetric"]),
     "pact alpha": (Q + ["quant=pact", "quant.act.alpha_init=0"], "quant.act.alpha_init=0",
-                   ["> 0"]),
+                   ["> 0 or one of calibrate"]),
+    "pact alpha name": (Q + ["quant=pact", "quant.act.alpha_init=calibrated"],
+                        "quant.act.alpha_init='calibrated'", ["did you mean 'calibrate'"]),
     "lsq role": (Q + ["quant=lsq", "quant.weight.role=weights"], "quant.weight.role='weights'",
                  ["weight, activation", "did you mean 'weight'"]),
     "fp8 format": (Q + ["quant=fp8_training", "quant.weight.fmt=e4m4"], "quant.weight.fmt='e4m4'",
@@ -399,6 +401,11 @@ def test_unknown_names_suggest_the_closest(argv, words):
         check_argv(argv)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_pact_calibrated_alpha_is_allowed(hydra_conf):
+    check_config(_compose(Q + ["quant=pact", "quant.act.alpha_init=calibrate",
+                               "+quant.act.calib_percentile=99.0"]))
 
 
 def test_one_regex_is_a_pattern_list(hydra_conf):

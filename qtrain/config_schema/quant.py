@@ -79,8 +79,9 @@ class DoReFaActQuantizer:
 
 @schema("qtrain.nn.learned_quantizers.PACTQuantizer", bits=(1, 8), yaml="conf/quant/pact.yaml")
 class PACTQuantizer:
-    alpha_init: Float(gt=0) = opt()
+    alpha_init: Float(gt=0) | Literal["calibrate"] = opt()
     l2_decay: Float(ge=0) = opt()
+    calib_percentile: Float(gt=0, le=100) = opt()
 
 
 @schema("qtrain.nn.learned_quantizers.DSQQuantizer", bits=(1, 8), yaml="conf/quant/dsq.yaml")
