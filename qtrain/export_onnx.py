@@ -18,7 +18,8 @@ OpenVINO read):
   ``(q - Z) * S`` in float32, exactly qtrain's ``(u - z) * s``: the weights onnxruntime
   uses are bit-identical to the packed model's.
 * a layer's trained activation quantizer with a static range (``UniformQuantizer`` with the
-  EMA observer, per tensor: the range frozen in eval mode) becomes ``QuantizeLinear`` ->
+  EMA observer, per tensor: the range frozen in eval mode; a frozen PTQ
+  ``CalibratedQuantizer``: its calibrated scale and zero-point) becomes ``QuantizeLinear`` ->
   ``DequantizeLinear`` on the layer's input with that scale and zero-point (INT8 for
   symmetric, UINT8 for affine codes; fewer than 8 bits add a ``Clip`` to the code range
   between them). ONNX rounds ``x / S`` where qtrain rounds ``x * (1 / S)`` (PyTorch's
@@ -78,6 +79,7 @@ from qtrain_kernels import layout as L
 from torch import nn
 
 from qtrain.errors import ConfigError
+from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.nn.uniform_quantizer import UniformQuantizer
@@ -88,7 +90,8 @@ DOMAIN = "qtrain_export"  # the placeholders' domain (none is left in the writte
 SUPPORTED = ("packed 'uniform' weights with 1..8-bit codes and integer zero-points, per "
              "output channel or per group along the input (uniform QAT/PTQ, LSQ, Q-BERT "
              "group-wise, calibrated, Quant-Noise int8/int4); activation quantizers: "
-             "UniformQuantizer per tensor with the EMA observer (static range)")
+             "UniformQuantizer per tensor with the EMA observer (static range), frozen "
+             "CalibratedQuantizer (PTQ)")
 
 
 # ------------------------------------------------------------------------ what is exportable
@@ -107,6 +110,10 @@ def _weight_problem(m: PackedLinear) -> str | None:
 
 def _act_problem(aq: nn.Module | None) -> str | None:
     if aq is None or not getattr(aq, "enabled", True):
+        return None
+    if type(aq) is CalibratedQuantizer:
+        if not bool(aq.frozen) or aq.scale.numel() != 1:
+            return "activation quantizer CalibratedQuantizer not frozen (range not final)"
         return None
     if type(aq) is not UniformQuantizer:
         return f"activation quantizer {type(aq).__name__}"
@@ -169,10 +176,14 @@ def weight_codes(m: PackedLinear) -> dict:
             "group_size": None if ng == 1 else m.in_features // ng}
 
 
-def act_qparams(aq: UniformQuantizer) -> tuple[float, int, int, int]:
+def act_qparams(aq: UniformQuantizer | CalibratedQuantizer) -> tuple[float, int, int, int]:
     """(scale, zero_point, q_min, q_max) of a static per-tensor activation quantizer: what
-    its eval-mode forward uses (:meth:`UniformQuantizer.qparams` with the frozen EMA range)."""
-    qp = U.qparams_from_range(aq.running_min, aq.running_max, aq.bits, aq.symmetric)
+    its eval-mode forward uses (:meth:`UniformQuantizer.qparams` with the frozen EMA range;
+    a frozen :class:`CalibratedQuantizer`'s stored scale and zero-point)."""
+    if isinstance(aq, CalibratedQuantizer):
+        qp = aq.qparams()
+    else:
+        qp = U.qparams_from_range(aq.running_min, aq.running_max, aq.bits, aq.symmetric)
     return float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax
 
 

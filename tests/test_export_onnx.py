@@ -278,3 +278,45 @@ def test_embedding_table_becomes_dequantize_gather(tmp_path):
         w = model[0].weight_quantizer(model[0].weight).numpy()
     np.testing.assert_array_equal(dequantized(inits, "0"), w)
     torch.testing.assert_close(run_onnx(tmp_path / "e.onnx", ids), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_ptq_calibrated_activations(tmp_path):
+    """Frozen PTQ CalibratedQuantizer activations (percentile clip range, affine 8 bits)
+    with int8 per-channel weights: the Q/DQ carry the calibrated scale / zero-point and
+    onnxruntime reproduces the fake-quant model on the real test digits."""
+    from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
+
+    torch.manual_seed(0)
+    model = SmallCNN(10, 1, 8, channels=8, hidden=64)
+    aqs = []
+    for seq, i in ((model.features, 3), (model.classifier, 1), (model.classifier, 3)):
+        aqs.append(CalibratedQuantizer(8, "percentile", symmetric=False))
+        cls = QuantConv2d if isinstance(seq[i], torch.nn.Conv2d) else QuantLinear
+        seq[i] = cls.from_float(seq[i], UniformQuantizer(8, granularity="channel"), aqs[-1])
+    (x, _), (xt, _) = digits()
+    model.eval()
+    for q in aqs:
+        q.calibrating = True
+    with torch.no_grad():
+        model(x[:512])
+    for q in aqs:
+        q.freeze()
+    packed = pack_model(model, backend="torch")
+    save_onnx(packed, xt[:1], tmp_path / "p.onnx")
+    g = onnx.load(str(tmp_path / "p.onnx")).graph
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in g.node
+              if n.op_type == "Constant"}
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert [(float(consts[q.input[1]]), int(consts[q.input[2]])) for q in qs] == [
+        (float(q.scale), int(q.zero_point)) for q in aqs]
+    with torch.no_grad():
+        ref = model(xt)
+    got = run_onnx(tmp_path / "p.onnx", xt)
+    # untrained network, small logits: a one-step activation flip (summation order, see
+    # above) is ~1e-4 of them; measured max 2e-4 of 0.18
+    assert (got - ref).abs().max() <= 0.01 * ref.abs().max()
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+    aqs[0].unfreeze()
+    with pytest.raises(ConfigError, match=r"features\.3 \(activation quantizer "
+                       r"CalibratedQuantizer not frozen"):
+        save_onnx(pack_model(model, backend="torch"), xt[:1], tmp_path / "n.onnx")
