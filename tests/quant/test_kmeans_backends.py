@@ -123,3 +123,30 @@ def test_backend_resolution_and_errors(monkeypatch):
     assert KM.resolve_backend("auto", cpu) == "torch"
     with pytest.raises(ConfigError, match="pip install faiss-cpu"):
         KM.kmeans(torch.randn(10, 2), 2, backend="faiss")
+
+
+@pytest.mark.skipif(not KM.faiss_available(), reason="faiss-cpu not installed")
+def test_faiss_clustering_runs_the_loop_and_empty_clusters_keep_fairseq_split():
+    """Unweighted faiss backend: the Lloyd loop is faiss's Clustering (its result IS the
+    kmeans result); data whose random init must leave clusters empty (many duplicate rows)
+    make faiss split -> the run is redone with this module's loop and split (bit for bit;
+    not compared with the torch backend: identical centroids make exact distance ties,
+    broken differently by the two searches)."""
+    x = _blobs(n=2000, d=8, centres=20, seed=3)
+    g = torch.Generator().manual_seed(4)
+    init = x[torch.randperm(len(x), generator=g)[:32]].clone()
+    direct = KM._faiss_lloyd(x.contiguous(), init, 10)
+    assert direct is not None
+    r = KM.kmeans(x, 32, n_iter=10, seed=4, backend="faiss")
+    assert torch.equal(r.centroids, direct[0]) and torch.equal(r.assignments, direct[1])
+    assert r.objective == direct[2] and len(r.objective) == 11
+    dup = torch.cat([torch.zeros(300, 8), torch.ones(300, 8), _blobs(n=40, seed=5)])
+    g = torch.Generator().manual_seed(0)
+    init = dup[torch.randperm(len(dup), generator=g)[:16]].clone()
+    assert KM._faiss_lloyd(dup, init, 5) is None  # duplicate initial centroids -> splits
+    rf = KM.kmeans(dup, 16, n_iter=5, seed=0, backend="faiss")
+    # this module's loop with the faiss search (unit weights take it: same sums and counts)
+    rl = KM.kmeans(dup, 16, n_iter=5, seed=0, backend="faiss", sample_weight=torch.ones(len(dup)))
+    assert torch.equal(rf.assignments, rl.assignments)
+    assert torch.equal(rf.centroids, rl.centroids)
+    assert rf.objective == rl.objective
