@@ -16,8 +16,9 @@ the masks are computed on rank 0 and broadcast. State (stage, masks, frozen valu
 levels) is in ``state_dict`` for resuming.
 
 ``fp32_metric`` (read by the run summary): the module's last validation metric before the
-first stage (the end of the FP32 phase), None when INQ starts at step/epoch 0. No FP32 weight
-snapshot is kept, so the summary reports the FP32 model by its validation metric only.
+first stage (the end of the FP32 phase), None when INQ starts at step/epoch 0; ``fp32_state``:
+the module's weights at that moment (the run summary tests them: its FP32 test row), kept in
+the checkpoints like the QAT callback's.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class INQCallback(pl.Callback):
         self._layers: dict[str, nn.Module] = {}
         self._hooked: dict[int, object] = {}
         self.fp32_metric: float | None = None  # validation metric before the first stage
+        self.fp32_state: dict | None = None  # module weights before the first stage
 
     # -- selection ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
@@ -105,6 +107,8 @@ class INQCallback(pl.Callback):
         if self.stage == 0 and self._now(trainer) >= self.boundaries[0]:
             value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
             self.fp32_metric = float(value) if value is not None else None
+            if self._now(trainer) > 0:  # an FP32 phase happened: its weights, for the FP32 test
+                self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         while self.stage < len(self.schedule) and self._now(trainer) >= self.boundaries[self.stage]:
             with layer_report.event(trainer, self, f"stage{self.stage + 1}"):  # per-layer report
                 self._apply_stage(trainer, self.stage)
@@ -191,7 +195,7 @@ class INQCallback(pl.Callback):
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {"stage": self.stage, "masks": cpu(self.masks), "frozen": cpu(self.frozen),
                 "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule,
-                "fp32_metric": self.fp32_metric}
+                "fp32_metric": self.fp32_metric, "fp32_state": self.fp32_state}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule", self.schedule) != self.schedule:
@@ -199,6 +203,7 @@ class INQCallback(pl.Callback):
                               f"configured {self.schedule}")
         self.stage = int(state["stage"])
         self.fp32_metric = state.get("fp32_metric")
+        self.fp32_state = state.get("fp32_state")
         weights = self._weights() if self._layers else {}
         dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731
         self.masks = {n: dev(n, v) for n, v in state["masks"].items()}

@@ -116,14 +116,27 @@ def test_fp32_metric_is_the_validation_before_the_first_stage():
     inq = INQCallback(bits=5, schedule=[0.5, 1.0], start=2, stage_length=1, unit="epoch")
     val = _ValAcc()
     loader = image_loader(n=32, batch=8)
-    trainer(max_epochs=4, callbacks=[inq, val]).fit(TinyCNN(), loader, loader)
+
+    class _Weights(pl.Callback):  # the weights at the end of the last FP32 epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    w = _Weights()
+    trainer(max_epochs=4, callbacks=[inq, val, w]).fit(TinyCNN(), loader, loader)
     assert len(val.values) == 4
     assert inq.fp32_metric == val.values[1]  # epoch 1 is the last FP32 epoch (stage 0 at 2)
+    # the FP32 snapshot is those weights (the run summary tests it), not the quantized ones
+    assert inq.fp32_state.keys() == w.state.keys()
+    assert all(torch.equal(inq.fp32_state[k], w.state[k]) for k in w.state)
+    conv = next(k for k in w.state if k.endswith("weight") and w.state[k].dim() == 4)
+    assert not torch.equal(inq.fp32_state[conv], inq._layers[conv.rsplit(".", 1)[0]].weight)
     fresh = INQCallback(bits=5, schedule=[0.5, 1.0])
     fresh.load_state_dict(inq.state_dict())
     assert fresh.fp32_metric == inq.fp32_metric
+    assert all(torch.equal(fresh.fp32_state[k], w.state[k]) for k in w.state)
     # no FP32 phase: nothing was validated before the first stage
     pl.seed_everything(0)
     at0 = INQCallback(bits=5, schedule=[0.5, 1.0], boundaries=[0, 2], unit="step")
     trainer(max_steps=4, callbacks=[at0]).fit(TinyCNN(), loader, loader)
-    assert at0.fp32_metric is None
+    assert at0.fp32_metric is None and at0.fp32_state is None
