@@ -242,9 +242,6 @@ def kmeans(
         lin = metric_factor(metric.to(x.device), name)
         x = x @ lin  # z = x L: Euclidean distance in z == metric distance in x
     x = x.contiguous()
-    xw = x if w is None else x * w[:, None]  # weighted sums of the update step
-    noise_scale = eps * float(x.std()) if n > 1 else eps
-    noise_scale = noise_scale if noise_scale > 0 else eps
 
     if init == "linear":
         centroids = torch.linspace(float(x.min()), float(x.max()), n_centroids,
@@ -257,6 +254,9 @@ def kmeans(
         if lin is not None:
             centroids = torch.linalg.solve_triangular(lin, centroids, upper=False, left=False)
         return KMeansResult(centroids.to(orig_dtype), a, history)
+    xw = x if w is None else x * w[:, None]  # weighted sums of the update step
+    noise_scale = eps * float(x.std()) if n > 1 else eps
+    noise_scale = noise_scale if noise_scale > 0 else eps
     history: list[float] = []
     for it in range(max(1, n_iter) + 1):
         # Plain Lloyd: one full chunked assignment per iteration. Bound-based pruning
