@@ -83,16 +83,21 @@ def split_arguments(arguments: list[str], params: dict[str, str]) -> tuple[dict,
     return space, list(fixed.values())
 
 
+def _split_items(items, sep: str, key: str, form: str) -> dict[str, str]:
+    """``["a<sep>b", ...]`` -> ``{a: b}`` (one ConfigError naming ``hydra.sweeper.<key>``)."""
+    pairs = [str(x).split(sep, 1) for x in items]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"hydra.sweeper.{key}={list(items)}: write each as {form}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def check_objectives(objectives: dict[str, str] | list[str]) -> dict[str, str]:
     """``{key: direction}`` from a dict or a list of ``"key:direction"`` (a list replaces the
     config's objectives on the command line: ``'hydra.sweeper.objectives=[quant_mb:minimize]'``;
     a dict override would be merged into them)."""
     if isinstance(objectives, (list, tuple)):
-        pairs = [str(x).split(":", 1) for x in objectives]
-        if any(len(p) != 2 for p in pairs):
-            raise ConfigError(f"hydra.sweeper.objectives={list(objectives)}: write each as "
-                              "'<summary key>:maximize' or '<summary key>:minimize'")
-        objectives = {k.strip(): d.strip() for k, d in pairs}
+        objectives = _split_items(objectives, ":", "objectives",
+                                  "'<summary key>:maximize' or '<summary key>:minimize'")
     if not objectives:
         raise ConfigError("hydra.sweeper.objectives: give at least one summary key and its "
                           "direction, e.g. {quant_metric: maximize}")
@@ -127,11 +132,8 @@ def check_constraints(constraints: dict | list | None) -> dict[str, float]:
     """``{key: upper bound}`` from a dict or a list of ``"key<=bound"`` (list: replaces the
     config's constraints on the command line, e.g. ``"hydra.sweeper.constraints=['quant_mb<=0.05']"``)."""
     if isinstance(constraints, (list, tuple)):
-        pairs = [str(x).split("<=", 1) for x in constraints]
-        if any(len(p) != 2 for p in pairs):
-            raise ConfigError(f"hydra.sweeper.constraints={list(constraints)}: write each as "
-                              "'<summary key><=<bound>', e.g. quant_mb<=0.05")
-        constraints = {k.strip(): b.strip() for k, b in pairs}
+        constraints = _split_items(constraints, "<=", "constraints",
+                                   "'<summary key><=<bound>', e.g. quant_mb<=0.05")
     out = {}
     for k, b in (constraints or {}).items():
         try:
