@@ -94,19 +94,24 @@ def test_best_feasible_and_pareto_front_vs_brute_force():
 
 
 def test_real_search_the_size_budget_picks_the_winner(tmp_path):
-    """A real two-trial grid search over quant.bits {2, 8} that MAXIMISES size under a budget
-    between the two models' sizes: only the budget can make the 2-bit model win."""
+    """A real search over quant.bits {2, 8} that MAXIMISES size under a budget between the
+    two models' sizes: only the budget can make the 2-bit model win. Five random trials
+    (seed 0 proposes 8, 2, 8, 8, 2) train only the two distinct settings: the repeats are
+    told the earlier run's result."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=qat_bits_digits",
-           "debug=smoke", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=2",
+           "debug=smoke", "hydra.sweeper.sampler=random", "hydra.sweeper.n_trials=5",
            "~hydra.sweeper.params", "quant.bits=choice(2,8)",
            "hydra.sweeper.objectives=[quant_mb:maximize]",
            "hydra.sweeper.constraints=['quant_mb<=0.0035']", f"hydra.sweep.dir={sweep}"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "optuna_trials.csv")))
-    assert sorted(int(r["quant.bits"]) for r in rows) == [2, 8]
+    assert [int(r["quant.bits"]) for r in rows] == [8, 2, 8, 8, 2]
+    assert [r["reused"] for r in rows] == ["False", "False", "True", "True", "True"]
+    assert len({r["job_dir"] for r in rows}) == 2  # two trainings, not five
+    assert len(list((sweep / "qat_int4_digits").iterdir())) == 2
     for r in rows:  # the values told to Optuna are the jobs' own summaries
         s = json.load(open(Path(r["job_dir"]) / "summary.json"))
         assert float(r["quant_mb"]) == pytest.approx(s["quant_mb"])
@@ -115,5 +120,5 @@ def test_real_search_the_size_budget_picks_the_winner(tmp_path):
 
     best = yaml.safe_load(open(sweep / "optimization_results.yaml"))["best"]
     assert best["params"]["quant.bits"] == 2
-    sizes = {int(r["quant.bits"]): float(r["quant_mb"]) for r in rows}
+    sizes = {int(r["quant.bits"]): float(r["quant_mb"]) for r in rows[:2]}
     assert sizes[8] > 0.0035 >= sizes[2]  # the budget really separates them

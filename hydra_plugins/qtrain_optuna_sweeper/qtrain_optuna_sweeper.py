@@ -16,6 +16,11 @@ overrides from the finished trials' ``summary.json``.
 - ``params``: the search space in Hydra's sweep grammar (:mod:`qtrain.search_space`); sweep
   overrides on the command line are searched too, plain overrides are passed to every trial.
 - a trial whose run fails (no summary.json) is told FAIL and the search goes on.
+- ``reuse_repeats`` (default true): a trial whose parameters an earlier trial already ran
+  (samplers re-propose points of small discrete spaces: 4 of the 12 trials of the digits
+  search below were repeats) is told that run's result instead of training again -- a
+  qtrain run is deterministic given its config and seed. ``n_trials`` counts every trial;
+  ``optuna_trials.csv`` marks the reused ones.
 
 Results in the sweep dir: ``optuna_trials.csv`` (one row per trial: number, state, params,
 values, constraint values, job dir) and ``optimization_results.yaml`` (the best feasible
@@ -49,7 +54,8 @@ SAMPLERS = ("tpe", "nsga2", "random", "grid")
 class QtrainOptunaSweeper(Sweeper):
     def __init__(self, objectives: Any, n_trials: int = 20, n_jobs: int = 1,
                  sampler: str | None = None, seed: int = 0, constraints: Any = None,
-                 params: Any = None, study_name: str = "qtrain", storage: str | None = None):
+                 params: Any = None, study_name: str = "qtrain", storage: str | None = None,
+                 reuse_repeats: bool = True):
         from qtrain.optional import require
 
         require("optuna", "hydra/sweeper=qtrain_optuna (hparams_search=...)")
@@ -63,6 +69,7 @@ class QtrainOptunaSweeper(Sweeper):
         self.constraints = S.check_constraints(_plain(constraints))
         self.params = {k: str(v) for k, v in (_plain(params) or {}).items()}
         self.study_name, self.storage = study_name, storage
+        self.reuse_repeats = bool(reuse_repeats)
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -92,9 +99,25 @@ class QtrainOptunaSweeper(Sweeper):
             return optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=cons)
         return optuna.samplers.TPESampler(seed=self.seed, constraints_func=cons)
 
+    def _tell(self, study, trial, job_dir: str, summary: dict | None, reused: bool) -> dict:
+        """Tell Optuna the trial's result from its run's summary; the trials-table row."""
+        from optuna.trial import TrialState
+
+        row = {"number": trial.number, "job_dir": job_dir, **trial.params, "reused": reused}
+        if summary is None:
+            study.tell(trial, state=TrialState.FAIL)
+            return {**row, "state": "FAIL"}
+        values = S.objective_values(summary, self.objectives)
+        cons = [float(summary.get(k, float("inf")) or float("inf")) - b
+                for k, b in self.constraints.items()]
+        trial.set_user_attr("constraint", cons)
+        trial.set_user_attr("job_dir", job_dir)
+        study.tell(trial, values)
+        return {**row, "state": "COMPLETE", **{k: summary.get(k) for k in self.constraints},
+                **dict(zip(self.objectives, values)), "feasible": all(c <= 0 for c in cons)}
+
     def sweep(self, arguments: list[str]) -> list:
         import optuna
-        from optuna.trial import TrialState
 
         assert self.config is not None and self.launcher is not None
         space, fixed = S.split_arguments(arguments, self.params)
@@ -110,38 +133,43 @@ class QtrainOptunaSweeper(Sweeper):
         log.info("Optuna search: %d trials, %s, objectives %s, constraints %s, space %s",
                  self.n_trials, self.sampler_name, self.objectives, self.constraints,
                  {k: str(v) for k, v in space.items()})
-        rows, returns, job_idx = [], [], 0
-        while job_idx < self.n_trials:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - job_idx))]
-            batch = [fixed + [f"{k}={_value(v)}" for k, v in t.params.items()] for t in trials]
-            self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=job_idx)
-            for trial, ret in zip(trials, results):
+        rows, returns, asked, job_idx = [], [], 0, 0
+        seen: dict[tuple, tuple[str, dict | None]] = {}  # params -> (job dir, summary)
+        while asked < self.n_trials:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - asked))]
+            keys = [_key(t.params) for t in trials]
+            launch: list[int] = []  # params not run before (each once per batch)
+            for i, k in enumerate(keys):
+                if not (self.reuse_repeats and (k in seen or k in {keys[j] for j in launch})):
+                    launch.append(i)
+            batch = [fixed + [f"{k}={_value(v)}" for k, v in trials[i].params.items()]
+                     for i in launch]
+            if batch:
+                self.validate_batch_is_legal(batch)
+                results = self.launcher.launch(batch, initial_job_idx=job_idx)
+                job_idx += len(batch)
+            else:
+                results = []
+            ran = {}
+            for i, ret in zip(launch, results):
                 job_dir = str(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
                                                default="") or "") if ret.hydra_cfg else ""
-                summary = S.read_summary(job_dir) if job_dir else None
-                row = {"number": trial.number, "job_dir": job_dir, **trial.params}
-                if summary is None:
-                    study.tell(trial, state=TrialState.FAIL)
-                    row["state"] = "FAIL"
-                else:
-                    values = S.objective_values(summary, self.objectives)
-                    cons = [float(summary.get(k, float("inf")) or float("inf")) - b
-                            for k, b in self.constraints.items()]
-                    trial.set_user_attr("constraint", cons)
-                    trial.set_user_attr("job_dir", job_dir)
-                    study.tell(trial, values)
-                    row.update({"state": "COMPLETE", **{k: summary.get(k) for k in self.constraints},
-                                **dict(zip(self.objectives, values)),
-                                "feasible": all(c <= 0 for c in cons)})
-                rows.append(row)
+                ran[i] = (job_dir, S.read_summary(job_dir) if job_dir else None)
+                seen[keys[i]] = ran[i]
                 returns.append(ret)
-            job_idx += len(trials)
+            for i, trial in enumerate(trials):
+                job_dir, summary = ran[i] if i in ran else seen[keys[i]]
+                rows.append(self._tell(study, trial, job_dir, summary, reused=i not in ran))
+            asked += len(trials)
             _write_trials(os.path.join(sweep_dir, "optuna_trials.csv"), rows)
         best = _best(study, self.objectives, self.constraints)
         OmegaConf.save(OmegaConf.create(best), os.path.join(sweep_dir, "optimization_results.yaml"))
         log.info("Optuna search done: %s", best)
         return returns
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
 def _ask_tell_grid():
