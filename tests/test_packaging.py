@@ -1,8 +1,9 @@
 """pyproject's explicit package list holds every package of the source tree (a package left
 out works in an editable checkout and is missing from a wheel)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
