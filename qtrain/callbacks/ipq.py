@@ -61,6 +61,7 @@ from qtrain.nn.convert import (
     as_patterns,
     layer_name,
     network_prefix,
+    rule_matcher,
     select_modules,
     set_submodule,
 )
@@ -108,12 +109,16 @@ def network_order_stages(model: nn.Module, exclude=()) -> list[list[str]]:
         if len(holders) != 1 or isinstance(holders[0][1], TYPES):
             break
         prefix, model = f"{prefix}{holders[0][0]}.", holders[0][1]
+    full = {child: [f"{prefix}{child}.{n}" if n else f"{prefix}{child}"
+                    for n, m in mod.named_modules() if isinstance(m, TYPES)]
+            for child, mod in model.named_children()}
+    everything = [n for names in full.values() for n in names]
+    # the same matching as select_modules (relative names; the old model\. form warns)
+    skip = [m for p in exclude
+            if (m := rule_matcher(re.compile(p), everything, net_prefix, "ipq.exclude"))]
     stages = []
-    for child, mod in model.named_children():
-        names = [n for n, m in mod.named_modules() if isinstance(m, TYPES)]
-        names = [layer_name(f"{prefix}{child}.{n}" if n else f"{prefix}{child}", net_prefix)
-                 for n in names]
-        names = [n for n in names if not any(re.fullmatch(p, n) for p in exclude)]
+    for names in full.values():
+        names = [layer_name(n, net_prefix) for n in names if not any(m(n) for m in skip)]
         if names:
             stages.append([re.escape(n) for n in names])
     return stages
