@@ -15,6 +15,7 @@ needs 8 bits in both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from omegaconf import DictConfig
@@ -314,9 +315,9 @@ class LABCallback(QATCallback):
 INQ_SCHEDULES = Literal["5bit", "4bit", "3bit", "2bit"]  # qtrain.quant.inq.SCHEDULES
 
 
-@schema("qtrain.callbacks.inq.INQCallback", yaml="conf/quant/inq.yaml")
-class INQCallback:
-    bits: Int(ge=2, le=8) = opt()  # qtrain.quant.pow2.inq_exponent_range
+@dataclass
+class IncrementalStages:
+    """The INQ-style staged schedule shared by INQ and ELQ (their constructors' common keys)."""
     schedule: INQ_SCHEDULES | list[Float(gt=0, le=1)] = opt()
     strategy: Literal["magnitude", "random"] = opt()  # qtrain.quant.inq.STRATEGIES
     include: PATTERNS = opt()
@@ -329,6 +330,11 @@ class INQCallback:
     reset_optimizer: bool = opt()
     seed: SEED = opt()
     convert_at_end: bool = opt()
+
+
+@schema("qtrain.callbacks.inq.INQCallback", yaml="conf/quant/inq.yaml")
+class INQCallback(IncrementalStages):
+    bits: Int(ge=2, le=8) = opt()  # qtrain.quant.pow2.inq_exponent_range
 
 
 @schema("qtrain.callbacks.ipq.IterativePQCallback", yaml="conf/quant/ipq.yaml")
@@ -430,23 +436,11 @@ class VectorQuantizationCallback:
 
 
 @schema("qtrain.callbacks.elq.ELQCallback", yaml="conf/quant/elq.yaml")
-class ELQCallback:
+class ELQCallback(IncrementalStages):
     kind: Literal["binary", "ternary"] = opt()  # qtrain.quant.elq.KINDS
     lam: Float(gt=0) = opt()
-    schedule: INQ_SCHEDULES | list[Float(gt=0, le=1)] = opt()
-    strategy: Literal["magnitude", "random"] = opt()
     exact: bool = opt()
     max_iter: Int(ge=1) = opt()
-    include: PATTERNS = opt()
-    exclude: PATTERNS = opt()
-    types: list[Literal["Conv2d", "Linear"]] = opt()  # qtrain.callbacks.elq.LAYER_TYPES
-    boundaries: list[Int(ge=0)] | None = opt()
-    stage_length: Int(ge=1) = opt()
-    start: Int(ge=0) = opt()
-    unit: UNITS = opt()
-    reset_optimizer: bool = opt()
-    seed: SEED = opt()
-    convert_at_end: bool = opt()
     stages_file: str | None = opt()
 
 
