@@ -122,3 +122,20 @@ def test_real_search_the_size_budget_picks_the_winner(tmp_path):
     assert best["params"]["quant.bits"] == 2
     sizes = {int(r["quant.bits"]): float(r["quant_mb"]) for r in rows[:2]}
     assert sizes[8] > 0.0035 >= sizes[2]  # the budget really separates them
+
+
+def test_grid_sampler_covers_the_grid_with_ask_tell():
+    """sampler=grid: n_trials capped at the grid size, every point asked once, and telling
+    the last one does not raise (Optuna's grid sampler calls study.stop(), which ask/tell
+    does not allow)."""
+    sw = QtrainOptunaSweeper(objectives=["acc:maximize"], sampler="grid", n_trials=10)
+    space = {"quant.bits": CategoricalDistribution([2, 8]),
+             "quant.act_bits": CategoricalDistribution([4, 8])}
+    study = optuna.create_study(direction="maximize", sampler=sw._sampler(space))
+    assert sw.n_trials == 4
+    seen = set()
+    for _ in range(sw.n_trials):
+        t = study.ask(space)
+        seen.add((t.params["quant.bits"], t.params["quant.act_bits"]))
+        study.tell(t, 1.0)
+    assert seen == {(2, 4), (2, 8), (8, 4), (8, 8)}

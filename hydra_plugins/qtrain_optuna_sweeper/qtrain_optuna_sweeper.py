@@ -93,7 +93,11 @@ class QtrainOptunaSweeper(Sweeper):
                     raise ConfigError(f"hydra.sweeper.sampler=grid: {k} must be choice(...)")
                 grid[k] = list(d.choices)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
-            return _AskTellGrid(grid, seed=self.seed)
+            sampler = optuna.samplers.GridSampler(grid, seed=self.seed)
+            # its after_trial calls study.stop() once the grid is done, which works only
+            # inside study.optimize; this ask/tell loop stops after n_trials (<= grid size)
+            sampler.after_trial = lambda *args, **kwargs: None
+            return sampler
         cons = _constraints if self.constraints else None
         if self.sampler_name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=cons)
@@ -170,24 +174,6 @@ class QtrainOptunaSweeper(Sweeper):
 
 def _key(params: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
-
-
-def _ask_tell_grid():
-    import optuna
-
-    class AskTellGrid(optuna.samplers.GridSampler):
-        """Optuna's grid sampler calls ``study.stop()`` once the grid is done, which only
-        works inside ``study.optimize``; with ask/tell the sweep stops by itself after
-        ``n_trials`` (capped at the grid size)."""
-
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return AskTellGrid
-
-
-def _AskTellGrid(grid, seed):  # noqa: N802 (a class built on first use: optuna imported lazily)
-    return _ask_tell_grid()(grid, seed=seed)
 
 
 def _constraints(trial) -> list[float]:
