@@ -153,9 +153,10 @@ def train(cfg: DictConfig) -> dict:
     fp32_bits = report.model_bits(model)
     module = instantiate(cfg.task, model=model)
     # the starting network's own test metric is the run's FP32 number when the method
-    # quantizes from the first step (no FP32 phase): keep its weights for that test
-    init_snapshot = ({k: v.detach().clone() for k, v in module.state_dict().items()}
-                     if init_info is not None else None)
+    # quantizes from the first step (no FP32 phase): the tensors init_from read (load_into
+    # copied them into the model, so they are still the starting weights) are that snapshot
+    init_snapshot = ({init_weights.PREFIX + k: v for k, v in init_loaded[0].items()}
+                     if init_loaded is not None else None)
     callbacks, quant_cb = build_callbacks(cfg)
     validation.check_callbacks(module, callbacks)  # every quantizer vs every layer, pre-fit
     callbacks.append(SignalCheckpoint(os.path.join(run_dir, "checkpoints")))  # qtrain.signals
