@@ -99,6 +99,7 @@ from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
 from qtrain.nn.abc_quantizer import ABCActQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
+from qtrain.nn.convert import set_submodule
 from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
 from qtrain.nn.format_quantizers import (
     BinaryActQuantizer,
@@ -273,9 +274,6 @@ def check_packable(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
             continue  # embeddings without a packer stay fake-quant layers (not an error)
-        if hasattr(m, "folded_weight"):  # qtrain.nn.bn_fold: the codes are of the folded weight
-            bad.append((name, "BN-folded layer (quant.fold_bn=true): not packable yet"))
-            continue
         wq = m.weight_quantizer
         why = packed_formats.settings_error(wq) if wq is not None else None
         if wq is None or (_has_packer(wq) and why is None):
@@ -318,13 +316,14 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     for name, m in list(out.named_modules()):
         if _has_codebook(m) and users[id(m.centroids)] > 1:
             continue  # tied codebook: keep the PQ layers (one codebook in the file)
-        if hasattr(m, "folded_weight"):
-            raise ValueError(f"export: layer {name} is BN-folded (quant.fold_bn=true); packing "
-                             "folded layers is not implemented -- run without export=true")
-        new = _pack_one(m, name, bits, group_size, symmetric, backend, scale_dtype)
+        folded = hasattr(m, "unfolded")  # qtrain.nn.bn_fold: pack the inference graph (eq. 14)
+        new = _pack_one(m.unfolded() if folded else m, name, bits, group_size, symmetric,
+                        backend, scale_dtype)
         if new is None:
             continue
         new.source = _source(m)
+        if folded:  # the BN's name lets load_run drop it from a float architecture
+            new.source["bn_folded"] = getattr(m, "bn_name", True)
         w = m._parameters.get("weight")
         if isinstance(w, torch.Tensor):
             _share_tied(new, packed_from.setdefault(id(w), []))
@@ -504,7 +503,14 @@ def save_packed(model: nn.Module, path: str | os.PathLike, run: dict | None = No
             "storage_bytes": bits // 8, "n_packed_layers": len(packed_specs(model))}
 
 
-def _differences(name: str, old: nn.Module, s: dict) -> list[str]:
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _differences(model: nn.Module, name: str, old: nn.Module, s: dict) -> list[str]:
     """How the model's layer ``name`` differs from the file's spec ``s`` (weight shape; for a
     fake-quant layer also its weight quantizer / bits and activation quantizer / bits)."""
     out = []
@@ -514,6 +520,11 @@ def _differences(name: str, old: nn.Module, s: dict) -> list[str]:
     if isinstance(w, torch.Tensor) and tuple(w.shape) != want:
         out.append(f"{name}: weight shape {want} in the file, {tuple(w.shape)} in the model")
     src = s.get("source") or {}
+    bn = src.get("bn_folded")
+    if bn and not hasattr(old, "unfolded") and not (
+            isinstance(bn, str) and isinstance(_submodule(model, bn), nn.modules.batchnorm._BatchNorm)):
+        out.append(f"{name}: BN-folded (quant.fold_bn=true) in the file, a plain layer with its "
+                   "BatchNorm in the model")
     if not hasattr(old, "weight_quantizer") or "weight_quantizer" not in src:
         return out
     wq = old.weight_quantizer
@@ -542,7 +553,7 @@ def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
              if k in run and run[k] != v]
     for name in specs:
         try:
-            diffs += _differences(name, model.get_submodule(name), specs[name])
+            diffs += _differences(model, name, model.get_submodule(name), specs[name])
         except AttributeError:
             diffs.append(f"{name}: a packed layer in the file, no such layer in the model")
     if diffs:
@@ -554,6 +565,9 @@ def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
             "re-export from this configuration")
     for name, s in specs.items():
         old = model.get_submodule(name)
+        bn = (s.get("source") or {}).get("bn_folded")
+        if isinstance(bn, str) and not hasattr(old, "unfolded"):  # float architecture:
+            set_submodule(model, bn, nn.Identity())  # the packed layer holds the BN (eq. 14)
         cls = {"conv2d": PackedConv2d, "embedding": PackedEmbedding}.get(s["kind"], PackedLinear)
         new = cls(s["in_features"], s["out_features"], s["fmt"], s["bits"], s["group_size"],
                   s["symmetric"], backend)
@@ -580,8 +594,7 @@ def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
             aq.enabled = a["enabled"]
         if aq is not None:
             new.act_quantizer = aq
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], new)
+        set_submodule(model, name, new)
 
 
 def _placeholders(model: nn.Module, names: set[str]) -> None:
@@ -666,8 +679,11 @@ def load_packed(path: str | os.PathLike, model: nn.Module, backend: str = "auto"
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
+        hint = (" -- the file holds modules this architecture lacks (e.g. the block "
+                "quantizers of quant.quantize_residual=true, which load_run does not rebuild): "
+                "load it into the trained fake-quant model, load_packed(path, model)") if extra else ""
         raise DataFileError(f"packed file {path}: missing tensors {missing[:5]}, "
-                            f"unexpected tensors {extra[:5]}")
+                            f"unexpected tensors {extra[:5]}{hint}")
     packed_prefixes = tuple(f"{n}." for n in specs)
     for k, t in tensors.items():
         ref = own[k]

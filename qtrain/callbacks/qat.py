@@ -9,7 +9,8 @@ XNOR/TWN/TTQ, PACT, LSQ, DSQ, DoReFa, FP8, ... .
 
 Schedule: quantizers are disabled (float training) for ``start_epoch`` epochs, then enabled;
 the last float validation metric is kept as ``fp32_metric`` and the float weights at the
-switch as ``fp32_state`` (so the run can also test the FP32 model). Because the
+switch as ``fp32_state`` (so the run can also test the FP32 model; written once to the run
+dir, the checkpoints reference it: :mod:`qtrain.callbacks.fp32_snapshot`). Because the
 module structure is fixed from ``setup`` on, checkpoints resume with the same quantizer
 state (observer ranges, learned scales are module buffers/parameters).
 
@@ -39,6 +40,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from qtrain.callbacks.fp32_snapshot import KEY as SNAPSHOT_KEY
+from qtrain.callbacks.fp32_snapshot import FP32Snapshot, state_property
 from qtrain.errors import ConfigError
 from qtrain.nn import convert as C
 from qtrain.nn.bn_fold import find_conv_bn_pairs, fold_bn_layer
@@ -65,6 +68,8 @@ class QATCallback(pl.Callback):
         fold_bn / bn_freeze_step / quantize_residual / integer_eval: integer-only QAT
             (module docstring).
     """
+
+    fp32_state = state_property()  # module state at the float -> quantized switch
 
     def __init__(
         self, bits: int = 8, weight: Callable | None = None, act: Callable | None = None,
@@ -104,7 +109,7 @@ class QATCallback(pl.Callback):
         self.int_metric: float | None = None
         self.int_ref_metric: float | None = None
         self.fp32_metric: float | None = None
-        self.fp32_state: dict | None = None  # module state at the float -> quantized switch
+        self.fp32_snapshot = FP32Snapshot("qat")
         # validate the factories and bit widths now, before any training starts
         self._make(self.weight_factory, self.bits, "quant.bits")
         self._make(self.act_factory, self.act_bits, "quant.act_bits")
@@ -145,7 +150,9 @@ class QATCallback(pl.Callback):
             _own_random_stream(aq, name, "act")
             if name in pairs:
                 folded_bns.append(pairs[name])
-                return fold_bn_layer(m, model.get_submodule(pairs[name]), wq, aq)
+                folded = fold_bn_layer(m, model.get_submodule(pairs[name]), wq, aq)
+                folded.bn_name = pairs[name]  # where the BN was (the packed file records it)
+                return folded
             return FAKE_QUANT_TYPES[type(m)].from_float(m, wq, aq)
 
         self.layers = C.convert(model, build, self.include, self.exclude, self.types)
@@ -228,6 +235,7 @@ class QATCallback(pl.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.fp32_snapshot.bind(trainer)
         if self.layers:  # a later fit/validate/test of the same run: keep the current state
             return
         model = pl_module.model
@@ -252,7 +260,7 @@ class QATCallback(pl.Callback):
             key = f"val_{pl_module.metric}"
             if key in trainer.callback_metrics:
                 self.fp32_metric = float(trainer.callback_metrics[key])
-            self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.fp32_snapshot.take(trainer, pl_module)
         self.set_enabled(on)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -296,12 +304,12 @@ class QATCallback(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"fp32_metric": self.fp32_metric, "layers": sorted(self.layers),
-                "fp32_state": self.fp32_state, "int_metric": self.int_metric,
+                SNAPSHOT_KEY: self.fp32_snapshot.ref(), "int_metric": self.int_metric,
                 "int_ref_metric": self.int_ref_metric}
 
     def load_state_dict(self, state: dict) -> None:
         self.fp32_metric = state.get("fp32_metric")
-        self.fp32_state = state.get("fp32_state")
+        self.fp32_snapshot.restore(state)
         self.int_metric = state.get("int_metric")
         self.int_ref_metric = state.get("int_ref_metric")
 

@@ -95,6 +95,25 @@ class _FoldedBNMixin:
         w = self.folded_weight()
         return w if wq is None else wq(w)
 
+    @torch.no_grad()
+    def unfolded(self) -> QuantConv2d | QuantLinear:
+        """The inference graph of this layer as a plain fake-quant layer (eq. 14): weight
+        gamma w / sigma_mv, bias beta + gamma (b - mu_mv) / sigma_mv, the same weight and
+        input quantizers (shared, not copied). In eval it computes what this layer computes
+        in eval (after ``bn_freeze`` also in training); the packed export packs it."""
+        if isinstance(self, nn.Conv2d):
+            plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                              self.padding, self.dilation, self.groups, True, self.padding_mode,
+                              device=self.weight.device, dtype=self.weight.dtype)
+            make = QuantConv2d.from_float
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, True,
+                              device=self.weight.device, dtype=self.weight.dtype)
+            make = QuantLinear.from_float
+        plain.weight.copy_(self.folded_weight())
+        plain.bias.copy_(self.folded_bias())
+        return make(plain, self.weight_quantizer, self.act_quantizer).train(self.training)
+
     def _batch_stats(self, y: torch.Tensor):
         """Batch mean / biased variance of ``y`` per channel; updates the moving averages
         as PyTorch's BatchNorm (unbiased variance), counting batches."""
