@@ -47,7 +47,8 @@ splitting the largest cluster (qtrain.quant.kmeans), where the paper would keep 
 Under DDP the masks and codebooks of rank 0 are broadcast after every stage
 (untested here: no multi-process test). ``export=true`` writes each layer in the
 ``sparse_shared`` packed format (:mod:`qtrain.nn.packed_sparse`). State (stage, masks, codes, centroids, the FP32 snapshot) is in
-``state_dict`` for resuming; a resumed run never re-prunes or re-clusters.
+``state_dict`` for resuming (the FP32 snapshot as a reference to its file in the run dir:
+:mod:`qtrain.callbacks.fp32_snapshot`); a resumed run never re-prunes or re-clusters.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ import torch
 from torch import nn
 
 from qtrain import layer_report
+from qtrain.callbacks.fp32_snapshot import KEY as SNAPSHOT_KEY
+from qtrain.callbacks.fp32_snapshot import FP32Snapshot, state_property
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps, rebuild_optimizers
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import (
@@ -100,6 +103,8 @@ class DeepCompressionCallback(pl.Callback):
         finalize_at_end: apply unreached stages at the end of fit and convert the layers.
         report_file: JSON file name in the run directory (null: none).
     """
+
+    fp32_state = state_property()  # module weights before the first prune
 
     def __init__(self, sparsity=None, layer_sparsity=None, bits=None, layer_bits=None,
                  index_bits=None, include=(".*",), exclude=(), start: int = 0,
@@ -143,7 +148,7 @@ class DeepCompressionCallback(pl.Callback):
         self.codes: dict[str, torch.Tensor] = {}
         self.centroids: dict[str, torch.Tensor] = {}
         self.fp32_metric: float | None = None
-        self.fp32_state: dict | None = None
+        self.fp32_snapshot = FP32Snapshot("deep_compression")
         self.report: dict | None = None
         self._layers: dict[str, nn.Module] = {}
         self._prefix = ""  # convert.network_prefix of the LightningModule (set in setup)
@@ -161,6 +166,7 @@ class DeepCompressionCallback(pl.Callback):
         return by_type[_kind(m)]
 
     def setup(self, trainer, pl_module, stage=None) -> None:
+        self.fp32_snapshot.bind(trainer)
         self._layers = select_modules(pl_module, self.include, self.exclude,
                                       tuple(LAYER_TYPES.values()), "deep_compression")
         self._prefix = network_prefix(pl_module)
@@ -239,7 +245,7 @@ class DeepCompressionCallback(pl.Callback):
             key = f"val_{getattr(pl_module, 'metric', 'acc')}"
             if key in trainer.callback_metrics:
                 self.fp32_metric = float(trainer.callback_metrics[key])
-            self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.fp32_snapshot.take(trainer, pl_module)
         for i in prunes:
             with layer_report.event(trainer, self, f"prune{i + 1}"):  # per-layer report
                 self.prune_step(i)
@@ -375,7 +381,7 @@ class DeepCompressionCallback(pl.Callback):
         return {"n_prune_steps": self.n_prune_steps, "quantized": self.quantized,
                 "masks": cpu(self.masks), "codes": cpu(self.codes),
                 "centroids": cpu(self.centroids), "fp32_metric": self.fp32_metric,
-                "fp32_state": self.fp32_state, "prune_epochs": self.prune_epochs}
+                SNAPSHOT_KEY: self.fp32_snapshot.ref(), "prune_epochs": self.prune_epochs}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("prune_epochs", self.prune_epochs)) != self.prune_epochs:
@@ -387,7 +393,8 @@ class DeepCompressionCallback(pl.Callback):
         self.masks = {n: dev(n, v) for n, v in state["masks"].items()}
         self.codes = {n: dev(n, v) for n, v in state["codes"].items()}
         self.centroids = {n: dev(n, v) for n, v in state["centroids"].items()}
-        self.fp32_metric, self.fp32_state = state.get("fp32_metric"), state.get("fp32_state")
+        self.fp32_metric = state.get("fp32_metric")
+        self.fp32_snapshot.restore(state)
 
 
 def format_report(r: dict) -> str:

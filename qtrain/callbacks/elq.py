@@ -25,7 +25,8 @@ model is the binary / ternary one, counted at 1 / 2 bits per weight + one fp32 a
 applied inside the optimizer step of its first batch, the rebuild happens at the start of the
 next batch. Under DDP the gradients are already averaged over ranks, so every rank computes the
 same masks and alpha (no broadcast). ``fp32_metric`` / ``fp32_state``: the last validation metric
-before the first stage and the weights then (the run tests them as its FP32 row).
+before the first stage and the weights then (the run tests them as its FP32 row; written once
+to the run dir, referenced by the checkpoints: :mod:`qtrain.callbacks.fp32_snapshot`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import torch
 from torch import nn
 
 from qtrain import layer_report
+from qtrain.callbacks.fp32_snapshot import KEY as SNAPSHOT_KEY
+from qtrain.callbacks.fp32_snapshot import FP32Snapshot, state_property
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules
@@ -62,6 +65,8 @@ class ELQCallback(pl.Callback):
         seed: seed of the random partition.
         stages_file: where to write :attr:`history` as JSON at the end (None: not written).
     """
+
+    fp32_state = state_property()  # module weights before the first stage
 
     def __init__(self, kind: str = "ternary", lam: float = ELQ.DEFAULT_LAMBDA,
                  schedule=tuple(ELQ.DEFAULT_SCHEDULE), strategy: str = "magnitude",
@@ -114,10 +119,11 @@ class ELQCallback(pl.Callback):
         self._layers: dict[str, nn.Module] = {}
         self._hooked: dict[int, object] = {}
         self.fp32_metric: float | None = None
-        self.fp32_state: dict | None = None
+        self.fp32_snapshot = FP32Snapshot("elq")
 
     # -- selection ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
+        self.fp32_snapshot.bind(trainer)
         self._layers = select_modules(pl_module, self.include, self.exclude, self.types, "elq")
 
     def validate(self, pl_module) -> None:
@@ -139,7 +145,7 @@ class ELQCallback(pl.Callback):
             value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
             self.fp32_metric = float(value) if value is not None else None
             if self.fp32_metric is not None:  # the FP32 phase's weights, tested by the run
-                self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                self.fp32_snapshot.take(trainer, pl_module)
         due = self.stage
         while due < len(self.schedule) and self._now(trainer) >= self.boundaries[due]:
             due += 1
@@ -239,7 +245,7 @@ class ELQCallback(pl.Callback):
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {"stage": self.stage, "masks": cpu(self.masks), "codes": cpu(self.codes),
                 "alpha": dict(self.alpha), "kind": self.kind, "schedule": self.schedule,
-                "fp32_metric": self.fp32_metric, "fp32_state": self.fp32_state,
+                "fp32_metric": self.fp32_metric, SNAPSHOT_KEY: self.fp32_snapshot.ref(),
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -248,7 +254,8 @@ class ELQCallback(pl.Callback):
                 raise ConfigError(f"elq: checkpoint {key} {state[key]} differs from the "
                                   f"configured {getattr(self, key)}")
         self.stage = self._due = int(state["stage"])
-        self.fp32_metric, self.fp32_state = state.get("fp32_metric"), state.get("fp32_state")
+        self.fp32_metric = state.get("fp32_metric")
+        self.fp32_snapshot.restore(state)
         self.history = list(state.get("history", []))
         weights = self._weights() if self._layers else {}
         dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731

@@ -17,8 +17,8 @@ levels) is in ``state_dict`` for resuming.
 
 ``fp32_metric`` (read by the run summary): the module's last validation metric before the
 first stage (the end of the FP32 phase), None when INQ starts at step/epoch 0; ``fp32_state``:
-the module's weights at that moment (the run summary tests them: its FP32 test row), kept in
-the checkpoints like the QAT callback's.
+the module's weights at that moment (the run summary tests them: its FP32 test row), written
+once to the run dir and referenced by the checkpoints (:mod:`qtrain.callbacks.fp32_snapshot`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from qtrain import layer_report
+from qtrain.callbacks.fp32_snapshot import KEY as SNAPSHOT_KEY
+from qtrain.callbacks.fp32_snapshot import FP32Snapshot, state_property
 from qtrain.callbacks.optimizer_hooks import hook_optimizer_steps
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, select_modules
@@ -48,6 +50,8 @@ class INQCallback(pl.Callback):
         reset_optimizer: rebuild optimizer + LR scheduler at each later stage.
         seed: seed of the random partition.
     """
+
+    fp32_state = state_property()  # module weights before the first stage
 
     def __init__(self, bits: int = 5, schedule="5bit", strategy: str = "magnitude",
                  include=(".*",), exclude=(), types=("Conv2d", "Linear"),
@@ -84,10 +88,11 @@ class INQCallback(pl.Callback):
         self._layers: dict[str, nn.Module] = {}
         self._hooked: dict[int, object] = {}
         self.fp32_metric: float | None = None  # validation metric before the first stage
-        self.fp32_state: dict | None = None  # module weights before the first stage
+        self.fp32_snapshot = FP32Snapshot("inq")
 
     # -- selection ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None) -> None:
+        self.fp32_snapshot.bind(trainer)
         self._layers = select_modules(pl_module, self.include, self.exclude, self.types, "inq")
 
     def validate(self, pl_module) -> None:
@@ -108,7 +113,7 @@ class INQCallback(pl.Callback):
             value = trainer.callback_metrics.get(f"val_{getattr(pl_module, 'metric', 'acc')}")
             self.fp32_metric = float(value) if value is not None else None
             if self._now(trainer) > 0:  # an FP32 phase happened: its weights, for the FP32 test
-                self.fp32_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                self.fp32_snapshot.take(trainer, pl_module)
         while self.stage < len(self.schedule) and self._now(trainer) >= self.boundaries[self.stage]:
             with layer_report.event(trainer, self, f"stage{self.stage + 1}"):  # per-layer report
                 self._apply_stage(trainer, self.stage)
@@ -195,7 +200,7 @@ class INQCallback(pl.Callback):
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {"stage": self.stage, "masks": cpu(self.masks), "frozen": cpu(self.frozen),
                 "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule,
-                "fp32_metric": self.fp32_metric, "fp32_state": self.fp32_state}
+                "fp32_metric": self.fp32_metric, SNAPSHOT_KEY: self.fp32_snapshot.ref()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule", self.schedule) != self.schedule:
@@ -203,7 +208,7 @@ class INQCallback(pl.Callback):
                               f"configured {self.schedule}")
         self.stage = int(state["stage"])
         self.fp32_metric = state.get("fp32_metric")
-        self.fp32_state = state.get("fp32_state")
+        self.fp32_snapshot.restore(state)
         weights = self._weights() if self._layers else {}
         dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731
         self.masks = {n: dev(n, v) for n, v in state["masks"].items()}

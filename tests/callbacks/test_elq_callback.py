@@ -183,13 +183,14 @@ class _EpochEndWeights(pl.Callback):
         self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
-def test_fp32_snapshot_is_the_weights_before_the_first_stage_and_loads_after_conversion():
+def test_fp32_snapshot_is_the_weights_before_the_first_stage_and_loads_after_conversion(tmp_path):
     pl.seed_everything(0)
     model = TinyCNN()
     elq = ELQCallback(kind="ternary", schedule=[0.5, 1.0], boundaries=[1, 2], unit="epoch")
     ends = _EpochEndWeights()
     loader = image_loader(n=32, batch=8)
-    trainer(max_epochs=3, callbacks=[elq, ends]).fit(model, loader, loader)
+    trainer(max_epochs=3, callbacks=[elq, ends], default_root_dir=str(tmp_path)).fit(
+        model, loader, loader)
     assert elq.fp32_metric is not None
     for k, v in ends.states[0].items():  # end of the FP32 epoch 0 = the snapshot
         assert torch.equal(elq.fp32_state[k], v), k

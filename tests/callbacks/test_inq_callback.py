@@ -111,7 +111,7 @@ class _ValAcc(pl.Callback):
         self.values.append(float(trainer.callback_metrics["val_acc"]))
 
 
-def test_fp32_metric_is_the_validation_before_the_first_stage():
+def test_fp32_metric_is_the_validation_before_the_first_stage(tmp_path):
     pl.seed_everything(0)
     inq = INQCallback(bits=5, schedule=[0.5, 1.0], start=2, stage_length=1, unit="epoch")
     val = _ValAcc()
@@ -123,7 +123,8 @@ def test_fp32_metric_is_the_validation_before_the_first_stage():
                 self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     w = _Weights()
-    trainer(max_epochs=4, callbacks=[inq, val, w]).fit(TinyCNN(), loader, loader)
+    trainer(max_epochs=4, callbacks=[inq, val, w], default_root_dir=str(tmp_path)).fit(
+        TinyCNN(), loader, loader)
     assert len(val.values) == 4
     assert inq.fp32_metric == val.values[1]  # epoch 1 is the last FP32 epoch (stage 0 at 2)
     # the FP32 snapshot is those weights (the run summary tests it), not the quantized ones
@@ -132,6 +133,7 @@ def test_fp32_metric_is_the_validation_before_the_first_stage():
     conv = next(k for k in w.state if k.endswith("weight") and w.state[k].dim() == 4)
     assert not torch.equal(inq.fp32_state[conv], inq._layers[conv.rsplit(".", 1)[0]].weight)
     fresh = INQCallback(bits=5, schedule=[0.5, 1.0])
+    fresh.fp32_snapshot.run_dir = str(tmp_path)  # the run dir holding the snapshot file
     fresh.load_state_dict(inq.state_dict())
     assert fresh.fp32_metric == inq.fp32_metric
     assert all(torch.equal(fresh.fp32_state[k], w.state[k]) for k in w.state)
