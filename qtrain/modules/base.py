@@ -82,7 +82,9 @@ class TaskModule(pl.LightningModule):
         inputs, targets = self.split_batch(batch)
         outputs = self(inputs)
         loss = self.task_loss(outputs, targets)
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
+        # sync_dist: under DDP every rank logs (and checkpoints / early-stops on) the mean over
+        # all ranks' batches, not its own shard's; reduced once at epoch end (on_epoch only)
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.update_metrics(stage, outputs, targets, loss)
 
     def validation_step(self, batch, batch_idx):
