@@ -20,35 +20,45 @@ def huffman_bits(model: nn.Module) -> int:
     return model_huffman_bits(model).total_bits
 
 
-def format_summary(s: dict) -> str:
-    def fmt(v, nd=4):
-        return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+def _fmt(v, nd=4):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
+
+def summary_rows(s: dict) -> list[tuple[str, str, str]]:
+    """The end-of-run summary's rows as (group, label, value): groups ``run``, ``metric``,
+    ``size`` (:func:`format_summary` prints them as text, :mod:`qtrain.terminal` as a table)."""
+    m = s["metric"]
+    fp32_note = "; " + s["fp32_source"] if s.get("fp32_source") else ""
     rows = [
-        ("recipe", s.get("recipe")),
-        *([("initial weights (init_from)", s["init_from"]["file"])] if s.get("init_from") else []),
-        (f"FP32 {s['metric']} (val, before quant.)", fmt(s.get("fp32_val_metric"))),
-        (f"quantized {s['metric']} (val)", fmt(s.get("quant_val_metric"))),
-        (f"FP32 {s['metric']} (test{'; ' + s['fp32_source'] if s.get('fp32_source') else ''})",
-         fmt(s.get("fp32_metric"))),
-        (f"quantized {s['metric']} (test)", fmt(s.get("quant_metric"))),
-        (f"float master weights {s['metric']} (test)", fmt(s.get("float_weights_metric"))),
-        (f"integer-only {s['metric']} (test)", fmt(s.get("int_metric"))),
-        ("size FP32 (MB)", fmt(s["fp32_mb"], 4)),
-        ("size quantized (MB)", fmt(s["quant_mb"], 4)),
-        ("compression", f"{s['compression']:.2f}x"),
-        ("Huffman-coded (MB)", fmt(s.get("huffman_mb"), 4)),
-        ("epochs / time", f"{s.get('epochs')} / {s.get('time_s', 0):.1f}s"),
-        ("run dir", s["run_dir"]),
+        ("run", "recipe", s.get("recipe")),
+        *([("run", "initial weights (init_from)", s["init_from"]["file"])]
+          if s.get("init_from") else []),
+        ("metric", f"FP32 {m} (val, before quant.)", _fmt(s.get("fp32_val_metric"))),
+        ("metric", f"quantized {m} (val)", _fmt(s.get("quant_val_metric"))),
+        ("metric", f"FP32 {m} (test{fp32_note})", _fmt(s.get("fp32_metric"))),
+        ("metric", f"quantized {m} (test)", _fmt(s.get("quant_metric"))),
+        ("metric", f"float master weights {m} (test)", _fmt(s.get("float_weights_metric"))),
+        ("metric", f"integer-only {m} (test)", _fmt(s.get("int_metric"))),
+        ("size", "size FP32 (MB)", _fmt(s["fp32_mb"], 4)),
+        ("size", "size quantized (MB)", _fmt(s["quant_mb"], 4)),
+        *([("size", "packed file (MB)", _fmt(s["packed_mb"], 4))] if s.get("packed_file") else []),
+        ("size", "compression", f"{s['compression']:.2f}x"),
+        ("size", "Huffman-coded (MB)", _fmt(s.get("huffman_mb"), 4)),
+        ("run", "epochs / time", f"{s.get('epochs')} / {s.get('time_s', 0):.1f}s"),
+        ("run", "run dir", s["run_dir"]),
     ]
-    if s.get("packed_file"):
-        rows.insert(6, ("packed file (MB)", fmt(s["packed_mb"], 4)))
     if s.get("smoke"):
-        rows.insert(1, ("mode", "smoke: tiny generated data and model, metrics meaningless"))
+        rows.insert(1, ("run", "mode", "smoke: tiny generated data and model, metrics meaningless"))
+    return [(g, k, str(v)) for g, k, v in rows]
+
+
+def format_summary(s: dict) -> str:
+    """The summary as a plain-text (ASCII) table: what log files and CI logs get."""
+    rows = [(k, v) for _, k, v in summary_rows(s)]
     w = max(len(k) for k, _ in rows)
-    vw = max(70, *(len(str(v)) for _, v in rows))  # never cut a value (the run dir)
+    vw = max(70, *(len(v) for _, v in rows))  # never cut a value (the run dir)
     line = "+" + "-" * (w + 2) + "+" + "-" * (vw + 2) + "+"
-    body = [f"| {k.ljust(w)} | {str(v).ljust(vw)} |" for k, v in rows]
+    body = [f"| {k.ljust(w)} | {v.ljust(vw)} |" for k, v in rows]
     return "\n".join([line, *body, line])
 
 

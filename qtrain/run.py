@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpointing, dashboard, init_weights, optional, report, validation
+from qtrain import checkpointing, dashboard, init_weights, optional, report, terminal, validation
 from qtrain.callbacks.resume_state import ResumeState
 from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
@@ -165,8 +165,9 @@ def train(cfg: DictConfig) -> dict:
     with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_io.config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
+    bar = terminal.add_progress_bar(cfg, callbacks)  # a Rich bar on a terminal, none in logs
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          default_root_dir=run_dir, plugins=[ckpt_io])
+                          default_root_dir=run_dir, plugins=[ckpt_io], enable_progress_bar=bar)
     dashboard.log_config(trainer.loggers, cfg)
     if cfg.fit:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -229,5 +230,5 @@ def train(cfg: DictConfig) -> dict:
                 summary.update(export_run(run_dir, dm, module, run_info(cfg)))
             report.write_summary(summary, run_dir)
         dashboard.log_final(trainer.loggers, summary, trainer.global_step)
-        print(report.format_summary(summary), flush=True)
+        terminal.print_run_end(summary, trainer, cfg)  # rich tables on a terminal, else text
     return summary

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from qtrain.config_schema import data, quant, trainer  # noqa: F401 (register the schemas)
+from qtrain.config_schema import data, quant, terminal, trainer  # noqa: F401 (register the schemas)
 from qtrain.config_schema.core import (
     SCHEMAS,
     SKIP,

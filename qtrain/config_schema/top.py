@@ -1,8 +1,8 @@
 """Schema of the top-level keys of conf/train.yaml.
 
-The group nodes (``data``, ``trainer``, ``quant``, ``extra_callbacks.<name>``) are checked
-by their ``_target_``'s schema; ``model``, ``task``, ``optimizer``, ``scheduler``, ``logger``
-and ``callbacks`` are left to their classes. Other top-level keys are not errors at run time
+The group nodes (``data``, ``trainer``, ``quant``, ``extra_callbacks.<name>``, ``terminal``)
+are checked by their ``_target_``'s schema; ``model``, ``task``, ``optimizer``, ``scheduler``,
+``logger`` and ``callbacks`` are left to their classes. Other top-level keys are not errors at run time
 (a recipe may keep its own variables there, e.g. ``fixed_point_fl``; Hydra already rejects a
 misspelled key from the command line); tests/test_config_schema.py requires every key of
 conf/train.yaml to be declared here.
@@ -30,6 +30,7 @@ class Top:
     data: Node = opt()
     trainer: Node = opt()
     extra_callbacks: dict[str, Any] | None = opt()
+    terminal: Node = opt()  # qtrain.terminal.Terminal (config_schema/terminal.py)
     # left to their own classes (no schema here yet)
     model: Any = opt()
     task: Any = opt()
