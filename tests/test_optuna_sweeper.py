@@ -139,3 +139,47 @@ def test_grid_sampler_covers_the_grid_with_ask_tell():
         seen.add((t.params["quant.bits"], t.params["quant.act_bits"]))
         study.tell(t, 1.0)
     assert seen == {(2, 4), (2, 8), (8, 4), (8, 8)}
+
+
+@pytest.mark.slow  # two real searches of 2 digits trainings, one SIGKILLed: ~40 s CPU, 2-4 min wall
+def test_killed_search_resumes_from_its_journal_and_the_killed_trials_checkpoint(tmp_path):
+    """SIGKILL the whole search while its second trial trains (after that trial's first
+    checkpoint); the same command with the same hydra.sweep.dir resumes: the finished trial is
+    not run again, the killed one is told FAIL (KILLED in the table) and run again with the
+    same parameters in its own job dir from its last checkpoint; n_trials counts it once."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=qat_bits_digits",
+           "hydra.sweeper.sampler=random", "hydra.sweeper.n_trials=2", "~hydra.sweeper.params",
+           "quant.bits=choice(2,8)", "quant_start_epoch=1", "trainer.max_epochs=6",
+           f"hydra.sweep.dir={sweep}"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not list(sweep.glob("*/1_*/checkpoints/last.ckpt")):
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (sweep / "optuna_journal.log").exists()
+    assert not list(sweep.glob("*/1_*/summary.json"))  # killed before its end
+    first_job0 = next(sweep.glob("*/0_*/summary.json")).stat().st_mtime
+
+    q = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert next(sweep.glob("*/0_*/summary.json")).stat().st_mtime == first_job0  # not rerun
+    jobs = sorted(d.name for d in sweep.glob("*/*_*") if d.is_dir())
+    assert len(jobs) == 2, jobs  # the killed trial finished in its own dir, no third job
+    rows = list(csv.DictReader(open(sweep / "optuna_trials.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE", "KILLED", "COMPLETE"]
+    assert rows[1]["quant.bits"] == rows[2]["quant.bits"] != rows[0]["quant.bits"]
+    job1 = next(sweep.glob("*/1_*"))
+    assert Path(rows[2]["job_dir"]).resolve() == job1.resolve()
+    cfg = (job1 / "config_resolved.yaml").read_text()
+    assert f"ckpt_path: {job1}" in cfg  # continued from the killed run's checkpoint
+    s = json.load(open(job1 / "summary.json"))
+    assert float(rows[2]["quant_metric"]) == pytest.approx(s["quant_metric"])

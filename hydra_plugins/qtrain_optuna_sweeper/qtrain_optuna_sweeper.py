@@ -22,6 +22,13 @@ overrides from the finished trials' ``summary.json``.
   qtrain run is deterministic given its config and seed. ``n_trials`` counts every trial;
   ``optuna_trials.csv`` marks the reused ones.
 
+- The study is stored in the sweep dir (``optuna_journal.log``, Optuna's journal file; or
+  ``storage: <URL>``, or ``storage: memory`` for none): a killed search (Ctrl-C, ``kill -9``,
+  preemption) resumes when the same command runs again with ``hydra.sweep.dir=<that dir>``:
+  finished trials count towards ``n_trials`` and are not run again, a trial killed mid-run
+  is told FAIL (``KILLED`` in the table) and run again with its parameters as the same job
+  number -- in its own job dir, from that dir's last checkpoint.
+
 Results in the sweep dir: ``optuna_trials.csv`` (one row per trial: number, state, params,
 values, constraint values, job dir) and ``optimization_results.yaml`` (the best feasible
 trial, or the Pareto front for several objectives). Hydra's own multirun summary
@@ -34,6 +41,7 @@ old Optuna); it uses only Optuna's public ask/tell API.
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 import math
 import os
@@ -103,22 +111,70 @@ class QtrainOptunaSweeper(Sweeper):
             return optuna.samplers.NSGAIISampler(seed=self.seed, constraints_func=cons)
         return optuna.samplers.TPESampler(seed=self.seed, constraints_func=cons)
 
+    def _storage(self, sweep_dir: str):
+        """Where the study lives. ``storage: null`` (default): a journal file in the sweep dir
+        (``optuna_journal.log``), so a killed search resumes when the same command is run
+        again with ``hydra.sweep.dir=<that dir>``; ``memory``: in memory only; anything else:
+        an Optuna storage URL (e.g. ``sqlite:///study.db``)."""
+        if self.storage == "memory":
+            return None
+        if self.storage:
+            return self.storage
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(os.path.join(sweep_dir, "optuna_journal.log")))
+
+    def _rerun(self, study, space: dict, old, fixed: list[str], sweep_dir: str, returns: list,
+               seen: dict) -> list[dict]:
+        """A trial a killed search left RUNNING: told FAIL, its parameters asked again and run
+        as the same job number, so it lands in its old job dir and continues from that dir's
+        last checkpoint (``ckpt_path`` is not part of the dir name)."""
+        from optuna.trial import TrialState
+
+        study.tell(old.number, state=TrialState.FAIL)
+        killed = _row(study.get_trials(deepcopy=False)[old.number])
+        study.enqueue_trial(dict(old.params))
+        trial = study.ask(space)
+        num = old.user_attrs.get("job_num")
+        overrides = list(old.user_attrs.get("overrides") or
+                         fixed + [f"{k}={_value(v)}" for k, v in old.params.items()])
+        ckpts = sorted(glob.glob(os.path.join(sweep_dir, "*", f"{num}_*", "checkpoints",
+                                              "last.ckpt"))) if num is not None else []
+        if ckpts:
+            overrides.append(f"ckpt_path={os.path.dirname(os.path.dirname(ckpts[0]))}")
+        log.info("Optuna search: trial %d was killed; running it again as trial %d%s",
+                 old.number, trial.number, f" from {ckpts[0]}" if ckpts else "")
+        trial.set_user_attr("job_num", num)
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("rerun_of", old.number)
+        self.validate_batch_is_legal([overrides])
+        ret = self.launcher.launch([overrides], initial_job_idx=num if num is not None else 0)[0]
+        returns.append(ret)
+        job_dir = str(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
+                                       default="") or "") if ret.hydra_cfg else ""
+        seen[_key(trial.params)] = (job_dir, S.read_summary(job_dir) if job_dir else None)
+        return [{**killed, "state": "KILLED"},
+                self._tell(study, trial, *seen[_key(trial.params)], reused=False)]
+
     def _tell(self, study, trial, job_dir: str, summary: dict | None, reused: bool) -> dict:
         """Tell Optuna the trial's result from its run's summary; the trials-table row."""
         from optuna.trial import TrialState
 
-        row = {"number": trial.number, "job_dir": job_dir, **trial.params, "reused": reused}
+        trial.set_user_attr("job_dir", job_dir)
+        trial.set_user_attr("reused", reused)
         if summary is None:
             study.tell(trial, state=TrialState.FAIL)
-            return {**row, "state": "FAIL"}
+            return _row(study.get_trials(deepcopy=False)[trial.number], self.objectives,
+                    self.constraints)
         values = S.objective_values(summary, self.objectives)
         cons = [float(summary.get(k, float("inf")) or float("inf")) - b
                 for k, b in self.constraints.items()]
         trial.set_user_attr("constraint", cons)
-        trial.set_user_attr("job_dir", job_dir)
+        trial.set_user_attr("summary", {k: summary.get(k) for k in self.constraints})
         study.tell(trial, values)
-        return {**row, "state": "COMPLETE", **{k: summary.get(k) for k in self.constraints},
-                **dict(zip(self.objectives, values)), "feasible": all(c <= 0 for c in cons)}
+        return _row(study.get_trials(deepcopy=False)[trial.number], self.objectives,
+                    self.constraints)
 
     def sweep(self, arguments: list[str]) -> list:
         import optuna
@@ -130,15 +186,32 @@ class QtrainOptunaSweeper(Sweeper):
                               "quant.bits: choice(2,3,4,8) or a sweep override on the command line)")
         sweep_dir = self.config.hydra.sweep.dir
         os.makedirs(sweep_dir, exist_ok=True)
+        storage = self._storage(sweep_dir)
+        earlier = _earlier_trials(storage, self.study_name)
+        self.seed += len(earlier)  # a resumed search does not re-propose its first points
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, load_if_exists=True,
+            study_name=self.study_name, storage=storage, load_if_exists=True,
             sampler=self._sampler(space),
             directions=[d for d in self.objectives.values()])
         log.info("Optuna search: %d trials, %s, objectives %s, constraints %s, space %s",
                  self.n_trials, self.sampler_name, self.objectives, self.constraints,
                  {k: str(v) for k, v in space.items()})
-        rows, returns, asked, job_idx = [], [], 0, 0
-        seen: dict[tuple, tuple[str, dict | None]] = {}  # params -> (job dir, summary)
+        rerun = {t.user_attrs.get("rerun_of") for t in earlier}  # killed, then run again
+        rows = [{**_row(t, self.objectives, self.constraints),
+                 **({"state": "KILLED"} if t.number in rerun else {})}
+                for t in earlier if t.state.is_finished()]
+        seen: dict[tuple, tuple[str, dict | None]] = {  # params -> (job dir, summary)
+            _key(t.params): (t.user_attrs["job_dir"], S.read_summary(t.user_attrs["job_dir"]))
+            for t in earlier if t.state.name == "COMPLETE" and t.user_attrs.get("job_dir")}
+        returns, asked = [], sum(r["state"] != "KILLED" for r in rows)
+        job_idx = 1 + max((t.user_attrs.get("job_num", -1) for t in earlier), default=-1)
+        if earlier:
+            log.info("Optuna search resumed (%s): %d trials done, %d to go", sweep_dir,
+                     asked, max(self.n_trials - asked, 0))
+        for t in earlier:  # killed mid-run: told FAIL, then run again in its own job dir
+            if not t.state.is_finished() and asked < self.n_trials:
+                rows += self._rerun(study, space, t, fixed, sweep_dir, returns, seen)
+                asked += 1
         while asked < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - asked))]
             keys = [_key(t.params) for t in trials]
@@ -150,6 +223,9 @@ class QtrainOptunaSweeper(Sweeper):
                      for i in launch]
             if batch:
                 self.validate_batch_is_legal(batch)
+                for n, i in enumerate(launch):  # what a resumed search needs of a killed trial
+                    trials[i].set_user_attr("job_num", job_idx + n)
+                    trials[i].set_user_attr("overrides", batch[n])
                 results = self.launcher.launch(batch, initial_job_idx=job_idx)
                 job_idx += len(batch)
             else:
@@ -166,10 +242,35 @@ class QtrainOptunaSweeper(Sweeper):
                 rows.append(self._tell(study, trial, job_dir, summary, reused=i not in ran))
             asked += len(trials)
             _write_trials(os.path.join(sweep_dir, "optuna_trials.csv"), rows)
+        _write_trials(os.path.join(sweep_dir, "optuna_trials.csv"), rows)
         best = _best(study, self.objectives, self.constraints)
         OmegaConf.save(OmegaConf.create(best), os.path.join(sweep_dir, "optimization_results.yaml"))
         log.info("Optuna search done: %s", best)
         return returns
+
+
+def _earlier_trials(storage, study_name: str) -> list:
+    """The trials a previous run of this search stored (none for a new study)."""
+    import optuna
+
+    if storage is None:
+        return []
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no such study yet
+        return []
+
+
+def _row(t, objectives: dict | None = None, constraints: dict | None = None) -> dict:
+    """One optuna_trials.csv row from a stored trial (also for trials of an earlier run)."""
+    row = {"number": t.number, "job_dir": t.user_attrs.get("job_dir", ""), **t.params,
+           "reused": t.user_attrs.get("reused", False), "state": t.state.name}
+    if t.state.name != "COMPLETE":
+        return row
+    cons = t.user_attrs.get("constraint", [])
+    objectives = objectives or {f"value{i}": None for i in range(len(t.values))}
+    return {**row, **t.user_attrs.get("summary", {}), **dict(zip(objectives, t.values)),
+            "feasible": all(c <= 0 for c in cons)}
 
 
 def _key(params: dict) -> tuple:
