@@ -118,6 +118,20 @@ def test_rich_tables_on_a_terminal_carry_the_same_numbers(smoke_run, monkeypatch
         f"{s['compression']:.2f}x"
 
 
+def test_without_rich_the_tables_are_plain(smoke_run, monkeypatch):
+    """rich is a core dependency; an install without it (--no-deps) still gets the tables."""
+    _, s, rows = smoke_run
+    _plain_env(monkeypatch)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    for name in ("rich", "rich.console", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import rich` raises ImportError
+    buf = io.StringIO()
+    terminal.print_summary(s, rows, 25, "end", file=buf)
+    out = buf.getvalue()
+    assert "\x1b" not in out and _cell(out, "run dir") == s["run_dir"]
+    assert _layer_line(out, rows[0]["layer"]) == _expected_layer(rows[0])
+
+
 def test_many_layers_are_grouped(smoke_run):
     _, s, rows = smoke_run
     text = terminal.layer_table_text(rows, 1, "end", "/x/layer_report.csv")
