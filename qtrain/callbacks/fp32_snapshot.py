@@ -22,7 +22,8 @@ callback's checkpoint state, every checkpoint of the run carried the model a sec
   a new run dir (``ckpt_path=last``) writes its own copy there with its first checkpoint, so
   each run dir's checkpoints find the snapshot in that run dir.
 
-The bytes are deterministic (safetensors: header sorted by name), so the reference -- and the
+The bytes are deterministic (safetensors orders the tensors by dtype and name; the
+metadata has a single key), so the reference -- and the
 checkpoint -- of a resumed run equals the uninterrupted run's bitwise.
 
 Checkpoints written before this module (``fp32_state`` inline in the callback's state) still
@@ -60,8 +61,9 @@ def serialize(state: dict[str, torch.Tensor]) -> bytes:
     if bad:
         raise TypeError(f"FP32 snapshot: state_dict entries {bad[:3]} are not tensors "
                         "(a module's get_extra_state?); a snapshot file holds tensors only")
+    # one metadata key: safetensors writes that map in hash order (two keys: bytes vary)
     return save({k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                 for k, v in state.items()}, metadata={"format": "pt", "qtrain": KEY})
+                 for k, v in state.items()}, metadata={"format": "pt"})
 
 
 def write_atomic(data: bytes, path: str) -> None:

@@ -176,7 +176,7 @@ def test_a_checkpoint_with_the_tensors_inline_still_resumes_and_moves_them_to_a_
 def test_bytes_are_deterministic():
     a = {"b": torch.randn(3, 4).t(), "a": torch.ones(2, dtype=torch.bool)}  # non-contiguous too
     b = {"a": a["a"].clone(), "b": a["b"].contiguous()}
-    assert S.serialize(a) == S.serialize(b)
+    assert len({S.serialize(a) for _ in range(8)} | {S.serialize(b)}) == 1  # maps in hash order vary
 
 
 # every method callback with an FP32 phase: the checkpoint references the file, no tensors

@@ -91,15 +91,24 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     common = ["recipe=qat_int4_digits", "debug=smoke", "trainer.max_epochs=3",
               "quant_start_epoch=1", "callbacks.checkpoint.save_top_k=-1",
               ]
-    run(common, tmp_path / "a")
+    summary = run(common, tmp_path / "a")
     full = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     mid = sorted((tmp_path / "a" / "checkpoints").glob("epoch001-*.ckpt"))[0]
-    run(common + [f"ckpt_path={mid}"], tmp_path / "b")
+    resumed_summary = run(common + [f"ckpt_path={mid}"], tmp_path / "b")
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == full["global_step"]
     assert any("running_max" in k for k in full["state_dict"])
     for k, v in full["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+    # the FP32 row tests the FP32 phase's weights: a file of the run dir that the checkpoints
+    # reference (no copy inside them); the resumed run read it from run a and tests the same
+    snap = "fp32_snapshot_qat.safetensors"
+    assert summary["fp32_source"] == resumed_summary["fp32_source"] == "FP32 phase's last weights"
+    assert resumed_summary["fp32_metric"] == summary["fp32_metric"]
+    assert (tmp_path / "b" / snap).read_bytes() == (tmp_path / "a" / snap).read_bytes()
+    for ck in (full, resumed):
+        state = ck["callbacks"]["QATCallback"]
+        assert "fp32_state" not in state and state["fp32_snapshot"]["file"] == snap
 
 
 def test_float_evaluation_after_quantized_one_really_is_float(tmp_path):
