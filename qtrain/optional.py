@@ -61,6 +61,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "onnx": ("onnx", "onnx"),
     "onnxruntime": ("onnx", "onnxruntime"),
     "optuna": ("optuna", "optuna"),
+    "compressed_tensors": ("hf-export", "compressed-tensors"),
 }
 
 # ``_target_`` prefix in the composed config -> (import name, what needs it)
@@ -164,6 +165,9 @@ def needed(cfg) -> list[tuple[str, str, str]]:
     if tree.get("export_onnx") is True:
         out += [("export_onnx=true", n, "the ONNX export (qtrain.export_onnx)")
                 for n in ("onnx", "onnxruntime")]
+    if tree.get("export_hf") is True:
+        out += [("export_hf=true", n, "the Hugging Face export (qtrain.export_hf)")
+                for n in ("transformers", "compressed_tensors", "triton")]
     return out
 
 

@@ -60,6 +60,10 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], pl.Callback | N
         from qtrain.callbacks.export_preflight import ExportPreflight
 
         callbacks.append(ExportPreflight())  # after the method callbacks' setup conversion
+    if cfg.get("export_hf"):
+        from qtrain.callbacks.export_hf_preflight import ExportHFPreflight
+
+        callbacks.append(ExportHFPreflight())  # every layer has a compressed-tensors form
     return callbacks, quant_cb
 
 
@@ -228,6 +232,12 @@ def train(cfg: DictConfig) -> dict:
                 from qtrain.export_onnx import export_run
 
                 summary.update(export_run(run_dir, dm, module, run_info(cfg)))
+            report.write_summary(summary, run_dir)
+        if cfg.get("export_hf"):  # <run dir>/hf_model/: transformers loads it without qtrain
+            from qtrain.export import run_info
+            from qtrain.export_hf import export_run as export_hf_run
+
+            summary.update(export_hf_run(run_dir, dm, module, run_info(cfg)))
             report.write_summary(summary, run_dir)
         dashboard.log_final(trainer.loggers, summary, trainer.global_step)
         terminal.print_run_end(summary, trainer, cfg)  # rich tables on a terminal, else text

@@ -23,6 +23,7 @@ class Top:
     fit: bool = opt()
     export: bool = opt()
     export_onnx: bool = opt()
+    export_hf: bool = opt()
     ckpt_path: str | None = opt()
     init_from: str | None = opt()
     recipe_name: str | None = opt()
