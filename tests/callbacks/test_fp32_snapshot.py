@@ -204,3 +204,32 @@ def test_every_method_keeps_the_snapshot_out_of_its_checkpoints(tag, tmp_path):
     fresh = CALLBACKS[tag]()
     _fit(tmp_path / "resumed", [fresh], epochs=3, ckpt_path=str(tmp_path / "checkpoints" / "epoch001.ckpt"))
     assert all(torch.equal(fresh.fp32_state[k], v) for k, v in ends.states[0].items())
+
+
+@pytest.mark.slow  # 3 train.py runs (~1 min each on a shared 2-core CPU)
+def test_kill9_after_the_fp32_phase_then_resume_gives_the_same_fp32_row(tmp_path):
+    """A real ``train.py`` (digits QAT, FP32 epoch 0) SIGKILLed inside epoch 1, resumed with
+    ``ckpt_path=last`` into a new run dir: the final checkpoint equals the uninterrupted run's
+    bitwise (snapshot reference included) and so does the summary's FP32 test row."""
+    import json
+    import signal
+
+    from tests.hydra_helpers import run
+    from tests.reliability.resume_helpers import differing, final_state, kill_overrides, train_py
+
+    common = ["recipe=qat_int4_digits", "debug=smoke", "trainer.max_epochs=3", "quant_start_epoch=1",
+              "callbacks.checkpoint.every_n_train_steps=1"]
+    ref = run(common, tmp_path / "reference")
+    killed = train_py(common + kill_overrides(5) + [f"hydra.run.dir={tmp_path}/1_killed"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "1_killed" / NAME).is_file()  # written when the FP32 phase ended
+    resumed = train_py(common + ["ckpt_path=last", f"hydra.run.dir={tmp_path}/2_resumed"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = final_state(tmp_path / "reference" / "checkpoints" / "last.ckpt")
+    b = final_state(tmp_path / "2_resumed" / "checkpoints" / "last.ckpt")
+    assert differing(a, b) == []
+    assert a["callbacks.QATCallback.fp32_snapshot.file"] == NAME
+    summary = json.loads((tmp_path / "2_resumed" / "summary.json").read_text())
+    assert summary["fp32_source"] == ref["fp32_source"] == "FP32 phase's last weights"
+    assert summary["fp32_metric"] == ref["fp32_metric"]
+    assert (tmp_path / "2_resumed" / NAME).read_bytes() == (tmp_path / "reference" / NAME).read_bytes()
