@@ -1,5 +1,6 @@
 """Interop export: a qtrain-quantized Hugging Face transformers model as a ``save_pretrained``
-folder in the compressed-tensors format, which ``transformers`` (and vLLM) load without qtrain.
+folder in the compressed-tensors format, which ``transformers`` loads without qtrain (the
+checkpoint format of llm-compressor, which vLLM also reads).
 
 The folder (what ``PreTrainedModel.save_pretrained`` writes for a quantized checkpoint):
 
@@ -217,14 +218,14 @@ def layer_tensors(m: PackedLinear, fmt: str = "pack-quantized") -> tuple[dict, d
     if fmt not in FORMATS:
         raise ConfigError(f"Hugging Face export: format={fmt!r}; allowed: {FORMATS}")
     b, n, k = int(m.bits), m.out_features, m.in_features
-    u = L.unpack_codes(m.packed, L.container_bits(b), k)  # (N, K) unsigned codes
+    u = L.unpack_codes(m.packed.cpu(), L.container_bits(b), k)  # (N, K) unsigned codes
     off = 2 ** (b - 1)
     ng = m.scales.shape[1]
     args = {"num_bits": b, "type": "int", "symmetric": bool(m.symmetric),
             "strategy": "channel" if ng == 1 else "group",
             "group_size": None if ng == 1 else k // ng, "dynamic": False}
-    t = {"weight_scale": m.scales.to(torch.float32).contiguous()}
-    z = None if m.symmetric else m.zeros.to(torch.int64)
+    t = {"weight_scale": m.scales.cpu().to(torch.float32).contiguous()}
+    z = None if m.symmetric else m.zeros.cpu().to(torch.int64)
     if fmt == "pack-quantized":
         if z is not None or isinstance(m, PackedEmbedding):
             raise ConfigError("Hugging Face export: pack-quantized is written for symmetric "
@@ -236,7 +237,7 @@ def layer_tensors(m: PackedLinear, fmt: str = "pack-quantized") -> tuple[dict, d
         if z is not None:
             t["weight_zero_point"] = (z - off).to(torch.int8).contiguous()
     if m.bias is not None:
-        t["bias"] = m.bias.detach().float().contiguous()
+        t["bias"] = m.bias.detach().cpu().float().contiguous()
     return t, args
 
 
