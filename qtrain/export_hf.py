@@ -66,11 +66,14 @@ The files never depend on qtrain.
 ``train.py ... export_hf=true`` writes ``<run dir>/hf_model/`` and loads it back with
 transformers, comparing the logits with the trained model's on a test batch
 (``hf_max_abs_diff`` in summary.json); :func:`export_hf` and :func:`max_abs_diff` do the
-same from Python.
+same from Python, and ``python -m qtrain.export_hf <run dir> --out <folder>`` for a finished
+``export=true`` run (its packed model, :func:`qtrain.export.load_run`; checked on a few
+sentences through the exported tokenizer).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -80,7 +83,7 @@ import shutil
 import torch
 from torch import nn
 
-from qtrain.errors import ConfigError
+from qtrain.errors import ConfigError, MissingFileError
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
 
@@ -424,3 +427,61 @@ def preflight(model: nn.Module) -> None:
         if isinstance(m, Quantizer):
             m.enabled = True
     check_exportable(pack_model(twin.eval(), backend="torch"))
+
+
+# ------------------------------------------------------------------------ CLI
+SENTENCES = ("a gripping, beautifully shot film", "the plot never comes together",
+             "not bad at all", "it was very, very long")
+
+
+def _check_batch(out_dir: str, vocab_size: int) -> dict:
+    """Token ids of :data:`SENTENCES` through the exported tokenizer, or (no tokenizer)
+    fixed pseudo-random ids below ``vocab_size``."""
+    if os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        enc = AutoTokenizer.from_pretrained(out_dir)(list(SENTENCES), padding=True,
+                                                     return_tensors="pt")
+        return {k: enc[k] for k in HF_INPUTS if k in enc}
+    ids = torch.randint(0, vocab_size, (len(SENTENCES), 16),
+                        generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from omegaconf import OmegaConf
+
+    from qtrain.export import load_run, run_info
+
+    p = argparse.ArgumentParser(prog="python -m qtrain.export_hf",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="run directory of `train.py ... export=true` "
+                   "(config_resolved.yaml + model_packed.safetensors)")
+    p.add_argument("--out", required=True, help="the save_pretrained folder to write")
+    p.add_argument("--format", default="pack-quantized", choices=FORMATS,
+                   help="storage of symmetric Linear weights (module doc)")
+    a = p.parse_args(argv)
+    for f in ("config_resolved.yaml", "model_packed.safetensors"):
+        if not os.path.isfile(os.path.join(a.run_dir, f)):
+            raise MissingFileError(f"{a.run_dir}: no {f}; pass the directory of a finished "
+                                   "`python train.py ... export=true` run")
+    model = load_run(a.run_dir, backend="torch")
+    info = export_hf(model, a.out, fmt=a.format, run=run_info(
+        OmegaConf.load(os.path.join(a.run_dir, "config_resolved.yaml"))))
+    _, hf = find_hf_model(model)
+    info["hf_max_abs_diff"] = max_abs_diff(a.out, model,
+                                           _check_batch(a.out, hf.config.vocab_size))
+    print(json.dumps(info, indent=1))
+    return info
+
+
+if __name__ == "__main__":
+    import sys
+
+    from qtrain.errors import QtrainError
+
+    try:
+        main()
+    except QtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

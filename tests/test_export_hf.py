@@ -23,10 +23,11 @@ from compressed_tensors.utils.match import match_name  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from qtrain.callbacks.qat import QATCallback  # noqa: E402
-from qtrain.errors import ConfigError  # noqa: E402
+from qtrain.errors import ConfigError, MissingFileError  # noqa: E402
 from qtrain.export_hf import (  # noqa: E402
     check_exportable,
     export_hf,
+    main,
     max_abs_diff,
     pack_dense,
     preflight,
@@ -270,10 +271,16 @@ def test_train_py_export_hf(tmp_path):
     """Real Hydra + Trainer run (smoke) of the Q-BERT MiniLM recipe with weight-only
     quantization (quant.act=null): the Hessian allocation's mixed bits become one config
     group per bit width; transformers loads hf_model/ and matches on a test batch. With the
-    recipe's 8-bit activations the run stops before training with the layers named."""
-    s = run(["recipe=qbert_minilm_sst2", "debug=smoke", "quant.act=null", "export_hf=true"],
-            tmp_path / "run")
+    recipe's 8-bit activations the run stops before training with the layers named. The CLI
+    re-exports the finished run from its packed file."""
+    s = run(["recipe=qbert_minilm_sst2", "debug=smoke", "quant.act=null", "export=true",
+             "export_hf=true"], tmp_path / "run")
     assert s["hf_max_abs_diff"] <= 1e-5 and s["hf_layers"] > 0
+    # the CLI: the same export from the finished run's packed file, checked on sentences
+    info = main([str(tmp_path / "run"), "--out", str(tmp_path / "cli_hf")])
+    assert info["hf_max_abs_diff"] <= 1e-5 and info["hf_layers"] == s["hf_layers"]
+    with pytest.raises(MissingFileError, match="no config_resolved.yaml"):
+        main([str(tmp_path), "--out", str(tmp_path / "never")])
     qc = json.loads((tmp_path / "run" / "hf_model" / "config.json").read_text())[
         "quantization_config"]
     bits = {g["weights"]["num_bits"] for g in qc["config_groups"].values()}
