@@ -11,9 +11,14 @@ Workloads:
   per-channel symmetric weights, or 4-bit group-wise affine with ``--bits 4 --group 16``;
   uint8 EMA-range activations, first / last layer quantized), the EMA ranges calibrated on
   ``--calib`` training batches with the weights and BatchNorm frozen -- no fine-tuning, so
-  the accuracy is post-training, not a QAT result.
+  the accuracy is post-training, not a QAT result. ``--act pact`` / ``--act lsq``: the
+  activations with PACT (clip level alpha = the 99.9th percentile of the first calibration
+  batch, ``alpha_init="calibrate"``) or unsigned LSQ (step 2 mean|x| / sqrt(Qp) from the
+  first batch, Esser 2020 sec. 2.1) instead -- their initialisations, not trained values;
+  first conv and last fc then stay float (the image input is signed).
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_export.py --resnet20 /work/data/cifar10
+    OMP_NUM_THREADS=1 python benchmarks/onnx_export.py --resnet20 /work/data/cifar10 --act pact
     OMP_NUM_THREADS=1 python benchmarks/onnx_export.py --run-dir runs/qat_int4_digits/<time>
 """
 
@@ -123,17 +128,22 @@ def resnet20(args) -> tuple:
     from qtrain import init_weights
     from qtrain.callbacks.qat import QATCallback
     from qtrain.models.resnet_cifar import cifar_resnet
+    from qtrain.nn.learned_quantizers import LSQQuantizer, PACTQuantizer
     from qtrain.nn.uniform_quantizer import UniformQuantizer
 
     model = cifar_resnet("resnet20", num_classes=10)
     init_weights.initialise(model, "recipes/weights/fp32_resnet20_cifar10")
     g = {"granularity": "channel", "symmetric": True} if args.group is None else {
         "granularity": "group", "group_size": args.group, "symmetric": False}
-    first_last = "quantize" if args.group is None else "keep"  # conv1: 27 inputs
+    # conv1: 27 inputs (group-wise), and a signed input PACT / unsigned LSQ would clip at 0
+    first_last = "quantize" if args.group is None and args.act == "uniform" else "keep"
+    act = {"uniform": functools.partial(UniformQuantizer, symmetric=False, granularity="tensor",
+                                        observer="ema"),
+           "pact": functools.partial(PACTQuantizer, alpha_init="calibrate"),
+           "lsq": functools.partial(LSQQuantizer, signed=False, role="activation")}[args.act]
     QATCallback(bits=args.bits, act_bits=8,
                 weight=functools.partial(UniformQuantizer, observer="minmax", **g),
-                act=functools.partial(UniformQuantizer, symmetric=False, granularity="tensor",
-                                      observer="ema"), first_last=first_last).convert(model)
+                act=act, first_last=first_last).convert(model)
     model.eval()
     for m in model.modules():  # calibrate only the activation ranges (EMA, Jacob 2018)
         if isinstance(m, UniformQuantizer) and m.observer == "ema":
@@ -146,7 +156,7 @@ def resnet20(args) -> tuple:
     batches = _cifar_batches(args.resnet20, "test", args.test_batches)
     run = {"workload": "resnet20 cifar10 fp32 weights + uniform conversion + EMA calibration",
            "bits": args.bits, "group_size": args.group, "act_bits": 8, "calib_batches":
-           args.calib}
+           args.calib, "act": args.act}
     return packed, batches, run
 
 
@@ -173,6 +183,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--group", type=int, default=None)
     p.add_argument("--calib", type=int, default=20)
+    p.add_argument("--act", choices=("uniform", "pact", "lsq"), default="uniform",
+                   help="--resnet20 activation quantizer (uniform EMA, PACT, unsigned LSQ)")
     p.add_argument("--test-batches", type=int, default=None)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=200)

@@ -19,21 +19,30 @@ OpenVINO read):
   uses are bit-identical to the packed model's.
 * a layer's trained activation quantizer with a static range (``UniformQuantizer`` with the
   EMA observer, per tensor: the range frozen in eval mode; a frozen PTQ
-  ``CalibratedQuantizer``: its calibrated scale and zero-point) becomes ``QuantizeLinear`` ->
-  ``DequantizeLinear`` on the layer's input with that scale and zero-point (INT8 for
-  symmetric, UINT8 for affine codes; fewer than 8 bits add a ``Clip`` to the code range
-  between them). ONNX rounds ``x / S`` where qtrain rounds ``x * (1 / S)`` (PyTorch's
-  fake-quant convention, :func:`qtrain.quant.uniform.quantize`): the two differ by one ulp
-  now and then, which moves a value lying exactly on a rounding tie by one step -- the only
-  source of difference besides float summation order.
+  ``CalibratedQuantizer``: its calibrated scale and zero-point; PACT's learned clip level,
+  LSQ's learned step, DoReFa's fixed [0, 1] grid: :func:`act_qparams`) becomes
+  ``QuantizeLinear`` -> ``DequantizeLinear`` on the layer's input with that scale and
+  zero-point (INT8 for signed, UINT8 for unsigned codes; fewer than 8 bits add a ``Clip``
+  to the code range between them). ONNX ``QuantizeLinear`` rounds half to even, as
+  ``torch.round``. PACT and LSQ compute ``round(x / S)`` as ONNX does: their Q/DQ equals
+  the trained forward bit for bit (tested on every input value, ties included). The
+  uniform quantizers round ``x * (1 / S)`` (PyTorch's fake-quant convention,
+  :func:`qtrain.quant.uniform.quantize`) and DoReFa ``x (2^k - 1)``: one ulp apart now and
+  then, which moves a value lying exactly on a rounding tie by one step -- the only source
+  of difference besides float summation order.
 * everything else (BatchNorm with its running statistics, float layers, pooling, residual
-  adds) is what ``torch.onnx.export`` writes for it.
+  adds, a transformer's attention and LayerNorm) is what ``torch.onnx.export`` writes for it.
+* inputs: one tensor (``input``, batch axis dynamic), or a Hugging Face batch dict
+  (``input_ids``, ``attention_mask``, ``token_type_ids``: inputs of those names, batch and
+  sequence axes dynamic; the attention mask is applied to every input, padded or not).
 
 What cannot be written this way -- any other packed format (PQ / codebook, lut, ternary,
 binary, pow2, float, bucketed, value-aware, residual, sparse), non-integer zero-points,
 dynamic or non-uniform activation quantizers, fake-quant layers left unpacked -- is named,
 every layer at once, in one :class:`qtrain.errors.ConfigError` listing what is supported
-(:func:`check_exportable`), before anything is exported.
+(:func:`check_exportable`), before anything is exported -- and, with ``export_onnx=true``,
+before training (:func:`preflight`: each quantized layer packed on its own right after the
+quantization callbacks convert the model, in ``on_fit_start``).
 
 How: the packed model is copied into a "twin" whose quantized layers compute the same
 function through two ``torch.autograd.Function`` s with ONNX symbolics -- the activation
@@ -70,8 +79,10 @@ import argparse
 import copy
 import io
 import json
+import logging
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +91,13 @@ from torch import nn
 
 from qtrain.errors import ConfigError
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
+from qtrain.nn.learned_quantizers import _EPS, DoReFaActQuantizer, LSQQuantizer, PACTQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 from qtrain.quant import uniform as U
+
+log = logging.getLogger("qtrain")
 
 OPSET = 21
 DOMAIN = "qtrain_export"  # the placeholders' domain (none is left in the written file)
@@ -91,7 +105,8 @@ SUPPORTED = ("packed 'uniform' weights with 1..8-bit codes and integer zero-poin
              "output channel or per group along the input (uniform QAT/PTQ, LSQ, Q-BERT "
              "group-wise, calibrated, Quant-Noise int8/int4); activation quantizers: "
              "UniformQuantizer per tensor with the EMA observer (static range), frozen "
-             "CalibratedQuantizer (PTQ)")
+             "CalibratedQuantizer (PTQ), PACTQuantizer, LSQQuantizer (signed or unsigned), "
+             "DoReFaActQuantizer")
 
 
 # ------------------------------------------------------------------------ what is exportable
@@ -108,19 +123,34 @@ def _weight_problem(m: PackedLinear) -> str | None:
     return None
 
 
-def _act_problem(aq: nn.Module | None) -> str | None:
-    if aq is None or not getattr(aq, "enabled", True):
+def _act_problem(aq: nn.Module | None, final: bool = True) -> str | None:
+    """Why the activation quantizer ``aq`` has no static Q/DQ form (None: it has one).
+    ``final=False`` (the pre-training check, :func:`preflight`): its type and settings only --
+    a range, step or clip level still to be learned / calibrated, and a quantizer switched
+    off until ``start_epoch``, are not problems yet."""
+    if aq is None or (final and not getattr(aq, "enabled", True)):
         return None
-    if type(aq) is CalibratedQuantizer:
-        if not bool(aq.frozen) or aq.scale.numel() != 1:
+    t = type(aq)
+    if t is CalibratedQuantizer:
+        if final and (not bool(aq.frozen) or aq.scale.numel() != 1):
             return "activation quantizer CalibratedQuantizer not frozen (range not final)"
         return None
-    if type(aq) is not UniformQuantizer:
-        return f"activation quantizer {type(aq).__name__}"
+    if t is PACTQuantizer:
+        if final and not bool(torch.isfinite(aq.alpha)):
+            return "activation quantizer PACTQuantizer never calibrated (alpha is NaN)"
+        return None
+    if t is LSQQuantizer:
+        if final and not bool(aq.initialized):
+            return "activation quantizer LSQQuantizer never saw data (no step)"
+        return None
+    if t is DoReFaActQuantizer:
+        return None
+    if t is not UniformQuantizer:
+        return f"activation quantizer {t.__name__}"
     if aq.granularity != "tensor" or aq.observer != "ema":
         return (f"activation quantizer UniformQuantizer(granularity={aq.granularity!r}, "
                 f"observer={aq.observer!r}) without a static per-tensor range")
-    if not bool(aq.initialized):
+    if final and not bool(aq.initialized):
         return "activation quantizer never saw data (no range)"
     return None
 
@@ -143,10 +173,78 @@ def check_exportable(model: nn.Module) -> None:
         if isinstance(m, Quantizer) and id(m) not in act_slots and getattr(m, "enabled", True):
             bad.append(f"{name} ({type(m).__name__} outside a packed layer: a fake-quant "
                        "layer left unpacked)")
+    _raise(bad)
+
+
+def _raise(bad: list[str], before: str = "ONNX export", after: str = "") -> None:
     if bad:
         more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
-        raise ConfigError(f"ONNX export: {len(bad)} layer(s) have no ONNX QDQ form: "
-                          f"{'; '.join(bad[:8])}{more}. Supported: {SUPPORTED}")
+        raise ConfigError(f"{before}: {len(bad)} layer(s) have no ONNX QDQ form: "
+                          f"{'; '.join(bad[:8])}{more}. Supported: {SUPPORTED}{after}")
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """What :func:`qtrain.export.pack_model` packs: fake-quant layers (a ``weight_quantizer``),
+    PQ layers (``centroids`` + ``assignments``), residual-quantized layers."""
+    from qtrain.nn.rq_layers import is_rq
+
+    return (hasattr(m, "weight_quantizer") or is_rq(m)
+            or all(hasattr(m, a) for a in ("centroids", "assignments", "block_size")))
+
+
+@torch.no_grad()
+def preflight(model: nn.Module) -> None:
+    """``export_onnx=true``, before the first training step (the quantization callbacks have
+    converted the layers in ``setup``; :class:`qtrain.callbacks.onnx_preflight.OnnxPreflight`):
+    each quantized layer of the fake-quant ``model`` is packed on its own (a copy, every
+    quantizer switched on: a method that starts quantizing after ``start_epoch`` has them
+    off now) with :func:`qtrain.export.pack_model` -- so the packed format is the one the
+    end of the run will write, not a second list of rules -- and checked as
+    :func:`check_exportable` will check the packed model after training, settings only
+    (ranges / steps / clip levels are learned or calibrated later). One
+    :class:`ConfigError` names every layer the ONNX export cannot represent and what it
+    supports. A layer that cannot be packed before training (state the method builds
+    during the run) is left to the check after training (logged)."""
+    from qtrain.export import pack_model
+
+    bad, seen = [], set()
+    for name, m in model.named_modules():
+        if id(m) in seen or not _is_layer(m):
+            continue
+        seen.update(id(q) for q in m.modules())
+        c = copy.deepcopy(m)
+        for q in c.modules():
+            if isinstance(q, Quantizer):
+                q.enabled = True
+        try:
+            p = pack_model(nn.ModuleDict({"layer": c}), backend="torch")["layer"]
+        except Exception as e:  # noqa: BLE001 - decided after training instead
+            log.info("ONNX preflight: layer %s not packable before training (%s: %s); "
+                     "checked after training", name, type(e).__name__, e)
+            continue
+        if isinstance(p, PackedLinear):
+            act = set() if p.act_quantizer is None else {id(q) for q in p.act_quantizer.modules()}
+            other = [type(q).__name__ for q in p.modules()
+                     if isinstance(q, Quantizer) and id(q) not in act]
+            why = (_weight_problem(p) or _act_problem(p.act_quantizer, final=False)
+                   or (f"{other[0]} besides the input quantizer" if other else None))
+        elif all(hasattr(p, a) for a in ("centroids", "assignments")):
+            why = f"PQ layer {type(p).__name__}, not packed"
+        else:  # e.g. an embedding with a non-uniform quantizer stays a fake-quant layer
+            wq = getattr(p, "weight_quantizer", None)
+            if wq is not None:
+                why = f"{type(p).__name__} with {type(wq).__name__} is not packed"
+            elif any(isinstance(q, Quantizer) for q in p.modules()):
+                why = f"{type(p).__name__} with quantizers but no weight quantizer: not packed"
+            else:
+                why = None
+        if why:
+            bad.append(f"{name} ({why})")
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer) and id(m) not in seen:
+            bad.append(f"{name} ({type(m).__name__} outside a quantized layer)")
+    _raise(bad, "export_onnx=true", " -- run without export_onnx=true (the packed export "
+           "alone, export=true, has more formats)")
 
 
 # ------------------------------------------------------------------------ per-layer data
@@ -176,10 +274,42 @@ def weight_codes(m: PackedLinear) -> dict:
             "group_size": None if ng == 1 else m.in_features // ng}
 
 
-def act_qparams(aq: UniformQuantizer | CalibratedQuantizer) -> tuple[float, int, int, int]:
-    """(scale, zero_point, q_min, q_max) of a static per-tensor activation quantizer: what
-    its eval-mode forward uses (:meth:`UniformQuantizer.qparams` with the frozen EMA range;
-    a frozen :class:`CalibratedQuantizer`'s stored scale and zero-point)."""
+def act_qparams(aq: nn.Module) -> tuple[float, int, int, int]:
+    """(scale, zero_point, q_min, q_max) of a static per-tensor activation quantizer: its
+    eval-mode forward is ``(clamp(round(x / scale) + zero_point, q_min, q_max) - zero_point)
+    * scale`` -- ONNX ``QuantizeLinear`` (``saturate(round(x / y_scale) + y_zero_point)``,
+    round half to even, as ``torch.round``) -> ``Clip`` to the code range -> ``DequantizeLinear``.
+
+    * ``UniformQuantizer`` (EMA observer): :meth:`UniformQuantizer.qparams` with the frozen
+      range; a frozen ``CalibratedQuantizer``: its stored scale and zero-point.
+    * ``PACTQuantizer`` (Choi et al. 2018, eqs. (1)-(2)): ``y = clip(x, 0, alpha)``,
+      ``round(y / S) * S`` with ``S = alpha / (2^k - 1)`` (float32, as the forward computes
+      it). Clipping to [0, alpha] first and clipping the code to [0, 2^k - 1] after rounding
+      agree: a code outside is ``round(x / S)`` of an ``x`` outside [0, alpha], and
+      ``round(alpha / S) = 2^k - 1`` (``alpha / S`` lies within a few ulps of the integer
+      2^k - 1), ``round(0 / S) = 0``. So PACT is ``QuantizeLinear(S, 0)`` into UINT8 ->
+      ``Clip(0, 2^k - 1)`` (none at 8 bits) -> ``DequantizeLinear(S, 0)``, the same float32
+      division, the same rounding, bit for bit.
+    * ``LSQQuantizer`` (Esser et al. 2020, eqs. (1)-(2)): ``round(clamp(x / s, -Qn, Qp)) s``;
+      clamping before or after rounding agree (integer bounds), so it is ``QuantizeLinear(s,
+      0)`` into INT8 (signed: Qn = 2^(b-1), Qp = 2^(b-1) - 1, the INT8 range at 8 bits) or
+      UINT8 (unsigned: 0..2^b - 1) -> ``Clip(-Qn, Qp)`` below 8 bits -> ``DequantizeLinear``,
+      bit for bit (``s`` clamped to >= 1e-8 as the forward does).
+    * ``DoReFaActQuantizer`` (Zhou et al. 2016, eq. (11)): ``round(clip(x, 0, 1) (2^k - 1)) /
+      (2^k - 1)`` -> scale ``float32(1 / (2^k - 1))``, UINT8, Clip(0, 2^k - 1). Not bit for
+      bit: DoReFa multiplies by 2^k - 1 and divides the code by it, ONNX divides by and
+      multiplies with the float32 reciprocal -- one ulp of the output now and then, and a
+      value exactly on a rounding tie may move one step."""
+    if isinstance(aq, PACTQuantizer):
+        n = 2**aq.bits - 1
+        s = aq.alpha.detach().float().clamp_min(_EPS) / float(n)  # _PACTFn's float32 ops
+        return float(s), 0, 0, n
+    if isinstance(aq, LSQQuantizer):
+        qn, qp = aq.qn_qp
+        return float(aq.step.detach().float().clamp_min(_EPS)), 0, -qn, qp
+    if isinstance(aq, DoReFaActQuantizer):
+        n = 2**aq.bits - 1
+        return float(torch.tensor(1.0 / n, dtype=torch.float32)), 0, 0, n
     if isinstance(aq, CalibratedQuantizer):
         qp = aq.qparams()
     else:
@@ -374,10 +504,41 @@ def _layer_meta(layers: dict) -> dict:
             for n, s in layers.items()}
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, quantized: bool = True,
-            run: dict | None = None, dynamic_batch: bool = True):
+class _DictInputs(nn.Module):
+    """``net(batch dict)`` (a Hugging Face model, :class:`qtrain.models.hf.HFSequenceClassifier`)
+    as a module of positional tensors: the exporter passes a trailing dict as keyword
+    arguments, and ONNX graphs take named tensors."""
+
+    def __init__(self, net: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.net, self.keys = net, keys
+
+    def forward(self, *xs):
+        return self.net(dict(zip(self.keys, xs, strict=True)))
+
+
+def _inputs(example) -> dict[str, torch.Tensor]:
+    """{ONNX input name: tensor}: ``input`` for one tensor, the dict's own keys for a batch
+    dict (token ids, attention mask, ...)."""
+    if isinstance(example, torch.Tensor):
+        return {"input": example}
+    if isinstance(example, Mapping) and example and all(
+            isinstance(v, torch.Tensor) for v in example.values()):
+        return dict(example)
+    raise ConfigError(f"ONNX export: example input of type {type(example).__name__}; "
+                      "expected a tensor or a dict of tensors (token ids, attention mask)")
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor | dict[str, torch.Tensor],
+            quantized: bool = True, run: dict | None = None, dynamic_batch: bool = True):
     """The ONNX ModelProto of a packed ``model`` (module doc) traced with ``example``;
-    ``quantized=False``: the fp32 baseline of the same network."""
+    ``quantized=False``: the fp32 baseline of the same network.
+
+    ``example`` a dict of tensors (a Hugging Face batch: ``input_ids``, ``attention_mask``,
+    ``token_type_ids``): the graph takes them as inputs of those names, batch and sequence
+    axes dynamic. (transformers >= 5 builds the attention mask without its all-ones
+    shortcut while tracing, so a graph traced on an unpadded example still applies the
+    mask of padded inputs; tests/test_export_onnx.py checks it.)"""
     import onnx
 
     from qtrain import optional
@@ -385,14 +546,21 @@ def to_onnx(model: nn.Module, example: torch.Tensor, quantized: bool = True,
     optional.require("onnx", "ONNX export (qtrain.export_onnx)")
     if quantized:
         check_exportable(model)
+    inputs = _inputs(example)
     net, layers = twin(model, quantized)
+    axes = {"output": {0: "batch"}}
+    if isinstance(example, Mapping):
+        net = _DictInputs(net, list(inputs))
+        axes.update({k: {0: "batch", 1: "sequence"} if v.dim() > 1 else {0: "batch"}
+                     for k, v in inputs.items()})
+    else:
+        axes["input"] = {0: "batch"}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(net, (example,), buf, dynamo=False, opset_version=OPSET - 1,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}
-                          if dynamic_batch else None,
+        torch.onnx.export(net, tuple(inputs.values()), buf, dynamo=False,
+                          opset_version=OPSET - 1, input_names=list(inputs),
+                          output_names=["output"], dynamic_axes=axes if dynamic_batch else None,
                           custom_opsets={DOMAIN: 1} if quantized else None,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
@@ -407,7 +575,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, quantized: bool = True,
     return proto
 
 
-def save_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike,
+def save_onnx(model: nn.Module, example: torch.Tensor | dict[str, torch.Tensor], path: str | os.PathLike,
               quantized: bool = True, run: dict | None = None) -> dict:
     """Write :func:`to_onnx` to ``path`` (atomically); returns {"path", "file_bytes",
     "n_quantized_layers"}."""
@@ -425,14 +593,18 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike,
     return {"path": str(path), "file_bytes": os.path.getsize(path), "n_quantized_layers": n}
 
 
-def run_onnx(path: str | os.PathLike, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
-    """Outputs of the ONNX file at ``path`` on ``x`` with onnxruntime's CPU provider."""
+def run_onnx(path: str | os.PathLike, x: torch.Tensor | dict[str, torch.Tensor],
+             threads: int = 1) -> torch.Tensor:
+    """Outputs of the ONNX file at ``path`` on ``x`` (a tensor, or the batch dict the
+    model was exported with) with onnxruntime's CPU provider."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    names = {i.name for i in sess.get_inputs()}  # inputs the model never read are not in it
+    feed = {k: v.detach().cpu().numpy() for k, v in _inputs(x).items() if k in names}
+    return torch.from_numpy(sess.run(None, feed)[0])
 
 
 def export_run(run_dir: str, dm, module, run: dict | None = None,
@@ -445,16 +617,14 @@ def export_run(run_dir: str, dm, module, run: dict | None = None,
 
     dm.setup("test")
     batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
-    x = module.split_batch(batch)[0]
-    if not isinstance(x, torch.Tensor):
-        raise ConfigError(f"export_onnx=true: the model takes {type(x).__name__} inputs; the "
-                          "ONNX export handles models with one input tensor (vision models)")
-    x = x.detach().cpu()
-    x = x.float() if x.is_floating_point() else x
+    x = _inputs(module.split_batch(batch)[0])  # a tensor, or a batch dict (HF models)
+    x = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+         for k, v in x.items()}
     model = load_packed(os.path.join(run_dir, "model_packed.safetensors"),
                         copy.deepcopy(module.model).cpu(), backend="torch").eval()
     path = os.path.join(run_dir, name)
-    info = save_onnx(model, x[:1], path, run=run)
+    x = x["input"] if list(x) == ["input"] else x
+    info = save_onnx(model, x[:1] if isinstance(x, torch.Tensor) else x, path, run=run)
     with torch.no_grad():
         ref = model(x)
     diff = float((run_onnx(path, x) - ref).abs().max())
@@ -491,6 +661,8 @@ def _example_from_run(cfg, shape: str | None) -> torch.Tensor:
                               f"({type(e).__name__}: {e}); pass --input-shape, e.g. "
                               "1,1,8,8") from None
     x = batch[0] if isinstance(batch, list | tuple) else batch
+    if isinstance(x, Mapping):  # a Hugging Face batch: the model's inputs without the labels
+        return {k: v for k, v in x.items() if k != "labels"}
     if not isinstance(x, torch.Tensor):
         raise ConfigError("the run's batches are not (input tensor, target); pass --input-shape")
     return x[:1].float()

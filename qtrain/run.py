@@ -60,6 +60,10 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], pl.Callback | N
         from qtrain.callbacks.export_preflight import ExportPreflight
 
         callbacks.append(ExportPreflight())  # after the method callbacks' setup conversion
+        if cfg.get("export_onnx"):
+            from qtrain.callbacks.onnx_preflight import OnnxPreflight
+
+            callbacks.append(OnnxPreflight())  # every layer has an ONNX QDQ form, pre-fit
     if cfg.get("export_hf"):
         from qtrain.callbacks.export_hf_preflight import ExportHFPreflight
 
