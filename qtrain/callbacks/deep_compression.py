@@ -47,8 +47,9 @@ splitting the largest cluster (qtrain.quant.kmeans), where the paper would keep 
 Under DDP the masks and codebooks of rank 0 are broadcast after every stage
 (untested here: no multi-process test). ``export=true`` writes each layer in the
 ``sparse_shared`` packed format (:mod:`qtrain.nn.packed_sparse`). State (stage, masks, codes, centroids, the FP32 snapshot) is in
-``state_dict`` for resuming (the FP32 snapshot as a reference to its file in the run dir:
-:mod:`qtrain.callbacks.fp32_snapshot`); a resumed run never re-prunes or re-clusters.
+``state_dict`` for resuming (codes as uint8 / int32, the FP32 snapshot as a reference to its file
+in the run dir: :mod:`qtrain.callbacks.fp32_snapshot`); a resumed run never re-prunes or
+re-clusters.
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ class DeepCompressionCallback(pl.Callback):
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {"n_prune_steps": self.n_prune_steps, "quantized": self.quantized,
-                "masks": cpu(self.masks), "codes": cpu(self.codes),
+                "masks": cpu(self.masks), "codes": {n: _narrow(c).cpu() for n, c in self.codes.items()},
                 "centroids": cpu(self.centroids), "fp32_metric": self.fp32_metric,
                 SNAPSHOT_KEY: self.fp32_snapshot.ref(), "prune_epochs": self.prune_epochs}
 
@@ -391,10 +392,16 @@ class DeepCompressionCallback(pl.Callback):
         w = self._weights()
         dev = lambda n, v: v.to(w[n].device) if n in w else v  # noqa: E731
         self.masks = {n: dev(n, v) for n, v in state["masks"].items()}
-        self.codes = {n: dev(n, v) for n, v in state["codes"].items()}
+        self.codes = {n: dev(n, v.long()) for n, v in state["codes"].items()}  # stored narrow
         self.centroids = {n: dev(n, v) for n, v in state["centroids"].items()}
         self.fp32_metric = state.get("fp32_metric")
         self.fp32_snapshot.restore(state)
+
+
+def _narrow(codes: torch.Tensor) -> torch.Tensor:
+    """Checkpoint form of a layer's codes (0 .. K <= 2^16 - 1): uint8 when K < 256, else int32,
+    instead of int64 (8 bytes a weight: twice the float layer); loaded back as int64."""
+    return codes.to(torch.uint8 if int(codes.max()) < 256 else torch.int32) if codes.numel() else codes
 
 
 def format_report(r: dict) -> str:

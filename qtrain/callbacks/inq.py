@@ -12,8 +12,10 @@ and biases are never quantized) and optional name regexes (each must match a lay
 
 Options: ``reset_optimizer`` rebuilds optimizer and LR schedule at each stage after the
 first (the paper retrains every stage with the initial learning-rate policy). Under DDP
-the masks are computed on rank 0 and broadcast. State (stage, masks, frozen values,
-levels) is in ``state_dict`` for resuming.
+the masks are computed on rank 0 and broadcast. State (stage, levels, and per weight the
+index of its frozen level or :data:`NOT_FROZEN`: one byte, which also gives the mask) is in
+``state_dict`` for resuming (:func:`frozen_index`; checkpoints with the older float ``frozen``
+copy + ``masks`` still load).
 
 ``fp32_metric`` (read by the run summary): the module's last validation metric before the
 first stage (the end of the FP32 phase), None when INQ starts at step/epoch 0; ``fp32_state``:
@@ -37,6 +39,24 @@ from qtrain.quant import inq as INQ
 
 LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 UNITS = ("epoch", "step")
+NOT_FROZEN = 255  # checkpoint level index of a free weight (a layer has <= 129 levels)
+
+
+def frozen_index(frozen: torch.Tensor, mask: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Checkpoint form of a layer's frozen weights: the uint8 index into its sorted ``levels``
+    of each frozen value, :data:`NOT_FROZEN` where ``mask`` is False (one byte per weight
+    instead of a float copy of the layer plus a bool mask). Frozen values are always levels
+    (they come from ``round_to_levels``); anything else is a bug and raises."""
+    idx = torch.searchsorted(levels, frozen.contiguous()).clamp_(max=levels.numel() - 1)
+    if levels.numel() >= NOT_FROZEN or not torch.equal(levels[idx][mask], frozen[mask]):
+        raise RuntimeError("inq: a frozen weight is not one of its layer's levels")
+    return torch.where(mask, idx, NOT_FROZEN).to(torch.uint8)
+
+
+def from_frozen_index(index: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, frozen values; 0 where not frozen, dtype of ``levels``) from :func:`frozen_index`."""
+    mask = index != NOT_FROZEN
+    return mask, torch.where(mask, levels[index.long() * mask], torch.zeros((), dtype=levels.dtype))
 
 
 class INQCallback(pl.Callback):
@@ -198,7 +218,8 @@ class INQCallback(pl.Callback):
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
-        return {"stage": self.stage, "masks": cpu(self.masks), "frozen": cpu(self.frozen),
+        index = {n: frozen_index(self.frozen[n], m, self.levels[n]) for n, m in self.masks.items()}
+        return {"stage": self.stage, "frozen_index": cpu(index),
                 "levels": cpu(self.levels), "bits": self.bits, "schedule": self.schedule,
                 "fp32_metric": self.fp32_metric, SNAPSHOT_KEY: self.fp32_snapshot.ref()}
 
@@ -211,6 +232,12 @@ class INQCallback(pl.Callback):
         self.fp32_snapshot.restore(state)
         weights = self._weights() if self._layers else {}
         dev = lambda n, v: v.to(weights[n].device) if n in weights else v  # noqa: E731
-        self.masks = {n: dev(n, v) for n, v in state["masks"].items()}
-        self.frozen = {n: dev(n, v) for n, v in state["frozen"].items()}
         self.levels = {n: dev(n, v) for n, v in state["levels"].items()}
+        if "frozen_index" in state:
+            pairs = {n: from_frozen_index(dev(n, v), self.levels[n])
+                     for n, v in state["frozen_index"].items()}
+            self.masks = {n: m for n, (m, _) in pairs.items()}
+            self.frozen = {n: f for n, (_, f) in pairs.items()}
+        else:  # written before the compact form
+            self.masks = {n: dev(n, v) for n, v in state["masks"].items()}
+            self.frozen = {n: dev(n, v) for n, v in state["frozen"].items()}

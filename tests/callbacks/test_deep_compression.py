@@ -157,6 +157,10 @@ def test_resume_mid_quantized_stage_reproduces_state(tmp_path, monkeypatch):
     cb1, m1 = make(), TinyMLP(optim="adam", lr=0.01)
     ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
     _trainer(tmp_path / "b", 3, [cb1, ck], ckpt=True).fit(m1, _loader())
+    saved = next(v for k, v in torch.load(tmp_path / "ck/last.ckpt", weights_only=True)["callbacks"].items()
+                 if k.startswith("DeepCompressionCallback"))
+    for n in LAYERS:  # codes (K = 7 here) stored as uint8, not int64 (2x the float layer)
+        assert saved["codes"][n].dtype == torch.uint8 and torch.equal(saved["codes"][n].long(), cb1.codes[n])
     # the resumed run must take everything from the checkpoint: no re-pruning or k-means
     monkeypatch.setattr(DC.KM, "scalar_kmeans", lambda *a, **k: pytest.fail("re-clustered"))
     monkeypatch.setattr(DC.P, "magnitude_mask", lambda *a, **k: pytest.fail("re-pruned"))

@@ -65,9 +65,25 @@ def test_epoch_boundaries_optimizer_reset_and_state_roundtrip():
     assert inq.stage == 3 and inq.frozen_fraction() == pytest.approx(0.875, abs=0.01)
     assert len(set(ids.ids)) == 3  # a fresh optimizer at the start of stages 2 and 3
     sd = inq.state_dict()
+    # one uint8 level index per weight (255: free) instead of a float copy + bool mask
+    assert "frozen" not in sd and "masks" not in sd
+    assert all(v.dtype == torch.uint8 and v.shape == inq.masks[k].shape
+               for k, v in sd["frozen_index"].items())
+    for k, idx in sd["frozen_index"].items():  # independent decode: levels by index, 0 if free
+        ref = torch.tensor([0.0 if i == 255 else float(sd["levels"][k][i]) for i in idx.flatten().tolist()])
+        assert torch.equal(ref.view_as(inq.frozen[k]), inq.frozen[k]), k
+        assert torch.equal(idx != 255, inq.masks[k]), k
     fresh = INQCallback(schedule="5bit")
     fresh.load_state_dict(sd)
-    assert fresh.stage == 3 and all(torch.equal(fresh.masks[k], sd["masks"][k]) for k in sd["masks"])
+    assert fresh.stage == 3
+    for k in inq.masks:  # bitwise, dtype included
+        assert torch.equal(fresh.masks[k], inq.masks[k]) and fresh.masks[k].dtype == torch.bool
+        assert torch.equal(fresh.frozen[k], inq.frozen[k]) and fresh.frozen[k].dtype == inq.frozen[k].dtype
+    legacy = {kk: v for kk, v in sd.items() if kk != "frozen_index"}  # older checkpoints
+    legacy.update(masks=dict(inq.masks), frozen=dict(inq.frozen))
+    old = INQCallback(schedule="5bit")
+    old.load_state_dict(legacy)
+    assert all(torch.equal(old.frozen[k], inq.frozen[k]) for k in inq.frozen)
     with pytest.raises(ValueError, match="schedule"):
         INQCallback(schedule="4bit").load_state_dict(sd)
 
