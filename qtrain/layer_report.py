@@ -285,17 +285,30 @@ def markdown(report: Report) -> str:
 
 def plot_png(report: Report, path, title: str = "layer report"):
     """Bit map: layers on the vertical axis; left panel the storage bits per weight (the
-    code bits marked), right panel the relative quantization error. Returns the Figure."""
+    code bits marked), right panel the relative quantization error. Returns the Figure
+    (closed).
+
+    Drawn once: margins, axis labels and legend are placed by hand (``tight_layout`` and
+    matplotlib's automatic label placement each measure every tick label again; together
+    they were ~2/3 of the figure's time)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = report.rows
     names = [r["layer"] for r in rows]
     y = list(range(len(rows)))
-    h = max(2.5, 0.28 * len(rows) + 1.2)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, h), sharey=True)
+    h, w = max(2.5, 0.28 * len(rows) + 1.2), 10.0
+    with plt.rc_context({"xtick.labelsize": 9, "ytick.labelsize": 7}):  # set before the
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(w, h))  # ticks exist: no restyling
+    # left margin: the longest layer name at 7 pt (~0.6 em per character) plus the ticks
+    left = min(0.45, (0.6 * 7 / 72 * max((len(n) for n in names), default=1) + 0.15) / w)
+    top, bottom = 0.75, 0.55  # inches: suptitle + legend / tick labels + axis label
+    fig.subplots_adjust(left=left, right=0.97, top=1 - top / h, bottom=bottom / h,
+                        wspace=0.06)
+    axes_h = h - top - bottom
     bpw = [r["bits_per_weight"] or 0.0 for r in rows]
     a1.barh(y, bpw, color="tab:blue", label="storage bits / weight")
     code = [(i, r["bits"]) for i, r in zip(y, rows) if r.get("bits") is not None]
@@ -304,20 +317,23 @@ def plot_png(report: Report, path, title: str = "layer report"):
                 label="code bits")
     for i, v in zip(y, bpw):
         a1.text(v, i, f" {v:.2f}", va="center", fontsize=7)
-    a1.set_xlabel("bits per weight")
-    a1.set_yticks(y)
-    a1.set_yticklabels(names, fontsize=7)
-    a1.invert_yaxis()
+    a1.set_xlim(0, 1.15 * max(bpw, default=0.0) or 1.0)  # room for the value labels
+    a1.set_yticks(y, names)
     a1.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False)
     err = [r["rel_error"] if r["rel_error"] == r["rel_error"] else 0.0 for r in rows]
     a2.barh(y, err, color="tab:red")
     for i, r in zip(y, rows):
         e = r["rel_error"]
         a2.text(err[i], i, " n/a" if e != e else f" {e:.3f}", va="center", fontsize=7)
-    a2.set_xlabel("||Q(W) - W|| / ||W||")
-    a2.set_xlim(left=0)
+    a2.set_xlim(0, 1.15 * max(err, default=0.0) or 1.0)
+    a2.set_yticks([])  # same rows as the left panel (no shared axis: no second tick set)
+    for ax, label in ((a1, "bits per weight"), (a2, "||Q(W) - W|| / ||W||")):
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # first layer on top
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.set_xlabel(label)
+        ax.xaxis.set_label_coords(0.5, -0.28 / axes_h)  # below the tick labels, fixed
+        ax.yaxis.set_label_coords(-0.01, 0.5)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig

@@ -79,44 +79,62 @@ def sample(layer: str, w: torch.Tensor | None, q: torch.Tensor, max_weights: int
 def plot_png(samples: list[WeightSample], path, title: str = "weights", bins: int = 80):
     """One panel per layer: float histogram (filled) and the quantized values (one bar per
     level, or a step histogram when there are more than MAX_LEVEL_BARS). Returns the Figure
-    (closed; loggers may still embed it)."""
+    (closed).
+
+    Drawn once, cheaply: one artist per series (per-bin patches cost ~1 s per figure), fixed
+    margins (``tight_layout`` draws twice), fixed title / label positions, one legend
+    (matplotlib's automatic ones measure every tick label again; ``loc="best"`` tests
+    every data point), plain log-axis tick labels (the default ``10^k`` ones go through
+    mathtext, ~1/4 of the figure's time)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
     n = max(1, len(samples))
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    with plt.rc_context({"xtick.labelsize": 7, "ytick.labelsize": 7}):  # before the ticks
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax in axes.flat[n:]:
         ax.axis("off")
+    handles = {}
     for ax, s in zip(axes.flat, samples):
         lo = float(np.min(s.quant_values)) if s.float_values is None else float(
             min(s.float_values.min(), s.quant_values.min()))
         hi = float(np.max(s.quant_values)) if s.float_values is None else float(
             max(s.float_values.max(), s.quant_values.max()))
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-8, bins + 1)
-        # stairs / vlines: one artist each (per-bin patches cost ~1 s per figure)
         if s.float_values is not None:
-            ax.stairs(np.histogram(s.float_values, bins=edges)[0], edges, fill=True,
-                      color="tab:blue", alpha=0.45, label="float W")
+            handles["float W (sampled)"] = ax.stairs(
+                np.histogram(s.float_values, bins=edges)[0], edges, fill=True,
+                color="tab:blue", alpha=0.45)
         lv, cnt = np.unique(s.quant_values, return_counts=True)
         if len(lv) <= MAX_LEVEL_BARS:
-            ax.vlines(lv, 0.8, cnt, color="tab:red", linewidth=2.0,
-                      label=f"Q(W): {len(lv)} levels")
+            handles["Q(W): one bar per level"] = ax.vlines(lv, 0.8, cnt, color="tab:red",
+                                                           linewidth=2.0)
+            what = f"{len(lv)} levels"
         else:
-            ax.stairs(np.histogram(s.quant_values, bins=edges)[0], edges, color="tab:red",
-                      label=f"Q(W): {len(lv)} values")
+            handles[f"Q(W): histogram (> {MAX_LEVEL_BARS} values)"] = ax.stairs(
+                np.histogram(s.quant_values, bins=edges)[0], edges, color="tab:red")
+            what = f"{len(lv)} values"
         ax.set_yscale("log")
-        ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks: most of the drawing time
-        ax.set_title(f"{s.layer} ({len(s.quant_values)}/{s.numel})", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.yaxis.set_major_locator(LogLocator(numticks=5))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_title(f"{s.layer}: {what} ({len(s.quant_values)}/{s.numel} weights)",
+                     fontsize=8, y=1.0, pad=3)
+        ax.xaxis.set_label_coords(0.5, -0.1)  # no axis labels; skips their auto placement
+        ax.yaxis.set_label_coords(-0.1, 0.5)
+    if handles:  # one legend for the figure (one per panel: ~10% of the drawing time)
+        fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7,
+                   ncol=len(handles), frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=1 - 0.45 / (2.6 * rows),
-                        wspace=0.25, hspace=0.45)  # fixed: tight_layout draws twice
+                        wspace=0.25, hspace=0.45)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig

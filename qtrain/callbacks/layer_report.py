@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def level_edges(levels: np.ndarray) -> np.ndarray:
         return np.array([lv[0] - 0.5, lv[0] + 0.5])
     mid = (lv[1:] + lv[:-1]) / 2
     return np.concatenate([[lv[0] - (mid[0] - lv[0])], mid, [lv[-1] + (lv[-1] - mid[-1])]])
+
+
+def png_summary(writer, tag: str, png: bytes):
+    """A TensorBoard image summary holding the encoded ``png`` as it is (``add_figure`` /
+    ``add_image`` would draw the figure again and re-encode it). ``writer``: the logger's
+    ``SummaryWriter`` (torch's or tensorboardX's; the matching protobuf classes)."""
+    if type(writer).__module__.startswith("tensorboardX"):
+        from tensorboardX.proto.summary_pb2 import Summary
+    else:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{tag}: not a PNG")
+    width, height = struct.unpack(">II", png[16:24])  # IHDR
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(png[25], 4)  # PNG colour type -> channels
+    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=png))])
 
 
 class LayerReportCallback(pl.Callback):
@@ -152,14 +169,15 @@ class LayerReportCallback(pl.Callback):
             self.png = False
         if self.png:
             p = out / f"layer_report{suffix}.png"
-            figs["layer_report"] = (LR.plot_png(rep, p, f"per-layer report: {title}"), p)
+            LR.plot_png(rep, p, f"per-layer report: {title}")
+            figs["layer_report"] = p
             files.append(str(p))
         samples = [WH.sample(n, lw.w, lw.q, self.hist_max_weights, self.seed)
                    for n, lw in rep.weights.items()]
         if samples and self.png:
             p = out / f"weight_histograms{suffix}.png"
-            figs["weight_histograms"] = (WH.plot_png(samples, p, f"weights: {title}",
-                                                     self.hist_bins), p)
+            WH.plot_png(samples, p, f"weights: {title}", self.hist_bins)
+            figs["weight_histograms"] = p
             files.append(str(p))
         self._log(trainer, event, rep, figs, samples)
         self.reports[event], self.files[event] = rep.rows, files
@@ -188,8 +206,9 @@ class LayerReportCallback(pl.Callback):
                     v = r.get(key)
                     if v is not None and math.isfinite(v):
                         exp.add_scalar(f"layer_report/{key}/{r['layer']}", float(v), step)
-            for name, (fig, _) in figs.items():
-                exp.add_figure(f"{name}/{event}", fig, step)
+            for name, path in figs.items():  # the PNG written above, not drawn again
+                exp._get_file_writer().add_summary(png_summary(exp, f"{name}/{event}",
+                                                               Path(path).read_bytes()), step)
             for s in samples:
                 if s.float_values is not None:
                     exp.add_histogram(f"weights/{s.layer}/float", s.float_values, step)
@@ -206,7 +225,7 @@ class LayerReportCallback(pl.Callback):
         data = [[None if isinstance(v, float) and not math.isfinite(v) else v
                  for v in (r.get(c) for c in cols)] for r in rep.rows]
         lg.log_table(key=f"layer_report/{event}", columns=cols, data=data, step=step)
-        for name, (_, path) in figs.items():
+        for name, path in figs.items():
             lg.log_image(key=f"{name}/{event}", images=[str(path)], step=step)
         hist = {}
         for s in samples:

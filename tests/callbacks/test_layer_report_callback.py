@@ -90,7 +90,7 @@ def test_qat_report_csv_histograms_and_tensorboard(tmp_path):
     # TensorBoard: the table, scalars and histograms; <= 4 non-empty buckets of the
     # quantized histogram of a 2-bit layer (a no-op quantizer gives ~100)
     acc = ea.EventAccumulator(str(tmp_path / "tb" / "version_0"),
-                              size_guidance={ea.HISTOGRAMS: 0, ea.TENSORS: 0})
+                              size_guidance={ea.HISTOGRAMS: 0, ea.TENSORS: 0, ea.IMAGES: 0})
     acc.Reload()
     hists = acc.Tags()["histograms"]
     for name in end:
@@ -102,6 +102,15 @@ def test_qat_report_csv_histograms_and_tensorboard(tmp_path):
         assert fl.histogram_value.num == min(100, net.get_submodule(name).weight.numel())
     assert "layer_report/bits_per_weight/model.5" in acc.Tags()["scalars"]
     assert any(t.startswith("layer_report/end") for t in acc.Tags()["tensors"])  # text
+    # both figures of both events as TensorBoard images: the PNG files' bytes, their size
+    from PIL import Image
+
+    for fig in ("layer_report", "weight_histograms"):
+        for event, suffix in (("start", "_start"), ("end", "")):
+            img = acc.Images(f"{fig}/{event}")[-1]
+            png = tmp_path / f"{fig}{suffix}.png"
+            assert img.encoded_image_string == png.read_bytes(), (fig, event)
+            assert (img.width, img.height) == Image.open(png).size
 
 
 def test_report_does_not_change_training(tmp_path):
