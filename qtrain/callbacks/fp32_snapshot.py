@@ -7,10 +7,12 @@ of their FP32 phase (``fp32_state``): the run summary tests it as its FP32 row
 callback's checkpoint state, every checkpoint of the run carried the model a second time.
 :class:`FP32Snapshot` keeps the tensors in memory (on CPU) for the run and writes them once:
 
-- **when the FP32 phase ends** (:meth:`FP32Snapshot.take`): ``<run dir>/fp32_snapshot_<tag>.safetensors``
+- **with the first checkpoint after the FP32 phase** (:meth:`FP32Snapshot.take` keeps the
+  tensors, :meth:`FP32Snapshot.ref` writes them): ``<run dir>/fp32_snapshot_<tag>.safetensors``
   (``trainer.default_root_dir``; ``<tag>``: the callback, so two snapshotting callbacks never
   share a file), written atomically (temporary file in the same folder, fsync,
-  ``os.replace``) by global rank 0;
+  ``os.replace``) by global rank 0 before the checkpoint that references it; a run that never
+  checkpoints writes no file;
 - **in the checkpoint** (:meth:`FP32Snapshot.ref`): only a reference, ``{"file": <name>,
   "sha256": <SHA-256 of the file's bytes>, "bytes": <size>, "tensors": <count>}`` -- no path, so
   a run folder can be moved, and an uninterrupted and a resumed run write the same state;
@@ -22,9 +24,9 @@ callback's checkpoint state, every checkpoint of the run carried the model a sec
   a new run dir (``ckpt_path=last``) writes its own copy there with its first checkpoint, so
   each run dir's checkpoints find the snapshot in that run dir.
 
-The bytes are deterministic (safetensors orders the tensors by dtype and name; the
-metadata has a single key), so the reference -- and the
-checkpoint -- of a resumed run equals the uninterrupted run's bitwise.
+The bytes are deterministic (safetensors orders the tensors by dtype and name; the metadata
+has a single key), so the reference -- and the checkpoint -- of a resumed run equals the
+uninterrupted run's bitwise.
 
 Checkpoints written before this module (``fp32_state`` inline in the callback's state) still
 resume: :meth:`FP32Snapshot.restore` takes the inline tensors.
@@ -88,8 +90,8 @@ class FP32Snapshot:
     the FP32 phase ends, and in runs without one).
 
     A callback calls :meth:`bind` in ``setup``, :meth:`take` when its FP32 phase ends, puts
-    :meth:`ref` into its ``state_dict`` under :data:`KEY` and calls :meth:`restore` with its
-    state in ``load_state_dict``."""
+    :meth:`ref` into its ``state_dict`` under :data:`KEY` (Lightning builds that state before
+    it writes the checkpoint) and calls :meth:`restore` with its state in ``load_state_dict``."""
 
     def __init__(self, tag: str) -> None:
         self.name = file_name(tag)
@@ -99,6 +101,9 @@ class FP32Snapshot:
         self._trainer = None  # weak reference: trainer.ckpt_path while a checkpoint is restored
         self._ref: dict | None = None  # the reference of the bytes written (or read)
         self._in: str | None = None  # the folder that holds that file for this run
+
+    def __getstate__(self) -> dict:  # picklable (ddp_spawn): without the trainer's weakref
+        return {**self.__dict__, "_trainer": None}
 
     def bind(self, trainer) -> None:
         """The run's trainer (from the callback's ``setup``): its run dir, rank and, during a
@@ -110,10 +115,11 @@ class FP32Snapshot:
         self._trainer = weakref.ref(trainer)
 
     def take(self, trainer, pl_module) -> None:
-        """The FP32 phase ends: keep ``pl_module.state_dict()`` and write its file now."""
+        """The FP32 phase ends: keep a CPU copy of ``pl_module.state_dict()`` (the file is
+        written by the next :meth:`ref`)."""
         self.bind(trainer)
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        self._persist()
+        self._ref = None
 
     def _persist(self) -> None:
         data = serialize(self.state)
@@ -126,7 +132,7 @@ class FP32Snapshot:
     def ref(self) -> dict | None:
         """What a checkpoint stores: the file's name, SHA-256, size and tensor count (None
         without a snapshot). Writes the file into this run's dir first if it is not there yet
-        (a run resumed into a new run dir)."""
+        (the first checkpoint after the FP32 phase; a run resumed into a new run dir)."""
         if self.state is None:
             return None
         if self._ref is None or (self.run_dir is not None and self._in != self.run_dir):

@@ -222,7 +222,7 @@ def test_kill9_after_the_fp32_phase_then_resume_gives_the_same_fp32_row(tmp_path
     ref = run(common, tmp_path / "reference")
     killed = train_py(common + kill_overrides(5) + [f"hydra.run.dir={tmp_path}/1_killed"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert (tmp_path / "1_killed" / NAME).is_file()  # written when the FP32 phase ended
+    assert (tmp_path / "1_killed" / NAME).is_file()  # written with the first checkpoint after
     resumed = train_py(common + ["ckpt_path=last", f"hydra.run.dir={tmp_path}/2_resumed"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = final_state(tmp_path / "reference" / "checkpoints" / "last.ckpt")
@@ -233,3 +233,23 @@ def test_kill9_after_the_fp32_phase_then_resume_gives_the_same_fp32_row(tmp_path
     assert summary["fp32_source"] == ref["fp32_source"] == "FP32 phase's last weights"
     assert summary["fp32_metric"] == ref["fp32_metric"]
     assert (tmp_path / "2_resumed" / NAME).read_bytes() == (tmp_path / "reference" / NAME).read_bytes()
+
+
+def test_no_file_until_a_checkpoint_references_it(tmp_path):
+    """A run that never checkpoints (a bare Trainer) writes nothing; the first state_dict
+    (what a checkpoint stores) writes the file it references. The object pickles (ddp_spawn)."""
+    import pickle
+
+    pl.seed_everything(0)
+    cb = CALLBACKS["inq"]()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
+                         default_root_dir=str(tmp_path))
+    trainer.callbacks.append(cb)
+    trainer.fit(_module(), datamodule=DigitsDataModule(batch_size=32, fake=True))
+    assert cb.fp32_state is not None and not list(tmp_path.glob("*.safetensors"))
+    ref = cb.state_dict()[S.KEY]
+    assert ref["sha256"] == hashlib.sha256((tmp_path / ref["file"]).read_bytes()).hexdigest()
+    copy = pickle.loads(pickle.dumps(cb.fp32_snapshot))
+    assert all(torch.equal(copy.state[k], v) for k, v in cb.fp32_state.items())
