@@ -154,7 +154,9 @@ def resnet20(args) -> tuple:
     model.eval()
     packed = pack_model(model, backend="torch").eval()
     batches = _cifar_batches(args.resnet20, "test", args.test_batches)
-    run = {"workload": "resnet20 cifar10 fp32 weights + uniform conversion + EMA calibration",
+    calib = {"uniform": "EMA calibration", "pact": "PACT alpha = 99.9th percentile of the "
+             "first batch", "lsq": "LSQ step initialised on the first batch"}[args.act]
+    run = {"workload": f"resnet20 cifar10 fp32 weights + uniform conversion + {calib}",
            "bits": args.bits, "group_size": args.group, "act_bits": 8, "calib_batches":
            args.calib, "act": args.act}
     return packed, batches, run
