@@ -529,6 +529,50 @@ def _text_batch(seed: int, n: int, length: int, padded: bool) -> dict:
             "token_type_ids": torch.zeros_like(ids)}
 
 
+class _MaskedMeanClassifier(torch.nn.Module):
+    """forward(batch dict) like qtrain.models.hf.HFSequenceClassifier: token embedding,
+    mean over the tokens the attention mask keeps, two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(60, 16)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 2)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        h = (self.emb(batch["input_ids"]) * m).sum(1) / m.sum(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_dict_inputs_without_transformers(tmp_path):
+    """The batch-dict path (what Hugging Face models take) on a small masked-mean model with
+    int8 weights and EMA activations: named inputs, batch and sequence axes dynamic, the
+    fake-quant model's outputs on padded batches of other lengths, masked tokens ignored."""
+    torch.manual_seed(0)
+    m = _MaskedMeanClassifier()
+    QATCallback(bits=8, weight=P(UniformQuantizer, granularity="channel"),
+                act=P(UniformQuantizer, symmetric=False, granularity="tensor", observer="ema"),
+                types=["Linear", "Embedding"], first_last="quantize").convert(m)
+    batch = {k: v for k, v in _text_batch(0, 64, 10, True).items() if k != "token_type_ids"}
+    with torch.no_grad():
+        m(batch)
+    m.eval()
+    save_onnx(pack_model(m, backend="torch"), batch, tmp_path / "d.onnx")
+    g = onnx.load(str(tmp_path / "d.onnx")).graph
+    assert [i.name for i in g.input] == ["input_ids", "attention_mask"]
+    assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 2
+    b = {k: v for k, v in _text_batch(1, 8, 17, True).items() if k != "token_type_ids"}
+    with torch.no_grad():
+        ref = m(b)
+    got = run_onnx(tmp_path / "d.onnx", b)
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+    other = dict(b, input_ids=torch.where(b["attention_mask"] == 1, b["input_ids"],
+                                          torch.randint_like(b["input_ids"], 5, 60)))
+    assert torch.equal(run_onnx(tmp_path / "d.onnx", other), got)
+    with pytest.raises(ConfigError, match="expected a tensor or a dict of tensors"):
+        save_onnx(pack_model(m, backend="torch"), [b["input_ids"]], tmp_path / "x.onnx")
+
+
 @pytest.mark.slow  # transformers import + the tiny model: ~45 s wall on the shared 2-core VM
 def test_hf_bert_dict_inputs_and_attention_mask(tmp_path):
     """qtrain's tiny BERT (transformers BertConfig: 2 layers, hidden 32, 2 heads; the smoke
