@@ -105,6 +105,11 @@ def test_export_true_with_unpackable_quantizer_fails_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))  # failed in on_fit_start: no step was trained
 
 
+# the per-layer report's PNGs are not what these runs check (test_train_smoke draws them for
+# each method): off, about half of a ResNet-20 smoke run's CPU
+NO_PNG = ["callbacks.layer_report.png=false"]
+
+
 def trained_fake_quant(run_dir):
     """The trained fake-quant model of a finished run: its config's model, converted by its
     config's quant callback, with the weights / buffers of its last checkpoint."""
@@ -122,7 +127,7 @@ def test_pact_dorefa_recipe_exports(tmp_path):
     """PACT activations + DoReFa 4-bit weights (real Trainer run): the weights as ``lut``
     codes into the table 2 (u / 15) - 1, the trained PACT alphas in the file; load_run
     rebuilds the PACT quantizers and reproduces the trained model bit for bit."""
-    s = run(["recipe=pact_w4a4_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+    s = run(["recipe=pact_w4a4_resnet20_cifar10", "debug=smoke", "export=true", *NO_PNG], tmp_path)
     path = tmp_path / "model_packed.safetensors"
     assert s["packed_layers"] > 0
     with safe_open(str(path), framework="pt") as f:
@@ -149,7 +154,7 @@ def test_pact_dorefa_recipe_exports(tmp_path):
 def test_lsq_recipe_exports(tmp_path):
     """LSQ weights and activations (real Trainer run): load_run rebuilds the LSQ activation
     quantizers with their trained steps and reproduces the trained model bit for bit."""
-    s = run(["recipe=lsq_w2a2_resnet20_cifar10", "debug=smoke", "export=true"], tmp_path)
+    s = run(["recipe=lsq_w2a2_resnet20_cifar10", "debug=smoke", "export=true", *NO_PNG], tmp_path)
     assert (tmp_path / "model_packed.safetensors").exists() and s["packed_layers"] > 0
     trained, loaded = trained_fake_quant(tmp_path), load_run(tmp_path)
     steps = {n: m.act_quantizer.step for n, m in loaded.named_modules()
