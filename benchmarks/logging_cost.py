@@ -7,11 +7,17 @@ side by side, alternating, as separate ``train.py`` processes.
 - ``off``: ``logger=csv`` and ``callbacks.layer_report.enabled=false``.
 
 Per run: the child's CPU time (user + sys, ``resource.RUSAGE_CHILDREN``: the measure on a
-shared machine), its wall time, and ``time_s`` from ``summary.json`` (``train()`` without the
-imports). Two workloads: the default recipe (scikit-learn digits) and a short CIFAR-10
+shared machine), its wall time, ``time_s`` from ``summary.json`` (``train()`` without the
+imports) and, with the report on, the CPU time the report itself says it spent
+(``report_cpu_s``: the sum of the ``layer report <event>: ... (x s CPU)`` lines of
+``train.log``; a direct, low-noise part of the difference). Rounds alternate the order;
+``paired`` is the median over rounds of on / off - 1 within a round (robust to the load
+drifting between rounds), ``overhead`` the ratio of the medians. Two workloads: the default
+recipe (scikit-learn digits) and a short CIFAR-10
 ResNet-20 PACT run (needs ``--cifar-root``, the CIFAR pickles).
 
-    python benchmarks/logging_cost.py --rounds 3 [--cifar-root /path/to/cifar10] --out benchmarks/logging_cost.json
+    python benchmarks/logging_cost.py --rounds 5 [--cifar-root /path/to/cifar10 --cifar-rounds 3] \
+        --out benchmarks/logging_cost.json
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -54,14 +61,18 @@ def one_run(args: list[str], run_dir: str) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"train.py {' '.join(args)} failed:\n{p.stderr[-2000:]}")
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    log = (Path(run_dir) / "train.log").read_text()
+    report = [float(c) for c in re.findall(r"layer report \S+: .*?\(([0-9.]+) s CPU\)", log)]
     return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "wall_s": wall, "train_s": summary["time_s"]}
+            "wall_s": wall, "train_s": summary["time_s"], "report_cpu_s": sum(report),
+            "report_events": len(report)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cifar-root", default=None)
+    ap.add_argument("--cifar-rounds", type=int, default=None, help="default: --rounds")
     ap.add_argument("--out", default="benchmarks/logging_cost.json")
     ap.add_argument("--machine", default="")
     args = ap.parse_args()
@@ -69,17 +80,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, wl in workloads(args.cifar_root).items():
             runs: dict[str, list[dict]] = {m: [] for m in MODES}
-            for r in range(args.rounds):
+            rounds = args.rounds if "cifar" not in name or args.cifar_rounds is None \
+                else args.cifar_rounds
+            for r in range(rounds):
                 for m in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
                     runs[m].append(one_run(wl + MODES[m], f"{tmp}/{name}_{m}_{r}"))
             med = {m: {k: statistics.median(x[k] for x in v) for k in v[0]}
                    for m, v in runs.items()}
-            over = {k: med["on"][k] / med["off"][k] - 1 for k in med["on"]}
-            res["workloads"][name] = {"args": wl, "runs": runs, "median": med, "overhead": over}
-            print(f"{name}: " + ", ".join(f"{k} on {med['on'][k]:.1f}s / off {med['off'][k]:.1f}s "
-                                          f"({100 * over[k]:+.1f}%)" for k in over), flush=True)
+            keys = ("cpu_s", "wall_s", "train_s")
+            over = {k: med["on"][k] / med["off"][k] - 1 for k in keys}
+            paired = {k: statistics.median(a[k] / b[k] - 1 for a, b in zip(runs["on"], runs["off"]))
+                      for k in keys}
+            res["workloads"][name] = {"args": wl, "runs": runs, "median": med, "overhead": over,
+                                      "paired": paired}
+            print(f"{name}: " + ", ".join(f"{k} on {med['on'][k]:.2f}s / off {med['off'][k]:.2f}s "
+                                          f"({100 * over[k]:+.1f}%, paired {100 * paired[k]:+.1f}%)"
+                                          for k in keys)
+                  + f"; report itself {med['on']['report_cpu_s']:.2f}s CPU "
+                    f"({med['on']['report_events']:.0f} events)", flush=True)
+    res["rounds"] = {"digits": args.rounds, "cifar": args.cifar_rounds or args.rounds}
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"medians of {args.rounds} rounds -> {args.out}")
+    print(f"medians over the rounds -> {args.out}")
 
 
 if __name__ == "__main__":

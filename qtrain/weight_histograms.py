@@ -95,8 +95,9 @@ def plot_png(samples: list[WeightSample], path, title: str = "weights", bins: in
     n = max(1, len(samples))
     cols = min(4, n)
     rows = math.ceil(n / cols)
+    height = 2.6 * rows + 0.25  # + a row for the figure's legend at the bottom
     with plt.rc_context({"xtick.labelsize": 7, "ytick.labelsize": 7}):  # before the ticks
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, height), squeeze=False)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax in axes.flat[n:]:
         ax.axis("off")
@@ -108,12 +109,12 @@ def plot_png(samples: list[WeightSample], path, title: str = "weights", bins: in
             max(s.float_values.max(), s.quant_values.max()))
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-8, bins + 1)
         if s.float_values is not None:
-            handles["float W (sampled)"] = ax.stairs(
+            handles["float W"] = ax.stairs(
                 np.histogram(s.float_values, bins=edges)[0], edges, fill=True,
                 color="tab:blue", alpha=0.45)
         lv, cnt = np.unique(s.quant_values, return_counts=True)
         if len(lv) <= MAX_LEVEL_BARS:
-            handles["Q(W): one bar per level"] = ax.vlines(lv, 0.8, cnt, color="tab:red",
+            handles["Q(W): a bar per level"] = ax.vlines(lv, 0.8, cnt, color="tab:red",
                                                            linewidth=2.0)
             what = f"{len(lv)} levels"
         else:
@@ -130,11 +131,11 @@ def plot_png(samples: list[WeightSample], path, title: str = "weights", bins: in
         ax.xaxis.set_label_coords(0.5, -0.1)  # no axis labels; skips their auto placement
         ax.yaxis.set_label_coords(-0.1, 0.5)
     if handles:  # one legend for the figure (one per panel: ~10% of the drawing time)
-        fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7,
-                   ncol=len(handles), frameon=False)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=7,
+                   ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=1 - 0.45 / (2.6 * rows),
-                        wspace=0.25, hspace=0.45)
+    fig.subplots_adjust(left=0.06 if cols > 1 else 0.13, right=0.98, bottom=0.55 / height,
+                        top=1 - 0.45 / height, wspace=0.25, hspace=0.45)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
