@@ -32,13 +32,13 @@ import hashlib
 import json
 import os
 import pickle
-import uuid
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from qtrain.atomic_file import open_atomic
 from qtrain.errors import ConfigError, DataFileError
 
 #: version of the qtrain checkpoint layout (the ``qtrain`` block and what it covers)
@@ -135,28 +135,8 @@ def write_checkpoint(checkpoint: dict, path: str | os.PathLike, meta: dict | Non
     ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``."""
     meta = dict(meta or {"format_version": FORMAT_VERSION})
     payload = {**checkpoint, KEY: {"meta": meta, "sha256": checkpoint_checksum(checkpoint, meta)}}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # replaces a symlink named `path` itself, not its target
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with open_atomic(path) as f:
+        torch.save(payload, f)
 
 
 def _others(path: str) -> str:

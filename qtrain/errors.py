@@ -26,3 +26,15 @@ class DataFileError(QtrainError):
 class MissingFileError(DataFileError, FileNotFoundError):
     """A file or folder the config points at is not there (also a ``FileNotFoundError``, so
     callers catching that keep working)."""
+
+
+def run_cli(main) -> None:
+    """``python -m qtrain.<tool>``: run ``main()``; a :class:`QtrainError` is printed as one
+    line on stderr with exit status 2 (as ``train.py`` does), anything else keeps its traceback."""
+    import sys
+
+    try:
+        main()
+    except QtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

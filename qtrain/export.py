@@ -92,9 +92,10 @@ from collections.abc import Callable
 import torch
 from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from qtrain.atomic_file import write_atomic
 from qtrain.errors import DataFileError
 from qtrain.nn import packed_formats, packed_rq, packed_sparse
 from qtrain.nn.abc_quantizer import ABCActQuantizer
@@ -490,13 +491,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, run: dict | None = No
             "file_version": FILE_VERSION, "run": _dumps(run or {}), "tied": _dumps(aliases),
             "layers": _dumps(packed_specs(model)), "uint8_indices": _dumps(compact)}
     meta["sha256"] = checksum(state, meta)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(save(state, metadata=meta), path)
     size = os.path.getsize(path)
     bits = storage_bits(model)
     return {"path": str(path), "file_bytes": size, "storage_bits": bits,

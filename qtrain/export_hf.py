@@ -83,6 +83,7 @@ import shutil
 import torch
 from torch import nn
 
+from qtrain.atomic_file import write_atomic
 from qtrain.errors import ConfigError, MissingFileError
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
@@ -294,7 +295,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str = "pack-qua
     the safetensors metadata. Returns a report (folder, bytes, layers per scheme).
     Raises one :class:`ConfigError` before writing anything if a layer has no
     compressed-tensors form."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from qtrain.export import pack_model
 
@@ -343,13 +344,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str = "pack-qua
                                          for key, names in groups.items() for n in names},
                                         sort_keys=True)}
     path = os.path.join(out_dir, "model.safetensors")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(save(state, metadata=meta), path)
     src = (getattr(model, "name_or_path", None) if tokenizer == "auto" else tokenizer)
     tok = _save_tokenizer(src, out_dir)
     return {"hf_dir": os.path.abspath(out_dir), "hf_mb": os.path.getsize(path) / 1e6,
@@ -476,12 +471,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from qtrain.errors import run_cli
 
-    from qtrain.errors import QtrainError
-
-    try:
-        main()
-    except QtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from qtrain_kernels import layout as L
 from torch import nn
 
+from qtrain.atomic_file import write_atomic
 from qtrain.errors import ConfigError
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
 from qtrain.nn.learned_quantizers import _EPS, DoReFaActQuantizer, LSQQuantizer, PACTQuantizer
@@ -580,14 +581,7 @@ def save_onnx(model: nn.Module, example: torch.Tensor | dict[str, torch.Tensor],
     """Write :func:`to_onnx` to ``path`` (atomically); returns {"path", "file_bytes",
     "n_quantized_layers"}."""
     proto = to_onnx(model, example, quantized, run)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(proto.SerializeToString(), path)
     n = sum(1 for n in proto.graph.node if n.op_type == "DequantizeLinear"
             and n.input[0].endswith(".weight_quantized"))
     return {"path": str(path), "file_bytes": os.path.getsize(path), "n_quantized_layers": n}
@@ -703,12 +697,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from qtrain.errors import run_cli
 
-    from qtrain.errors import QtrainError
-
-    try:
-        main()
-    except QtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 import weakref
 
 import torch
 
+from qtrain.atomic_file import write_atomic
 from qtrain.errors import DataFileError, MissingFileError
 
 KEY = "fp32_snapshot"  # the reference's key in a callback's state_dict
@@ -66,23 +66,6 @@ def serialize(state: dict[str, torch.Tensor]) -> bytes:
     # one metadata key: safetensors writes that map in hash order (two keys: bytes vary)
     return save({k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
                  for k, v in state.items()}, metadata={"format": "pt"})
-
-
-def write_atomic(data: bytes, path: str) -> None:
-    """``data`` to ``path``: temporary file in the same folder, fsync, ``os.replace``; a run
-    killed while writing leaves no partial ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class FP32Snapshot:
