@@ -13,7 +13,8 @@ tensors only:
 * biases are int32 with scale S_in S_w and zero point 0 (sec. 2.4);
 * the conv / matmul accumulates sum (q_in - Z_in)(q_w - Z_w) + q_bias in int64 tensors and
   must fit int32 (eq. 4 / 7; eq. 7 only rearranges the same sum for speed, the result is
-  identical) -- conv as im2col (``Tensor.unfold``) and an integer ``matmul``;
+  identical) -- computed by float64 BLAS, exact because every partial sum is an integer below
+  2^53 (checked per call; otherwise, or with ``fast_dot=False``, the int64 im2col reference);
 * the accumulator is rescaled by M = S_in S_w / S_out = M0 2^-31 2^-n (eq. 5-6) with
   gemmlowp's rounding (:mod:`qtrain.quant.requantize`), plus Z_out, and clamped to the
   output code range; a following ReLU (ReLU6) is fused as clamping to [Z_out, 255]
@@ -131,6 +132,7 @@ class IntegerLayer(nn.Module):
         self.register_buffer("bias_f", torch.zeros(cout, dtype=torch.float64) if b is None
                              else b.detach().double())
         self.in_q, self.out_q, self.act, self.pool = in_q, out_q, act, pool
+        self.fast_dot = True  # float64 BLAS for the integer dot products (exact; see _dot_float64)
         if out_q is not None:
             lo, hi = out_q.qmin, out_q.qmax
             if act in ("relu", "relu6"):
@@ -168,18 +170,37 @@ class IntegerLayer(nn.Module):
             hw = x.shape[2] * x.shape[3]
             x = x.sum((2, 3))
         q_bias = self.constants(hw)[0].to(torch.int64)
-        if self.is_conv:
-            (ph, pw), (sh, sw), (kh, kw) = self.padding, self.stride, self.kernel_size
-            x = F.pad(x, (pw, pw, ph, ph))  # 0 = code Z_in - Z_in: the real zero the float conv pads
-            n, c = x.shape[:2]
-            cols = x.unfold(2, kh, sh).unfold(3, kw, sw)  # N, C, OH, OW, kh, kw
-            oh, ow = cols.shape[2:4]
-            cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
-            acc = cols @ w.reshape(w.shape[0], -1).t()
-            acc = acc.reshape(n, oh, ow, -1).permute(0, 3, 1, 2) + q_bias.reshape(1, -1, 1, 1)
-        else:
-            acc = x @ w.t() + q_bias
+        k = w[0].numel()  # terms per output
+        exact = k * int(x.abs().max()) * int(w.abs().max()) < 2 ** 53
+        dot = self._dot_float64 if exact and self.fast_dot else self._dot_int64
+        acc = dot(x, w)
+        acc = acc + (q_bias.reshape(1, -1, 1, 1) if self.is_conv else q_bias)
         return R.check_int32(acc, f"integer layer {self.name}"), hw
+
+    # Two ways to the same integer dot products (``fast_dot`` picks): float64 BLAS is exact
+    # here -- every product and partial sum is an integer of magnitude <= k max|x| max|w|
+    # < 2^53, which float64 represents exactly in any summation order -- and faster on CPU
+    # than int64 matmul, which has no BLAS: a whole ResNet-20 integer forward of 128 CIFAR
+    # images 3.5 s vs 12.6 s CPU (1 thread; the rest is requantization). The int64 im2col
+    # path is the reference.
+    def _dot_float64(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:  # zero padding = code Z_in - Z_in: the real zero the float conv pads
+            y = F.conv2d(x.double(), w.double(), stride=self.stride, padding=self.padding)
+        else:
+            y = x.double() @ w.double().t()
+        return y.round().to(torch.int64)
+
+    def _dot_int64(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if not self.is_conv:
+            return x @ w.t()
+        (ph, pw), (sh, sw), (kh, kw) = self.padding, self.stride, self.kernel_size
+        x = F.pad(x, (pw, pw, ph, ph))  # 0 = code Z_in - Z_in: the real zero the float conv pads
+        n, c = x.shape[:2]
+        cols = x.unfold(2, kh, sh).unfold(3, kw, sw)  # N, C, OH, OW, kh, kw
+        oh, ow = cols.shape[2:4]
+        cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+        acc = cols @ w.reshape(w.shape[0], -1).t()
+        return acc.reshape(n, oh, ow, -1).permute(0, 3, 1, 2)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         acc, hw = self.accumulate(q)

@@ -194,3 +194,27 @@ def test_sequential_relu6_and_linear_bn_per_layer():
     p = im.ops[0].fn.out_q
     assert q6 == (p.zero_point, min(255, p.zero_point + round(6 / p.scale)))
     assert int(im.codes["4.act_quantizer"].max()) <= q6[1]
+
+
+def test_float64_blas_dot_products_equal_the_int64_reference_exactly():
+    """The fast path (float64 conv / matmul, exact below 2^53) gives the int64 im2col
+    accumulators bit for bit -- on every layer of a converted ResNet-20, and at the extremes
+    of the code range (all codes at 0 or 255 against weights at their extremes)."""
+    torch.manual_seed(2)
+    model = resnet20(tiny=True)
+    _convert(model, residual=True)
+    _warm(model, (8, 3, 16, 16))
+    im = to_integer_model(model)
+    x = torch.randn(8, 3, 16, 16) * 2 + 0.3
+    im(x, record=True)
+    ops = [op for op in im.ops if hasattr(op.fn, "accumulate")]
+    assert len(ops) == 20
+    for op in ops:
+        layer, q_in = op.fn, im.codes[op.inputs[0]]
+        for q in (q_in, torch.full_like(q_in, 255), torch.zeros_like(q_in)):
+            fast, _ = layer.accumulate(q)
+            layer.fast_dot = False
+            ref, _ = layer.accumulate(q)
+            layer.fast_dot = True
+            assert fast.dtype == ref.dtype == torch.int64
+            assert torch.equal(fast, ref), layer.name
