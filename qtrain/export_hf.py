@@ -85,6 +85,7 @@ from torch import nn
 
 from qtrain.atomic_file import write_atomic
 from qtrain.errors import ConfigError, MissingFileError
+from qtrain.export_check import unexportable_layers
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
 
@@ -155,22 +156,7 @@ def check_exportable(packed: nn.Module) -> tuple[str, nn.Module]:
     if outside:
         bad.append(f"{', '.join(outside[:3])} (tensors outside the transformers model "
                    f"{prefix or '<model>'})")
-    act_slots: set[int] = set()
-    for name, m in hf.named_modules():
-        full = f"{prefix}.{name}" if prefix and name else (prefix or name or "<model>")
-        if isinstance(m, PackedLinear):
-            why = _layer_problem(m)
-            if why:
-                bad.append(f"{full} ({why})")
-            if m.act_quantizer is not None:
-                act_slots.update(id(q) for q in m.act_quantizer.modules())
-        elif all(hasattr(m, a) for a in ("centroids", "assignments", "block_size")):
-            bad.append(f"{full} (PQ layer {type(m).__name__})")
-    for name, m in hf.named_modules():
-        if _is_quantizer_active(m) and id(m) not in act_slots:
-            full = f"{prefix}.{name}" if prefix else name
-            bad.append(f"{full} ({type(m).__name__} outside a packed layer: a fake-quant layer "
-                       "left unpacked, or an activation / output quantizer)")
+    bad += unexportable_layers(hf, _layer_problem, prefix)
     out = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     inp = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))

@@ -91,6 +91,7 @@ from torch import nn
 
 from qtrain.atomic_file import write_atomic
 from qtrain.errors import ConfigError
+from qtrain.export_check import unexportable_layers
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
 from qtrain.nn.learned_quantizers import _EPS, DoReFaActQuantizer, LSQQuantizer, PACTQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
@@ -160,21 +161,7 @@ def check_exportable(model: nn.Module) -> None:
     """Raise one :class:`ConfigError` naming every layer of ``model`` (a packed model,
     :func:`qtrain.export.pack_model` / ``load_run``) that has no ONNX QDQ form, and what is
     supported."""
-    bad, act_slots = [], set()
-    for name, m in model.named_modules():
-        if isinstance(m, PackedLinear):
-            why = _weight_problem(m) or _act_problem(m.act_quantizer)
-            if why:
-                bad.append(f"{name or '<model>'} ({why})")
-            if m.act_quantizer is not None:
-                act_slots.update(id(q) for q in m.act_quantizer.modules())
-        elif all(hasattr(m, a) for a in ("centroids", "assignments", "block_size")):
-            bad.append(f"{name} (PQ layer {type(m).__name__}, not packed)")
-    for name, m in model.named_modules():
-        if isinstance(m, Quantizer) and id(m) not in act_slots and getattr(m, "enabled", True):
-            bad.append(f"{name} ({type(m).__name__} outside a packed layer: a fake-quant "
-                       "layer left unpacked)")
-    _raise(bad)
+    _raise(unexportable_layers(model, lambda m: _weight_problem(m) or _act_problem(m.act_quantizer)))
 
 
 def _raise(bad: list[str], before: str = "ONNX export", after: str = "") -> None:
