@@ -125,8 +125,8 @@ class QtrainOptunaSweeper(Sweeper):
 
         return JournalStorage(JournalFileBackend(os.path.join(sweep_dir, "optuna_journal.log")))
 
-    def _rerun(self, study, space: dict, old, fixed: list[str], sweep_dir: str, returns: list,
-               seen: dict) -> list[dict]:
+    def _rerun(self, study, space: dict, old, num: int, fixed: list[str], sweep_dir: str,
+               returns: list, seen: dict) -> list[dict]:
         """A trial a killed search left RUNNING: told FAIL, its parameters asked again and run
         as the same job number, so it lands in its old job dir and continues from that dir's
         last checkpoint (``ckpt_path`` is not part of the dir name)."""
@@ -136,11 +136,10 @@ class QtrainOptunaSweeper(Sweeper):
         killed = _row(study.get_trials(deepcopy=False)[old.number])
         study.enqueue_trial(dict(old.params))
         trial = study.ask(space)
-        num = old.user_attrs.get("job_num")
         overrides = list(old.user_attrs.get("overrides") or
                          fixed + [f"{k}={_value(v)}" for k, v in old.params.items()])
         ckpts = sorted(glob.glob(os.path.join(sweep_dir, "*", f"{num}_*", "checkpoints",
-                                              "last.ckpt"))) if num is not None else []
+                                              "last.ckpt")))
         if ckpts:
             overrides.append(f"ckpt_path={os.path.dirname(os.path.dirname(ckpts[0]))}")
         log.info("Optuna search: trial %d was killed; running it again as trial %d%s",
@@ -149,7 +148,7 @@ class QtrainOptunaSweeper(Sweeper):
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("rerun_of", old.number)
         self.validate_batch_is_legal([overrides])
-        ret = self.launcher.launch([overrides], initial_job_idx=num if num is not None else 0)[0]
+        ret = self.launcher.launch([overrides], initial_job_idx=num)[0]
         returns.append(ret)
         job_dir = str(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir",
                                        default="") or "") if ret.hydra_cfg else ""
@@ -210,7 +209,10 @@ class QtrainOptunaSweeper(Sweeper):
                      asked, max(self.n_trials - asked, 0))
         for t in earlier:  # killed mid-run: told FAIL, then run again in its own job dir
             if not t.state.is_finished() and asked < self.n_trials:
-                rows += self._rerun(study, space, t, fixed, sweep_dir, returns, seen)
+                num = t.user_attrs.get("job_num")
+                if num is None:  # a study written before job numbers were recorded: a new dir
+                    num, job_idx = job_idx, job_idx + 1
+                rows += self._rerun(study, space, t, num, fixed, sweep_dir, returns, seen)
                 asked += 1
         while asked < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - asked))]
