@@ -9,7 +9,7 @@ import torch
 
 from qtrain.callbacks.elq import ELQCallback
 from qtrain.errors import ConfigError
-from tests.callbacks.tiny_lightning import TinyCNN, image_loader, trainer
+from tests.callbacks.tiny_lightning import OptimizerIdentities, TinyCNN, image_loader, trainer
 
 LAYERS = ("conv1", "conv2", "fc")
 
@@ -198,19 +198,11 @@ def test_fp32_snapshot_is_the_weights_before_the_first_stage_and_loads_after_con
     assert torch.equal(model.fc.weight, ends.states[0]["fc.weight"])
 
 
-class _OptIds(pl.Callback):
-    def __init__(self):
-        self.ids = []
-
-    def on_train_batch_end(self, trainer, *args):
-        self.ids.append(id(trainer.optimizers[0]))
-
-
 def test_reset_optimizer_rebuilds_after_each_later_stage():
     pl.seed_everything(0)
     elq = ELQCallback(kind="ternary", schedule=[0.5, 0.75, 1.0], boundaries=[0, 2, 4],
                       unit="step", reset_optimizer=True)
-    ids = _OptIds()
+    ids = OptimizerIdentities()
     trainer(max_steps=6, callbacks=[elq, ids]).fit(TinyCNN(), image_loader(n=48, batch=8))
     # stages at steps 0, 2, 4; the rebuild lands on the batch after stages 2 and 3
     assert [len(set(ids.ids[:i])) for i in (3, 4, 5, 6)] == [1, 2, 2, 3]

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from qtrain.callbacks.inq import INQCallback
-from tests.callbacks.tiny_lightning import TinyCNN, image_loader, trainer
+from tests.callbacks.tiny_lightning import OptimizerIdentities, TinyCNN, image_loader, trainer
 
 
 class _Probe(pl.Callback):
@@ -49,18 +49,10 @@ def test_frozen_weights_never_change_and_masks_grow(optim):
     assert not torch.equal(w0[~m2], w2[~m2])
 
 
-class _OptIds(pl.Callback):
-    def __init__(self):
-        self.ids = []
-
-    def on_train_batch_end(self, trainer, *args):
-        self.ids.append(id(trainer.optimizers[0]))
-
-
 def test_epoch_boundaries_optimizer_reset_and_state_roundtrip():
     pl.seed_everything(0)
     inq = INQCallback(schedule="5bit", stage_length=1, unit="epoch", reset_optimizer=True)
-    ids = _OptIds()
+    ids = OptimizerIdentities()
     trainer(max_epochs=3, callbacks=[inq, ids]).fit(TinyCNN(), image_loader(n=16))
     assert inq.stage == 3 and inq.frozen_fraction() == pytest.approx(0.875, abs=0.01)
     assert len(set(ids.ids)) == 3  # a fresh optimizer at the start of stages 2 and 3

@@ -86,3 +86,20 @@ def trainer(**kw) -> pl.Trainer:
                 deterministic=True)
     base.update(kw)
     return pl.Trainer(**base)
+
+
+class OptimizerIdentities(pl.Callback):
+    """The trainer's optimizer after every training batch, to count rebuilds.
+
+    Holds the optimizer objects themselves, not their ``id()``: a freed optimizer's id can be
+    reused by its replacement, which made distinct-count checks flaky (a CI failure)."""
+
+    def __init__(self):
+        self.optimizers = []
+
+    @property
+    def ids(self) -> list[int]:
+        return [id(o) for o in self.optimizers]
+
+    def on_train_batch_end(self, trainer, *args):
+        self.optimizers.append(trainer.optimizers[0])
