@@ -378,8 +378,10 @@ class DeepCompressionCallback:
     init: KMEANS_INITS = opt()
     reset_optimizer: bool = opt()
     seed: SEED = opt()
+    split_empty: bool = opt()
     finalize_at_end: bool = opt()
     report_file: str | None = opt()
+    huffman_file: str | None = opt()
 
 
 QN_TYPES = Literal["Linear", "Conv2d", "Embedding"]  # qtrain.callbacks.quant_noise.TYPE_KEYS

@@ -203,6 +203,7 @@ def kmeans(
     chunk_elems: int = _CHUNK_ELEMS,
     init: str = "random",
     backend: str | None = None,
+    split_empty: bool = True,
 ) -> KMeansResult:
     """Weighted k-means of the rows of ``x`` (n, d) on ``x``'s device.
 
@@ -220,6 +221,10 @@ def kmeans(
         init: 'random' (K sampled rows) or 'linear' (d = 1 only: ``linspace(min, max, K)``).
         backend: assignment step 'auto' | 'torch' | 'faiss' (module docstring); None: the
             environment variable ``QTRAIN_KMEANS_BACKEND``, default 'auto'.
+        split_empty: re-seed an empty cluster by splitting the most populated one (module
+            docstring; default). ``False``: plain Lloyd -- an empty cluster keeps its centroid
+            (it may stay unused; e.g. a linear-init centroid in the gap that pruning leaves
+            around 0, Deep Compression).
     """
     _check_x(x, n_centroids, name)
     if init not in INITS:
@@ -267,7 +272,8 @@ def kmeans(
         history.append(float(sq.sum() if w is None else (sq * w).sum()))
         if it == max(1, n_iter):
             break
-        a, _ = _split_empty(x, centroids, a, w, noise_scale, g)
+        if split_empty:
+            a, _ = _split_empty(x, centroids, a, w, noise_scale, g)
         centroids = _update(x, a, w, centroids, xw)
     if lin is not None:
         centroids = torch.linalg.solve_triangular(lin, centroids, upper=False, left=False)
@@ -436,13 +442,13 @@ def pq_storage_bits(n_blocks: int, n_centroids: int, block_size: int) -> int:
 
 def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int = 0,
                   name: str = "weight", init: str = "random", n_centroids: int | None = None,
-                  backend: str | None = None):
+                  backend: str | None = None, split_empty: bool = True):
     """Scalar k-means codebook (weight sharing, Han et al. 2015 sec. 3): 2^bits shared values.
 
     ``init='linear'``: centroids start equally spaced in [min, max] (the paper's best
     initialisation, sec. 3.2). ``n_centroids``: fewer than 2^bits shared values (a layer
-    with fewer weights than 2^bits). Returns (codebook (K,), codes shaped like ``weight``
-    (long)).
+    with fewer weights than 2^bits). ``split_empty``: :func:`kmeans`. Returns (codebook (K,),
+    codes shaped like ``weight`` (long)).
     """
     if not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ConfigError(f"{name}: scalar k-means bits={bits!r} not supported; allowed 1..16")
@@ -450,7 +456,8 @@ def scalar_kmeans(weight: torch.Tensor, bits: int, n_iter: int = 20, seed: int =
     if not isinstance(k, int) or not 1 <= k <= 2**bits:
         raise ConfigError(f"{name}: scalar k-means n_centroids={n_centroids!r}; allowed "
                           f"1..2^bits = {2**bits}")
-    res = kmeans(weight.reshape(-1, 1), k, n_iter, seed, name=name, init=init, backend=backend)
+    res = kmeans(weight.reshape(-1, 1), k, n_iter, seed, name=name, init=init, backend=backend,
+                 split_empty=split_empty)
     return res.centroids.reshape(-1), res.assignments.reshape(weight.shape)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from qtrain.callbacks import deep_compression as DC
 from qtrain.quant import pruning as P
+from qtrain.quant.huffman import read_dc_file
 from qtrain.quant.size import model_huffman_bits, model_storage_bits
 from tests.callbacks.tiny_lightning import _TinyClassifier
 
@@ -140,6 +141,19 @@ def test_centroid_finetuning_sums_gradients_keeps_codes(tmp_path):
     assert model_huffman_bits(model).total_bits == huff_summary
     assert r["huffman_bits"] == sum(x.huffman_bits for x in layers)
     assert r["huffman_compression"] == pytest.approx(r["dense_bits"] / r["huffman_bits"])
+    # the Huffman column on disk: decodes to the shared weights, holds exactly its bits
+    dch = tmp_path / "deep_compression.dch"
+    back = read_dc_file(dch)
+    for n, x in zip(LAYERS, layers):
+        layer = getattr(model, n)
+        assert torch.equal(back[n]["weight"], layer.weight_quantizer(layer.weight.detach()))
+        assert torch.equal(back[n]["bias"], layer.bias.detach())
+        assert x.huffman_bits == x.huffman_weight_bits + x.huffman_index_bits + 32 * 7 \
+            + 32 * layer.bias.numel()
+    payload = sum((x.huffman_weight_bits + 7) // 8 + (x.huffman_index_bits + 7) // 8
+                  + 4 * (7 + x.bias_numel) for x in layers)
+    size = dch.stat().st_size
+    assert r["huffman_file_bytes"] == size and 0 < size - payload < 2048  # + JSON header
 
 
 def _run_state(cb, model):
@@ -183,3 +197,62 @@ def test_bad_config_errors():
     cb = DC.DeepCompressionCallback(layer_bits={"fc9": 4})
     with pytest.raises(ValueError, match="layer_bits.*fc9"):
         cb.setup(None, TinyMLP())
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 2), nn.Linear(2, 2)
+
+
+def test_size_report_both_conventions_worked_by_hand():
+    """Layer fc as tests/quant/test_pruning.py's hand-worked 2x6 example (non-zeros at flat
+    0, 5, 6, 11; 2-bit indices; K = 3): 448 / 268 / 184 / 178 bits dense / pruned / shared /
+    Huffman, 64 of them its 2 fp32 biases. `head` (4 weights + 2 biases) is not selected.
+    Ours: whole model, biases and `head` at fp32 in every column; the paper's (Tables 1-3):
+    fc's weights only, biases not counted."""
+    m = _TwoLinear()
+    cb = DC.DeepCompressionCallback(sparsity={"Linear": 0.5}, bits={"Linear": 2},
+                                    index_bits={"Linear": 2}, include=["fc"])
+    cb.setup(None, m)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask.view(-1)[[0, 5, 6, 11]] = True
+    codes = torch.zeros(2, 6, dtype=torch.long)
+    codes.view(-1)[[5, 6, 11]] = torch.tensor([1, 2, 1])
+    cb.masks, cb.codes, cb.centroids = {"fc": mask}, {"fc": codes}, {"fc": torch.zeros(3)}
+    r = cb.size_report(m)
+    head = 32 * 6
+    assert (r["dense_bits"], r["pruned_bits"], r["shared_bits"], r["huffman_bits"]) == \
+        (448 + head, 268 + head, 184 + head, 178 + head)
+    assert (r["paper_dense_bits"], r["paper_pruned_bits"], r["paper_shared_bits"],
+            r["paper_huffman_bits"]) == (384, 204, 120, 114)
+    assert r["paper_huffman_compression"] == pytest.approx(384 / 114)
+    assert r["huffman_compression"] == pytest.approx(640 / 370)
+    assert "paper's convention" in DC.format_report(r) and "(3.4x)" in DC.format_report(r)
+
+
+def test_default_kmeans_keeps_centroids_stranded_in_the_pruning_gap():
+    """Default split_empty=False: linear-init centroids inside the pruned gap around 0 stay
+    unused (plain Lloyd, eq. (2)); the stored code stream uses fewer than K codes."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 10))
+    cb = DC.DeepCompressionCallback(sparsity={"Linear": 0.5}, bits={"Linear": 4})
+    assert cb.split_empty is False
+    cb.setup(None, m)
+    cb.prune_step(0)
+    cb.quantize()
+    (name,) = cb.codes
+    mask, codes, c = cb.masks[name], cb.codes[name], cb.centroids[name]
+    t = float(m[0].weight.detach().abs()[mask].min())  # survivors: |w| >= t
+    used = torch.unique(codes[mask])
+    unused = [k for k in range(c.numel()) if k not in used.tolist()]
+    assert c.numel() == 15 and unused
+    assert all(abs(float(c[k])) < t for k in unused)  # stranded in (-t, t)
+    split = DC.DeepCompressionCallback(sparsity={"Linear": 0.5}, bits={"Linear": 4},
+                                       split_empty=True)
+    torch.manual_seed(0)
+    m2 = nn.Sequential(nn.Linear(40, 10))
+    split.setup(None, m2)
+    split.prune_step(0)
+    split.quantize()
+    assert len(torch.unique(split.codes[name][split.masks[name]])) == 15

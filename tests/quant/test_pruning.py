@@ -161,3 +161,24 @@ def test_kmeans_linear_init_matches_bruteforce_lloyd():
         KM.kmeans(torch.randn(20, 2), 4, init="linear")
     with pytest.raises(ValueError, match="init"):
         KM.kmeans(torch.randn(20, 1), 4, init="kmeans++")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=pytest.mark.skipif(
+    not KM.faiss_available(), reason="faiss-cpu not installed"))])
+def test_kmeans_split_empty_false_is_plain_lloyd_over_the_pruning_gap(backend):
+    """Surviving weights of a pruned layer leave a gap around 0; linear init puts centroids
+    in it. split_empty=False (Deep Compression's default) = brute-force Lloyd that keeps an
+    empty cluster's centroid unused; split_empty=True re-seeds them (every code used)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(800, generator=g)
+    x = x[x.abs() > 0.6]  # magnitude-pruned: nothing in (-0.6, 0.6)
+    c_ref, a_ref = _lloyd_linear(x.double().numpy(), 15, 10)
+    used_ref = len(np.unique(a_ref))
+    assert used_ref < 15  # the reference keeps the centroids stranded in the gap
+    book, codes = KM.scalar_kmeans(x, 4, n_iter=10, init="linear", n_centroids=15,
+                                   backend=backend, split_empty=False)
+    np.testing.assert_allclose(book.numpy(), c_ref, rtol=1e-5, atol=1e-5)
+    assert (codes.numpy() == a_ref).all()
+    _, codes_split = KM.scalar_kmeans(x, 4, n_iter=10, init="linear", n_centroids=15,
+                                      backend=backend, split_empty=True)
+    assert len(torch.unique(codes_split)) == 15

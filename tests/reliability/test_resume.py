@@ -56,8 +56,9 @@ FAMILIES = {
     "qat": ("qat_int8_resnet20_cifar10", CIFAR, 3),
     "inq": ("inq_resnet20_cifar10", CIFAR, 3),
     "ipq_quant_noise": ("quant_noise_ipq_lm_ptb", ["trainer.max_epochs=3"], 2),
-    "deep_compression": ("deep_compression_lenet300_mnist",
-                         ["data.batch_size=16", "trainer.max_epochs=3"], 3),
+    "deep_compression": ("deep_compression_lenet300_mnist",  # every stage inside the run
+                         ["data.batch_size=16", "trainer.max_epochs=3", "quant_start_epoch=1",
+                          "quant.prune_epochs=[0,1]", "quant.quantize_epoch=1"], 3),
     "distillation": ("polino_quantized_distillation_resnet20_cifar10", CIFAR, 3),
     "apprentice": ("apprentice_resnet20_cifar10", CIFAR, 3),
     "hessian": ("hawq_resnet20_cifar10", CIFAR, 3),
