@@ -9,6 +9,17 @@ independently). Each layer gets its own mask seed; layers that share one weight 
 (tied LM embedding / output projection) share one quantizer when their per-type ``p`` and
 ``block_size`` agree (one mask per step, one codebook).
 
+Noise for PQ: ``mode='drop'`` is the configured default (``conf/quant/quant_noise.yaml``)
+because it is the Quant-Noise the authors train iPQ models with: fairseq's
+``fairseq/modules/quant_noise.py`` zeroes the selected blocks and rescales the rest by
+1/(1-p) ("the simplest form of noise ... as stated in the paper": the paper's cheap
+training-time proxy for the PQ distortion -- ~, the paper's text not re-read here), its
+``examples/quant_noise/README.md`` says it "worked as well as assigning those blocks to
+their current centroid", and the README's commands for the paper's RoBERTa and WikiText-103
+iPQ results train with it (``--quant-noise-pq``). ``mode='pq'`` (option) is the exact PQ
+noise phi_PQ: a noised block takes the nearest codeword of its current weight. Both
+are evaluated and exported as PQ. (The constructor's own default stays ``'int8'``.)
+
 Int modes (fairseq's scalar ``quantize_model_``): every noised layer's output is also
 quantized (:class:`qtrain.nn.quant_noise.OutputQuantNoise`, same bits, per-tensor min-max;
 training: noise rate ``act_p``, fairseq's 0 = clamp to the range only; fully quantized in
@@ -25,9 +36,14 @@ current weight) -- and logs ``<prefix>_<metric>_float`` and ``<prefix>_<metric>_
 The trainer's own test pass runs at ``test_eval_p`` (default 1: the fully quantized
 model), so the run summary's quantized metric is the compressed model and its
 float-weights metric (quantizers disabled) the float one; validation runs at p = 0.
-Metrics come from ``metric_fn(pl_module, batch) -> {name: tensor}``; the default uses
-``pl_module.eval_metrics(batch)`` if the module defines it, else (x, y) classification
-(``loss`` = cross-entropy, ``acc``). ``max_eval_batches`` bounds the extra passes.
+Each pass aggregates over all its batches as the trainer's own validation does: the
+accumulator ``metric_fn(pl_module)`` (``update(batch)``, ``compute() -> {name: value}``;
+default: ``pl_module.eval_accumulator()`` of a task module, else (x, y) classification:
+``loss`` = mean cross-entropy over all samples, ``acc``) -- so ``val_ppl_float`` /
+``val_ppl_quant`` are exp of the token-weighted mean NLL over all evaluated tokens, like
+``val_ppl``, not means of per-batch perplexities (those read 740.2 for 724.7 on PTB), and
+MCC / F1 come from one confusion matrix. Under DDP the accumulator's ``compute()`` reduces
+over all ranks. ``max_eval_batches`` bounds the extra passes (per dataloader).
 
 ``fp32_metric`` (read by the run summary): the module's own validation metric
 (``val_<pl_module.metric>``, noise off = the float weights) of the last validation while
@@ -41,6 +57,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from qtrain.errors import ConfigError
 from qtrain.nn.convert import as_patterns, convert
@@ -51,12 +68,32 @@ from qtrain.quant.quant_noise import noise_block_size
 TYPE_KEYS = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 
 
-def default_metric_fn(pl_module, batch) -> dict:
-    if hasattr(pl_module, "eval_metrics"):
-        return pl_module.eval_metrics(batch)
-    x, y = batch[0], batch[1]
-    logits = pl_module(x)
-    return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+class ClassificationAccumulator:
+    """(x, y) classification over many batches for a module without ``eval_accumulator``:
+    ``loss`` = cross-entropy summed over all samples / their number, ``acc`` = correct /
+    samples (both reduced over DDP ranks by torchmetrics)."""
+
+    def __init__(self, pl_module) -> None:
+        self.module = pl_module
+        self.loss, self.acc = MeanMetric().to(pl_module.device), MeanMetric().to(pl_module.device)
+
+    @torch.no_grad()
+    def update(self, batch) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.module(x)
+        self.loss.update(F.cross_entropy(logits, y, reduction="none"))
+        self.acc.update((logits.argmax(-1) == y).float())
+
+    def compute(self) -> dict:
+        return {"loss": self.loss.compute(), "acc": self.acc.compute()}
+
+
+def default_metric_fn(pl_module):
+    """The module's own aggregation (``TaskModule.eval_accumulator``: perplexity = exp of the
+    token-weighted mean NLL, MCC / F1 over all batches), else (x, y) classification."""
+    if hasattr(pl_module, "eval_accumulator"):
+        return pl_module.eval_accumulator()
+    return ClassificationAccumulator(pl_module)
 
 
 class QuantNoiseCallback(pl.Callback):
@@ -71,7 +108,8 @@ class QuantNoiseCallback(pl.Callback):
             act_update_step: steps between its range refits (fairseq: 1000).
         include / exclude: module-name regexes; types: among Linear, Conv2d, Embedding.
         compare_eval: log float and fully-quantized metrics after val/test epochs.
-        metric_fn, max_eval_batches: see module docstring. seed: base mask seed.
+        metric_fn: ``metric_fn(pl_module)`` -> accumulator (``update(batch)``, ``compute()``);
+            see the module docstring. max_eval_batches: likewise. seed: base mask seed.
         clamp_centroids: mode 'pq' only; a layer with fewer blocks than 2^bits gets
             2^bits' = the largest power of two <= blocks / 4 instead of k-means' error
             (meant for smoke tests' tiny models: ``${model.tiny}``).
@@ -185,10 +223,15 @@ class QuantNoiseCallback(pl.Callback):
     # -- float vs quantized evaluation ----------------------------------------------------
     @torch.no_grad()
     def _evaluate(self, trainer, pl_module, loaders, eval_p: float) -> dict:
+        """The metrics of one pass over ``loaders`` at ``eval_p``, aggregated over all
+        evaluated batches (and DDP ranks) by the accumulator of ``metric_fn``."""
         self.set_eval_p(eval_p)
-        sums, n = {}, 0
+        acc = self.metric_fn(pl_module)
+        if not (callable(getattr(acc, "update", None)) and callable(getattr(acc, "compute", None))):
+            raise ConfigError(f"quant_noise.metric_fn returned {type(acc).__name__}; it must "
+                              "return an accumulator with update(batch) and compute() -> dict")
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        was = pl_module.training
+        was, seen = pl_module.training, 0
         pl_module.eval()
         try:
             for loader in loaders:
@@ -196,20 +239,20 @@ class QuantNoiseCallback(pl.Callback):
                     if self.max_eval_batches is not None and i >= self.max_eval_batches:
                         break
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)  # + dm hooks
-                    for k, v in self.metric_fn(pl_module, batch).items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n += 1
+                    acc.update(batch)
+                    seen += 1
         finally:
             self.set_eval_p(0.0)
             pl_module.train(was)
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        return {k: float(v) for k, v in acc.compute().items()} if seen else {}
 
     def _compare(self, trainer, pl_module, loaders, prefix: str) -> None:
         if not self.compare_eval or loaders is None or trainer.sanity_checking:
             return
         for tag, eval_p in (("float", 0.0), ("quant", 1.0)):
             for k, v in self._evaluate(trainer, pl_module, loaders, eval_p).items():
-                pl_module.log(f"{prefix}_{k}_{tag}", v, sync_dist=True)
+                # already over all ranks (torchmetrics' compute): no second reduction
+                pl_module.log(f"{prefix}_{k}_{tag}", v)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._compare(trainer, pl_module, trainer.val_dataloaders, "val")

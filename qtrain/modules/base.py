@@ -17,6 +17,13 @@
 * ``loss_hook``: an optional callable ``(module, batch, outputs, loss) -> loss`` installed by a
   callback (distillation) to change the training objective without subclassing.
 * metric keys: ``train_loss``, ``val_loss``, ``val_<metric>``, ``test_<metric>``.
+* :meth:`TaskModule.eval_accumulator`: the same ``loss`` and ``<metric>`` over the batches a
+  callback evaluates itself (Quant-Noise's float / fully quantized passes), aggregated over
+  all of them as the trainer's own validation does: the loss is the mean over all evaluated
+  items (samples; tokens for LMs, so perplexity = exp of the token-weighted mean NLL), the
+  metric a torchmetrics state over all batches -- never a mean of per-batch values, which
+  weights a short last batch like a full one and, for perplexity, averages exp(batch NLL)
+  (Jensen: above exp of the mean). Under DDP ``compute()`` reduces over all ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, Metric
 
 from qtrain.errors import ConfigError
 from qtrain.nn.quantizer_base import Quantizer
@@ -96,17 +104,25 @@ class TaskModule(pl.LightningModule):
     def update_metrics(self, stage, outputs, targets, loss) -> None:
         raise NotImplementedError
 
-    def batch_metric(self, outputs, targets, loss) -> torch.Tensor:
-        """This task's metric on one batch (for callbacks that run extra evaluations)."""
+    # -- extra evaluations (callbacks: Quant-Noise's float vs quantized passes) -------------
+    def new_eval_metric(self) -> Metric:
+        """A fresh metric state of this task's kind, aggregated over every evaluated batch
+        as ``val_<metric>`` is (not a mean of per-batch values)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def eval_metrics(self, batch) -> dict:
-        """{'loss', <metric>} of one batch (e.g. Quant-Noise's float vs quantized passes)."""
-        inputs, targets = self.split_batch(batch)
-        outputs = self(inputs)
-        loss = self.task_loss(outputs, targets)
-        return {"loss": loss, self.metric: self.batch_metric(outputs, targets, loss)}
+    def update_eval_metric(self, metric: Metric, outputs, targets, loss) -> None:
+        raise NotImplementedError
+
+    def eval_metric_value(self, metric: Metric) -> torch.Tensor:
+        return metric.compute()
+
+    def loss_weight(self, targets) -> int:
+        """How many items ``task_loss`` (a mean) is over: samples, or tokens for LMs."""
+        return int(targets.numel())
+
+    def eval_accumulator(self) -> EvalAccumulator:
+        """{'loss', <metric>} of this module over many batches, see :class:`EvalAccumulator`."""
+        return EvalAccumulator(self)
 
     # -- optimisation -------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -157,3 +173,28 @@ class TaskModule(pl.LightningModule):
                 f"{t.max_epochs}, max_steps={t.max_steps}); set trainer.max_epochs / "
                 f"trainer.max_steps or scheduler.num_training_steps")
         return int(n)
+
+
+class EvalAccumulator:
+    """``loss`` and ``module.metric`` of a :class:`TaskModule` over many batches:
+    ``update(batch)`` runs the module (no grad) and adds the batch; ``compute()`` returns
+    ``{'loss': mean over all evaluated items, <metric>: value over all batches}`` (reduced
+    over DDP ranks by torchmetrics)."""
+
+    def __init__(self, module: TaskModule) -> None:
+        self.module = module
+        self.loss = MeanMetric().to(module.device)
+        self.metric = module.new_eval_metric().to(module.device)
+
+    @torch.no_grad()
+    def update(self, batch) -> None:
+        m = self.module
+        inputs, targets = m.split_batch(batch)
+        outputs = m(inputs)
+        loss = m.task_loss(outputs, targets)
+        self.loss.update(loss.detach(), weight=m.loss_weight(targets))
+        m.update_eval_metric(self.metric, outputs, targets, loss.detach())
+
+    def compute(self) -> dict:
+        return {"loss": self.loss.compute(), self.module.metric:
+                self.module.eval_metric_value(self.metric)}

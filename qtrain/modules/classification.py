@@ -20,10 +20,15 @@ class ImageClassifier(TaskModule):
     def task_loss(self, logits, y):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if self.training else 0.0)
 
-    def batch_metric(self, logits, y, loss):
-        return (logits.argmax(-1) == y).float().mean()
-
     def update_metrics(self, stage, logits, y, loss) -> None:
         m = self.val_acc if stage == "val" else self.test_acc
         m(logits, y)
         self.log(f"{stage}_acc", m, prog_bar=True)
+
+    def new_eval_metric(self):
+        fresh = self.val_acc.clone()
+        fresh.reset()
+        return fresh
+
+    def update_eval_metric(self, metric, logits, y, loss) -> None:
+        metric.update(logits, y)

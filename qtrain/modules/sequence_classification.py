@@ -39,14 +39,18 @@ class SequenceClassifier(TaskModule):
     def task_loss(self, logits, y):
         return F.cross_entropy(logits, y)
 
-    def batch_metric(self, logits, y, loss):
-        if self.metric == "acc":
-            return (logits.argmax(-1) == y).float().mean()
-        m = self.val_metric.clone()  # MCC / F1 are not means over batches: one-batch value
-        return m(logits.argmax(-1) if self.metric == "f1" else logits, y)
-
     def update_metrics(self, stage, logits, y, loss) -> None:
         m = self.val_metric if stage == "val" else self.test_metric
-        preds = logits.argmax(-1) if self.metric == "f1" else logits
-        m(preds, y)
+        m(self._preds(logits), y)
         self.log(f"{stage}_{self.metric}", m, prog_bar=True)
+
+    def _preds(self, logits):
+        return logits.argmax(-1) if self.metric == "f1" else logits
+
+    def new_eval_metric(self):
+        fresh = self.val_metric.clone()  # MCC / F1: one confusion matrix over all batches
+        fresh.reset()
+        return fresh
+
+    def update_eval_metric(self, metric, logits, y, loss) -> None:
+        metric.update(self._preds(logits), y)
