@@ -20,7 +20,9 @@ never written. Noise units and quantizers are those of :mod:`qtrain.quant.quant_
 * ``mode='drop'`` (fairseq's ``quant_noise``, "the simplest form of noise"; its README:
   "worked as well as assigning those blocks to their current centroid"): in training the
   selected blocks are zeroed and the others rescaled by 1 / (1 - p) (forward value only).
-  In eval (``eval_p`` > 0) and in the export it is the PQ value, as ``'pq'``.
+  In eval (``eval_p`` > 0) and in the export it is the PQ value, as ``'pq'``; training never
+  needs the codebook, so it is fitted when an evaluation / export first needs it and refitted
+  there once it is ``pq_refresh`` or more training steps old (same age bound as ``'pq'``).
 
 Steps: the training loop advances the quantizer with :meth:`QuantNoiseQuantizer.new_step`
 once per training batch (``QuantNoiseCallback.on_train_batch_start``); the mask of step t
@@ -165,8 +167,11 @@ class QuantNoiseQuantizer(_StepMixin, Quantizer):
 
     def _maybe_fit(self, w: torch.Tensor) -> None:
         step = int(self.step)
+        # 'pq' refits in training (its noise uses the codebook); 'drop' never uses it in
+        # training, so its quantized evaluation / export refits when the codebook is due
         stale = self.centroids.numel() == 0 or (
-            self.training and step - int(self.fitted_at) >= self.pq_refresh)
+            (self.training or self.mode == "drop")
+            and step - int(self.fitted_at) >= self.pq_refresh)
         if not stale:
             return
         bs = QN.noise_block_size(w, self.block_size)
