@@ -97,18 +97,16 @@ from torch import nn
 
 from qtrain.atomic_file import write_atomic
 from qtrain.errors import DataFileError
-from qtrain.nn import packed_formats, packed_rq, packed_sparse
+from qtrain.nn import packed_formats  # noqa: F401  (registers its packers)
 from qtrain.nn.abc_quantizer import ABCActQuantizer
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer, ValueAwareQuantizer
 from qtrain.nn.convert import set_submodule
-from qtrain.nn.fake_quant import QuantConv2d, QuantEmbedding, QuantLinear
+from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.format_quantizers import (
     BinaryActQuantizer,
     DynamicFixedPointQuantizer,
-    PowerOfTwoQuantizer,
 )
 from qtrain.nn.fp8_training import FP8TrainingQuantizer
-from qtrain.nn.groupwise_quantizer import GroupwiseQuantizer
 from qtrain.nn.learned_quantizers import (
     DoReFaActQuantizer,
     DSQQuantizer,
@@ -116,124 +114,19 @@ from qtrain.nn.learned_quantizers import (
     PACTQuantizer,
 )
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
+from qtrain.nn.packed_registry import FORMATS, LAYERS, packer_for, settings_error
+from qtrain.nn.packers import has_codebook, is_pq, unpackable_message
 from qtrain.nn.pq_layers import rebuild_pq_layers
-from qtrain.nn.quant_noise import QuantNoiseQuantizer
-from qtrain.nn.rq_layers import RQConv2d, is_rq
 from qtrain.nn.uniform_quantizer import UniformQuantizer
-from qtrain.quant import uniform as U
-
-
-def _has_codebook(m: nn.Module) -> bool:
-    """Any PQ layer (duck-typed: centroids, assignments, block_size, weight_from_codebook)."""
-    return all(hasattr(m, a) for a in ("centroids", "assignments", "block_size",
-                                        "weight_from_codebook"))
-
-
-def _is_pq(m: nn.Module) -> bool:
-    """PQ *linear* layers (PQConv2d / PQEmbedding are kept as they are: not yet packed)."""
-    return _has_codebook(m) and hasattr(m, "in_features") and not any(
-        hasattr(m, a) for a in ("kernel_size", "num_embeddings"))
-
-
-
-def _pq_codes(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (N, K/bs), centroids) of a PQ layer, in our row-major layout.
-
-    The assignment order is found by matching ``weight_from_codebook()``: row-major
-    (block j of row n at n * K/bs + j) or fairseq's column-major (j * N + n).
-    """
-    c = m.centroids.detach().float()
-    a = m.assignments.detach().long().reshape(-1)
-    w = m.weight_from_codebook().detach().float()
-    n = w.shape[0]
-    wf = w.reshape(n, -1)
-    bs = int(m.block_size)
-    if wf.shape[1] % bs or a.numel() != wf.numel() // bs:
-        raise ValueError(f"{name}: block_size={bs} does not tile weight {tuple(w.shape)}")
-    kc = wf.shape[1] // bs
-    if c.dim() == 3:  # one codebook per column segment (Gong 2014): row-major codes
-        codes = a.reshape(n, kc)
-        if torch.equal(c[torch.arange(kc), codes].reshape(n, -1), wf):
-            return codes.contiguous(), c
-    for codes in (a.reshape(n, kc), a.reshape(kc, n).t()):
-        if torch.equal(c[codes].reshape(n, -1), wf):
-            return codes.contiguous(), c
-    raise ValueError(f"{name}: cannot map assignments to weight_from_codebook() (unknown order)")
-
-
-def _pack_quant_noise(m: nn.Module, wq: QuantNoiseQuantizer, name: str, bias, backend):
-    """The fully quantized (p = 1) Quant-Noise weight: int modes as the uniform format with
-    float32 scales -- per tensor affine (codes 0..2^N-1, uint8 zero-point), per channel
-    symmetric -- exactly ``QuantNoiseQuantizer.quantized_value`` (a per-tensor scale and
-    zero-point are repeated per row, as the format stores one per row); 'pq' / 'drop' as the
-    codebook format (uint8 codes of the current weight's nearest codewords, float16
-    centroids). Output-activation ranges (int modes) are not part of the packed layer."""
-    q = wq.export_qparams(m.weight)
-    if "centroids" in q:
-        if q["centroids"].shape[0] > 256:
-            raise ValueError(f"{name}: Quant-Noise pq with {q['centroids'].shape[0]} centroids; "
-                             "the packed codebook format allows at most 256 (bits <= 8)")
-        return PackedLinear.from_codebook(q["codes"], q["centroids"], bias, backend)
-    return PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"], q["bits"],
-                                     q["symmetric"], None, q["codes"].shape[1], bias, backend,
-                                     torch.float32)
-
-
-def _pack_groupwise(m: nn.Module, wq: GroupwiseQuantizer, bias, backend, scale_dtype):
-    """Q-BERT group-wise weights (Shen et al. 2019, sec. 3.2): every group is a block of whole
-    output rows (embedding: whole table rows), so the uniform per-channel format holds it
-    exactly, each row storing its group's scale (and zero-point): the forward's codes, one
-    scale per row instead of per group (+ (rows - groups) scales in the file)."""
-    w = m.weight.detach()
-    qp, idx = wq.qparams(w)
-    flat = w.reshape(w.shape[0], -1)
-    rows = U.QParams(qp.scale[idx][:, None], qp.zero_point[idx][:, None], qp.qmin, qp.qmax)
-    return PackedLinear.from_qparams(U.quantize(flat, rows), rows.scale, rows.zero_point,
-                                     wq.bits, wq.symmetric, None, flat.shape[1], bias, backend,
-                                     scale_dtype)
 
 
 def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, scale_dtype):
-    bias = getattr(m, "bias", None)
-    if _is_pq(m):
-        codes, cents = _pq_codes(m, name)
-        packed = PackedLinear.from_codebook(codes, cents, bias, backend)
-    elif is_rq(m):
-        packed = packed_rq.from_rq_module(m, bias, backend)
-        if isinstance(m, RQConv2d):
-            return PackedConv2d.wrap(packed, m)
-    elif isinstance(m, QuantLinear | QuantConv2d | QuantEmbedding):
-        wq = m.weight_quantizer
-        if wq is None or not getattr(wq, "enabled", True):
-            return None
-        if isinstance(wq, QuantNoiseQuantizer):
-            packed = _pack_quant_noise(m, wq, name, bias, backend)
-        elif isinstance(wq, GroupwiseQuantizer):
-            packed = _pack_groupwise(m, wq, bias, backend, scale_dtype)
-        elif packed_formats.has_packer(wq):
-            packed = packed_formats.pack_weight(m.weight, wq, name, bias, backend, scale_dtype)
-        elif isinstance(m, QuantEmbedding) and not isinstance(wq, UniformQuantizer):
-            return None  # other quantized embeddings stay fake-quant layers (not packed)
-        elif isinstance(wq, PowerOfTwoQuantizer):
-            packed = PackedLinear.from_pow2(m.weight, wq.bits, bias, backend)
-        elif not _has_packer(wq):
-            raise ValueError(_unpackable_message([(name, type(wq).__name__)]))
-        else:
-            q = wq.export_qparams(m.weight)
-            k = m.weight[0].numel()
-            gran = q["granularity"]
-            if gran == "channel" and getattr(wq, "axis", 0) != 0:
-                raise ValueError(f"{name}: per-channel export needs axis=0, got {wq.axis}")
-            g = q["group_size"] if gran == "group" else None
-            packed = PackedLinear.from_qparams(q["codes"], q["scale"], q["zero_point"],
-                                               q["bits"], q["symmetric"], g, k, bias, backend,
-                                               scale_dtype)
-        packed.act_quantizer = m.act_quantizer
-    elif type(m) is nn.Linear and bits is not None:
-        k = m.in_features
-        g = group_size if group_size and k % group_size == 0 else None
-        packed = PackedLinear.from_linear(m, bits, g, symmetric, backend, scale_dtype)
-    else:
+    """The first registered layer kind (qtrain.nn.packed_registry.LAYERS) matching ``m``
+    packs it; convs and embeddings are wrapped around the packed flattened weight."""
+    kind = next((k for k in LAYERS if k.matches(m, bits)), None)
+    packed = None if kind is None else kind.pack(m, name, bits, group_size, symmetric,
+                                                 backend, scale_dtype)
+    if packed is None:
         return None
     if isinstance(m, nn.Conv2d):
         packed = PackedConv2d.wrap(packed, m)
@@ -243,45 +136,20 @@ def _pack_one(m: nn.Module, name: str, bits, group_size, symmetric, backend, sca
     return packed
 
 
-PACKABLE = ("uniform (QAT/PTQ, shift-scale, stochastic)", "LSQ", "Q-BERT group-wise",
-            "power-of-two (INQ)", "TWN ternary", "XNOR binary", "PQ / iPQ", "Quant-Noise",
-            "DoReFa", "DSQ", "TTQ", "Polino differentiable", "soft-to-hard VQ",
-            "Polino bucketed", "dynamic fixed point", "float (fp16/bf16/fp8)", "FP8 training",
-            "S2FP8", "calibrated uniform", "value-aware", "scalar k-means (VQ)",
-            "residual quantization (VQ)", "LAB binary", "Deep Compression (sparse_shared)",
-            "ABC-Net binary bases")
-
-
-_PACKED_TYPES = (QuantNoiseQuantizer, GroupwiseQuantizer, PowerOfTwoQuantizer)
-# own packers in _pack_one; packed_formats.PACKERS covers the binary / ternary / learned /
-# float / bucketed / calibrated ones; the rest need export_qparams
-
-
-def _has_packer(wq) -> bool:
-    return (isinstance(wq, _PACKED_TYPES) or packed_formats.has_packer(wq)
-            or hasattr(wq, "export_qparams"))
-
-
-def _unpackable_message(bad: list[tuple[str, str]]) -> str:
-    names = ", ".join(f"{n} ({t})" for n, t in bad[:4]) + (" ..." if len(bad) > 4 else "")
-    return (f"export: {len(bad)} layer(s) have weight quantizers with no packed format: {names}; "
-            f"packable: {', '.join(PACKABLE)} -- run without export=true")
-
-
 def check_packable(model: nn.Module) -> None:
     """Raise one ValueError naming every fake-quant layer whose weight quantizer
     :func:`pack_model` cannot pack (checked before training, so no run is lost to it)."""
     bad = []
     for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear | QuantConv2d) or _is_pq(m):
+        if not isinstance(m, QuantLinear | QuantConv2d) or is_pq(m):
             continue  # embeddings without a packer stay fake-quant layers (not an error)
         wq = m.weight_quantizer
-        why = packed_formats.settings_error(wq) if wq is not None else None
-        if wq is None or (_has_packer(wq) and why is None):
+        why = settings_error(wq) if wq is not None else None
+        if wq is None or (packer_for(wq) is not None and why is None):
             continue
         bad.append((name, type(wq).__name__ + (f": {why}" if why else "")))
     if bad:
-        raise ValueError(_unpackable_message(bad))
+        raise ValueError(unpackable_message(bad))
 
 
 def _share_tied(new: PackedLinear, earlier: list[PackedLinear]) -> None:
@@ -312,10 +180,10 @@ def pack_model(model: nn.Module, bits: int | None = None, group_size: int | None
     users: dict[int, int] = {}
     packed_from: dict[int, list[PackedLinear]] = {}  # id(float weight) -> its packed layers
     for m in out.modules():
-        if _has_codebook(m):
+        if has_codebook(m):
             users[id(m.centroids)] = users.get(id(m.centroids), 0) + 1
     for name, m in list(out.named_modules()):
-        if _has_codebook(m) and users[id(m.centroids)] > 1:
+        if has_codebook(m) and users[id(m.centroids)] > 1:
             continue  # tied codebook: keep the PQ layers (one codebook in the file)
         folded = hasattr(m, "unfolded")  # qtrain.nn.bn_fold: pack the inference graph (eq. 14)
         new = _pack_one(m.unfolded() if folded else m, name, bits, group_size, symmetric,
@@ -433,7 +301,7 @@ def _compact_index_keys(model: nn.Module) -> list[str]:
     """State-dict keys of PQ layers left unpacked (e.g. PQEmbedding, PQConv2d) whose int64
     assignments fit in uint8 (K <= 256): they are written as uint8 and widened on load."""
     return sorted(f"{n}.assignments" if n else "assignments" for n, m in model.named_modules()
-                  if _has_codebook(m) and m.centroids.shape[-2] <= 256
+                  if has_codebook(m) and m.centroids.shape[-2] <= 256
                   and m.assignments.dtype == torch.int64)
 
 
@@ -571,10 +439,8 @@ def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
                                                "groups")}
         elif s["kind"] == "embedding":
             new.emb_args = {k: s[k] for k in ("padding_idx", "max_norm", "norm_type")}
-        if s["fmt"] == "value_aware":
-            new.n_outliers = int(s["n_outliers"])  # checked against sp_values on load
-        if s["fmt"] == "rq":
-            new.n_stages = int(s["n_stages"])  # checked against codes / centroids on load
+        for k in FORMATS[s["fmt"]].spec:  # e.g. n_outliers, n_stages: checked on load
+            setattr(new, k, int(s[k]))
         new.source = s.get("source")
         aq = getattr(old, "act_quantizer", None)
         a = s.get("act_quantizer")
@@ -592,13 +458,14 @@ def _rebuild(model: nn.Module, specs: dict, backend: str, path, run: dict,
         set_submodule(model, name, new)
 
 
+_BUFFERS = (*dict.fromkeys(b for f in FORMATS.values() for b in f.buffers), "bias")
+
+
 def _placeholders(model: nn.Module, names: set[str]) -> None:
     """Give packed layers buffers named after the file's tensors (shapes set on load)."""
     for n, m in model.named_modules():
         if isinstance(m, PackedLinear):
-            for t in ("packed", "scales", "zeros", "codes", "centroids", "qweight", "wscale",
-                      "planes", "n1", "lut", "fweight", "fscale", "s2fp8", "sp_index",
-                      "sp_values", *packed_sparse.BUFFERS, "bias"):
+            for t in _BUFFERS:
                 full = f"{n}.{t}" if n else t
                 if full in names:
                     m.register_buffer(t, torch.empty(0))
@@ -728,45 +595,18 @@ def load_run(run_dir: str | os.PathLike, backend: str = "auto") -> nn.Module:
 
 
 def _validate_layer(m: PackedLinear, name: str, path) -> None:
-    from qtrain_kernels.layout import container_bits, packed_words
-
-    n, k = m.out_features, m.in_features
-
+    """The layer's format checks (qtrain.nn.packed_registry.FORMATS) and its bias."""
     def want(buf: str, dtypes, shape) -> None:
         t = getattr(m, buf, None)
         if t is None or t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
             got = None if t is None else (t.dtype, tuple(t.shape))
             raise DataFileError(f"packed file {path}: {name}.{buf} is {got}; expected one of "
-                             f"{list(dtypes)} with shape {tuple(shape)}")
+                                f"{list(dtypes)} with shape {tuple(shape)}")
 
-    ng = k // (m.group_size or k) if m.fmt not in ("codebook", "w8a8", "pow2", "rq") else 0
-    if m.fmt in ("lut", "float", "value_aware", "bucketed", packed_sparse.FMT):
-        packed_formats.validate(m, want)
-    elif m.fmt == "rq":
-        packed_rq.validate(m, want)
-    elif m.fmt == "pow2":
-        if not isinstance(m.bits, int) or not 2 <= m.bits <= 8:
-            raise DataFileError(f"packed file {path}: {name} has pow2 bits={m.bits!r}; allowed 2..8")
-        want("planes", (torch.int32,), (m.bits, 1, -(-(n * k) // 32)))
-        want("n1", (torch.int8,), (1,))
-        e_max = int((m.pow2_codes() & (2 ** (m.bits - 1) - 1)).max()) if n * k else 0
-        if e_max > 2 ** (m.bits - 2):
-            raise DataFileError(f"packed file {path}: {name} has power-of-two exponent index "
-                             f"{e_max}; {m.bits}-bit INQ codes allow 0..{2 ** (m.bits - 2)}")
-    elif m.fmt == "codebook":
-        want("codes", (torch.uint8,), (n, k // m.group_size))
-        segs = (k // m.group_size,) if m.centroids.dim() == 3 else ()  # per-segment books
-        want("centroids", (torch.float16,), (*segs, m.centroids.shape[-2], m.group_size))
-        if m.codes.numel() and int(m.codes.max()) >= m.centroids.shape[-2]:
-            raise DataFileError(f"packed file {path}: {name}.codes holds {int(m.codes.max())}; "
-                                f"only {m.centroids.shape[-2]} centroids")
-    elif m.fmt == "w8a8":
-        want("qweight", (torch.int8,), (n, k))
-        want("wscale", (torch.float32,), (n,))
-    else:
-        want("packed", (torch.int32,), (n, packed_words(k, container_bits(m.bits))))
-        want("scales", (torch.float16, torch.float32), (n, ng))
-        if m.fmt == "uniform" and not m.symmetric:
-            want("zeros", (torch.uint8, torch.float16, torch.float32), (n, ng))
+    def fail(rest: str):
+        raise DataFileError(f"packed file {path}: {name}{rest}")
+
+    want.fail = fail
+    FORMATS[m.fmt].validate(m, want)
     if m.bias is not None:
-        want("bias", (m.bias.dtype,), (n,))
+        want("bias", (m.bias.dtype,), (m.out_features,))

@@ -19,11 +19,13 @@ table: non-uniform scalar levels such as TTQ's {-W_n, 0, W_p}), ``float`` (the w
 real torch dtype: fp16 / bf16 / fp8, S2FP8, wide fixed point; torch path only) and
 ``value_aware`` (a dense uniform part plus sparse full-precision outliers) and ``bucketed``
 (uniform codes of the flattened weight in buckets that need not align with rows); torch only.
-The last three are built and decoded in :mod:`qtrain.nn.packed_formats`. ``rq`` (residual
+The last three are built in :mod:`qtrain.nn.packed_formats`. ``rq`` (residual
 quantization, Gong et al. 2014: per-stage uint8 codes + fp16 codebooks, one codebook-kernel
-launch per stage) lives in :mod:`qtrain.nn.packed_rq`; ``sparse_shared`` (Deep Compression's
+launch per stage) is built in :mod:`qtrain.nn.packed_rq`; ``sparse_shared`` (Deep Compression's
 relative-index + code streams; torch only) in :mod:`qtrain.nn.packed_sparse`. A ``uniform``
 weight may carry float16 / float32 ``zeros`` (non-integer zero-points, e.g. DoReFa, DSQ).
+Every format's decoder, own forward (codebook, w8a8, rq) and load checks are its entry in
+:data:`qtrain.nn.packed_registry.FORMATS` (:mod:`qtrain.nn.packed_codecs`).
 
 :class:`PackedConv2d` and :class:`PackedEmbedding` store their (flattened) weight in the
 same formats as a linear layer.
@@ -37,18 +39,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from qtrain_kernels import layout as L
-from qtrain_kernels.codebook_matmul import codebook_linear
 from qtrain_kernels.lowbit_matmul import lowbit_linear
-from qtrain_kernels.w8a8 import w8a8_linear, w8a8_linear_reference
 from torch import nn
 
 from qtrain.nn.fake_quant import input_scale, scaled_output
+from qtrain.nn.packed_codecs import pow2_values as pow2_values  # re-exported (its decoder)
+from qtrain.nn.packed_registry import FORMATS
+from qtrain.quant import pow2
 from qtrain.quant import uniform as U
 
 BACKENDS = ("auto", "triton", "torch")
-FORMATS = ("uniform", "ternary", "binary", "codebook", "w8a8", "pow2", "lut", "float",
-           "value_aware", "bucketed", "rq", "sparse_shared")
-TORCH_ONLY = ("pow2", "float", "value_aware", "bucketed", "sparse_shared")  # dequantize + F.linear
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
@@ -75,8 +75,6 @@ def pow2_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
     the b - 1 low bits). The weight is first rounded to the levels exactly as
     :class:`qtrain.nn.format_quantizers.PowerOfTwoQuantizer` does in its forward.
     """
-    from qtrain.quant import pow2
-
     n1, _ = pow2.inq_exponent_range(weight, bits)
     w = weight.detach()
     q = pow2.round_to_levels(w, pow2.inq_levels(w, bits)).float()
@@ -84,14 +82,6 @@ def pow2_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
     e = torch.where(mag > 0, 1 + n1 - torch.log2(mag.clamp_min(2.0**-126)).round().long(), 0)
     u = torch.where(q < 0, 2 ** (bits - 1), 0) | e
     return u.reshape(w.shape[0], -1).to(torch.int64), n1
-
-
-def pow2_values(codes: torch.Tensor, n1: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pow2_codes`: float32 weights (exact powers of two and zeros)."""
-    e = codes & (2 ** (bits - 1) - 1)
-    sign = torch.where(codes >= 2 ** (bits - 1), -1.0, 1.0)
-    mag = torch.where(e > 0, torch.exp2((n1 + 1 - e).float()), 0.0)
-    return sign * mag
 
 
 class PackedLinear(nn.Module):
@@ -102,7 +92,7 @@ class PackedLinear(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         if fmt not in FORMATS:
-            raise ValueError(f"fmt={fmt!r}; allowed: {FORMATS}")
+            raise ValueError(f"fmt={fmt!r}; allowed: {tuple(FORMATS)}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.bits, self.group_size, self.symmetric = fmt, bits, group_size, symmetric
         self.backend = _check_backend(backend)
@@ -282,23 +272,9 @@ class PackedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The reference float32 weight ``(out_features, in_features)``."""
-        if self.fmt == "codebook" and self.centroids.dim() == 3:  # one codebook per segment
-            seg = torch.arange(self.codes.shape[1], device=self.codes.device)
-            return self.centroids.float()[seg, self.codes.long()].reshape(self.out_features, -1)
-        if self.fmt == "codebook":
-            return L.dequantize_codebook(self.codes, self.centroids)
-        if self.fmt == "rq":
-            from qtrain.nn import packed_rq
-
-            return packed_rq.dequantize(self)
-        if self.fmt == "w8a8":
-            return self.qweight.float() * self.wscale[:, None]
-        if self.fmt == "pow2":
-            return pow2_values(self.pow2_codes(), int(self.n1[0]), self.bits)
-        if self.fmt in ("float", "value_aware", "bucketed", "sparse_shared"):
-            from qtrain.nn import packed_formats
-
-            return packed_formats.dequantize(self)
+        own = FORMATS[self.fmt].dequantize
+        if own is not None:
+            return own(self)
         return L.dequantize_uniform(self.packed, self.scales, getattr(self, "zeros", None),
                                     L.container_bits(self.bits), self.in_features,
                                     **self._uniform_args())
@@ -313,26 +289,19 @@ class PackedLinear(nn.Module):
         return sum(b.numel() * b.element_size() * 8 for b in self.buffers(recurse=False))
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.fmt in TORCH_ONLY or (self.fmt == "codebook" and self.centroids.dim() == 3):
+        if FORMATS[self.fmt].torch_only:
             return False
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.fmt == "rq":
-            from qtrain.nn import packed_rq
-
-            return packed_rq.linear(self, x, bias, self._use_kernel(x))
+        own = FORMATS[self.fmt].linear  # codebook, w8a8, rq
+        if own is not None:
+            return own(self, x, bias, self._use_kernel(x))
         if self._use_kernel(x):
-            if self.fmt == "codebook":
-                return codebook_linear(x, self.codes, self.centroids, bias)
-            if self.fmt == "w8a8":
-                return w8a8_linear(x, self.qweight, self.wscale, bias)
             return lowbit_linear(x, self.packed, self.scales, getattr(self, "zeros", None), bias,
                                  bits=L.container_bits(self.bits), k=self.in_features,
                                  **self._uniform_args())
-        if self.fmt == "w8a8":
-            return w8a8_linear_reference(x, self.qweight, self.wscale, bias)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,8 +327,7 @@ class PackedLinear(nn.Module):
                 "out_features": self.out_features, "fmt": self.fmt, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric,
                 "has_zeros": hasattr(self, "zeros"), "has_bias": self.bias is not None,
-                **({"n_outliers": self.sp_values.numel()} if self.fmt == "value_aware" else {}),
-                **({"n_stages": self.codes.shape[0]} if self.fmt == "rq" else {}),
+                **{k: f(self) for k, f in FORMATS[self.fmt].spec.items()},
                 **({"source": self.source} if self.source is not None else {})}
 
     def extra_repr(self) -> str:

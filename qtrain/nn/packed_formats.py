@@ -1,5 +1,7 @@
-"""Packed formats for the learned, float and sparse weight quantizers, and the packers that
-turn those trained fake-quant weights into :class:`qtrain.nn.packed.PackedLinear` layers.
+"""Packed formats for the learned, float and sparse weight quantizers (their builders here,
+their decoders and load checks in :mod:`qtrain.nn.packed_codecs`), and the packers that turn
+those trained fake-quant weights into :class:`qtrain.nn.packed.PackedLinear` layers, each
+registered once in :data:`qtrain.nn.packed_registry.PACKERS` with the formats it writes.
 
 Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton kernel):
 
@@ -63,8 +65,6 @@ containers, and vector soft-to-hard VQ stores uint8 codes and fp16 centroids.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from qtrain_kernels import layout as L
 
@@ -90,6 +90,10 @@ from qtrain.nn.learned_quantizers import (
     DSQQuantizer,
     SoftToHardVQ,
 )
+from qtrain.nn.packed import PackedLinear
+from qtrain.nn.packed_codecs import FLOAT_DTYPES, index_bits
+from qtrain.nn.packed_registry import PACKERS, Packer, register_packer
+from qtrain.nn.packers import uniform_layer as _uniform
 from qtrain.nn.polino_quantizer import PolinoDifferentiableQuantizer
 from qtrain.nn.shared_weight_quantizer import SharedWeightQuantizer
 from qtrain.quant import binary, fixed_point, floats, ternary
@@ -97,17 +101,12 @@ from qtrain.quant import bucketed as B
 from qtrain.quant import uniform as U
 from qtrain.quant import value_aware as VA
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-                torch.int16, torch.int32)
-
 
 # ------------------------------------------------------------------------------ formats
 def lut_layer(codes: torch.Tensor, lut: torch.Tensor, bits: int, bias=None,
               backend: str = "auto"):
     """``lut`` layer from unsigned codes (N, K) in [0, 2^c) and a (1 or N, <= 2^c) table
     (padded with zeros to 2^c entries; float32 unless given float16)."""
-    from qtrain.nn.packed import PackedLinear
-
     n, k = codes.shape
     c = L.container_bits(bits)
     dt = torch.float16 if lut.dtype == torch.float16 else torch.float32
@@ -121,8 +120,6 @@ def lut_layer(codes: torch.Tensor, lut: torch.Tensor, bits: int, bias=None,
 def float_layer(values: torch.Tensor, bits: int, bias=None, backend: str = "auto",
                 fscale: float | torch.Tensor | None = None, s2fp8=None):
     """``float`` layer from ``values`` (N, K) already in their storage dtype."""
-    from qtrain.nn.packed import PackedLinear
-
     if values.dtype not in FLOAT_DTYPES or values.dim() != 2:
         raise ValueError(f"float format: values must be 2-D {FLOAT_DTYPES}, got "
                          f"{values.dtype} {tuple(values.shape)}")
@@ -140,90 +137,11 @@ def bucketed_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    n: int, k: int, bias=None, backend: str = "auto"):
     """``bucketed`` layer: codes (n_buckets, bs) of the flattened, zero-padded weight with
     float32 scale / zero-point (n_buckets, 1); ``group_size`` holds bs."""
-    from qtrain.nn.packed import PackedLinear
-
     nb, bs = codes.shape
     bufs = {"packed": L.pack_codes(codes, L.container_bits(bits)),
             "scales": scale.reshape(nb, 1).float().contiguous(),
             "zeros": zero.reshape(nb, 1).float().contiguous()}
     return PackedLinear._new(k, n, "bucketed", bits, bs, False, backend, bias, **bufs)
-
-
-def dequantize(m) -> torch.Tensor:
-    """float32 weight (N, K) of a ``float``, ``value_aware``, ``bucketed`` or
-    ``sparse_shared`` layer."""
-    if m.fmt == packed_sparse.FMT:
-        return packed_sparse.dequantize(m)
-    if m.fmt == "bucketed" and "lut" in m._buffers:  # Polino differentiable (module doc)
-        u = L.unpack_codes(m.packed, L.container_bits(m.bits), m.group_size)
-        w = m.lut[0].float()[u] * m.scales + m.zeros
-        return w.reshape(-1)[:m.out_features * m.in_features].reshape(m.out_features, -1)
-    if m.fmt == "bucketed":
-        w = L.dequantize_uniform(m.packed, m.scales, m.zeros, L.container_bits(m.bits),
-                                 m.group_size)
-        return w.reshape(-1)[:m.out_features * m.in_features].reshape(m.out_features, -1)
-    if m.fmt == "value_aware":
-        dense = L.dequantize_uniform(m.packed, m.scales, getattr(m, "zeros", None),
-                                     L.container_bits(m.bits), m.in_features,
-                                     **m._uniform_args())
-        idx = L.unpack_bitplanes(m.sp_index, m.sp_values.numel()).reshape(-1)
-        return dense.reshape(-1).index_copy(0, idx, m.sp_values.float()).reshape(dense.shape)
-    w = m.fweight.float()
-    if hasattr(m, "s2fp8"):
-        alpha, beta = m.s2fp8[0], m.s2fp8[1]
-        ok = w != 0
-        log_yh = torch.log2(torch.where(ok, w.abs(), torch.ones_like(w)))
-        mag = torch.exp2((log_yh - beta) / alpha)
-        return torch.where(ok, torch.copysign(mag, w), torch.zeros_like(w))
-    if hasattr(m, "fscale"):
-        return w * m.fscale
-    return w
-
-
-def validate(m, want) -> None:
-    """Shapes / dtypes of a loaded ``lut`` / ``float`` / ``value_aware`` layer's buffers;
-    ``want(buffer, dtypes, shape)`` raises a ValueError naming the tensor."""
-    n, k = m.out_features, m.in_features
-    if m.fmt == packed_sparse.FMT:
-        return packed_sparse.validate(m, want)
-    if m.fmt == "lut":
-        c = L.container_bits(m.bits)
-        want("packed", (torch.int32,), (n, L.packed_words(k, c)))
-        want("scales", (torch.float16, torch.float32), (n, 1))
-        t = m.lut.shape[0] if getattr(m, "lut", None) is not None else 1
-        want("lut", (torch.float16, torch.float32), (t if t in (1, n) else 1, 2**c))
-    elif m.fmt == "bucketed":
-        bs = m.group_size
-        if not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"bucketed layer: bucket size (group_size) {bs!r} must be an int >= 1")
-        nb = -(-n * k // bs)
-        want("packed", (torch.int32,), (nb, L.packed_words(bs, L.container_bits(m.bits))))
-        want("scales", (torch.float32,), (nb, 1))
-        want("zeros", (torch.float32,), (nb, 1))
-        if "lut" in m._buffers:
-            want("lut", (torch.float32,), (1, 2**L.container_bits(m.bits)))
-    elif m.fmt == "float":
-        want("fweight", FLOAT_DTYPES, (n, k))
-        for b, size in (("fscale", 1), ("s2fp8", 2)):
-            if b in m._buffers:
-                want(b, (torch.float32,), (size,))
-    else:  # value_aware
-        c = L.container_bits(m.bits)
-        want("packed", (torch.int32,), (n, L.packed_words(k, c)))
-        want("scales", (torch.float16, torch.float32), (n, 1))
-        if not m.symmetric:
-            want("zeros", (torch.uint8,), (n, 1))
-        cnt = m.n_outliers
-        want("sp_values", (torch.float32,), (cnt,))
-        want("sp_index", (torch.int32,), (_index_bits(n * k), 1, -(-cnt // 32)))
-        idx = L.unpack_bitplanes(m.sp_index, cnt).reshape(-1)
-        if cnt and (int(idx[-1]) >= n * k or not bool((idx[1:] > idx[:-1]).all())):
-            raise ValueError(f"value_aware layer: outlier indices must be increasing and "
-                             f"< numel {n * k}")
-
-
-def _index_bits(numel: int) -> int:
-    return max(1, math.ceil(math.log2(numel))) if numel > 1 else 1
 
 
 # ------------------------------------------------------------------------------ packers
@@ -254,15 +172,6 @@ def _eval_weight(wq, w: torch.Tensor) -> torch.Tensor:
     return out.as_subclass(torch.Tensor).detach().float().reshape(w.shape[0], -1)
 
 
-def _uniform(codes, scale, zero, bits, symmetric, group, k, bias, backend, scale_dtype):
-    from qtrain.nn.packed import PackedLinear
-
-    if bits > 8:
-        raise ValueError(f"uniform format holds at most 8-bit codes, got bits={bits}")
-    return PackedLinear.from_qparams(codes, scale, zero, bits, symmetric, group, k, bias,
-                                     backend, scale_dtype)
-
-
 def _rel_tol(scale_dtype) -> float:
     return 2e-3 if scale_dtype == torch.float16 else 1e-5
 
@@ -271,8 +180,6 @@ def _binary(flat, alpha, bias, backend, scale_dtype):
     """``sign(W) * alpha`` (sign(0) = +1) in the binary format: alpha per tensor (repeated per
     row) or per row, stored as ``scale_dtype`` (float32: the alpha the packer computed, which
     may differ from the forward's by an fp32 rounding, e.g. LAB; float16: 1e-3 tolerance)."""
-    from qtrain.nn.packed import PackedLinear
-
     sign = torch.where(flat >= 0, 1.0, -1.0)
     rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
     return (PackedLinear.from_binary(sign, rows, bias, backend, scale_dtype),
@@ -293,8 +200,6 @@ def _xnor(wq, w, flat, bias, backend, scale_dtype):
 def _twn(wq, w, flat, bias, backend, scale_dtype):
     """TWN (Li & Liu 2016): the quantizer's ternary codes and alpha (per tensor: repeated per
     row) in the ternary format, alpha stored as ``scale_dtype``."""
-    from qtrain.nn.packed import PackedLinear
-
     _, alpha = ternary.twn_params(w, wq.per_channel, wq.delta_factor)
     rows = alpha.float().reshape(-1, 1).expand(flat.shape[0], 1)
     return (PackedLinear.from_ternary(wq.codes(w).reshape_as(flat).float(), rows, bias,
@@ -354,8 +259,6 @@ def _polino(wq, w, flat, bias, backend, scale_dtype):
 
 
 def _soft_to_hard(wq, w, flat, bias, backend, scale_dtype):
-    from qtrain.nn.packed import PackedLinear
-
     if wq.bits > 8:
         raise ValueError(f"SoftToHardVQ with bits={wq.bits}: packed formats hold at most 256 "
                          "centers (bits <= 8)")
@@ -460,8 +363,6 @@ def _calibrated(wq, w, flat, bias, backend, scale_dtype):
 
 
 def _value_aware(wq, w, flat, bias, backend, scale_dtype):
-    from qtrain.nn.packed import PackedLinear
-
     mask = VA.outlier_mask(flat, wq.ratio)  # as VA.value_aware_fake_quantize
     inl = flat[~mask]
     qp = U.qparams_from_range(inl.min(), inl.max(), wq.bits, wq.symmetric)
@@ -470,35 +371,60 @@ def _value_aware(wq, w, flat, bias, backend, scale_dtype):
     idx = mask.reshape(-1).nonzero().reshape(1, -1)
     bufs = dict(dense.named_buffers(recurse=False))
     bufs.pop("bias", None)
-    bufs["sp_index"] = L.pack_bitplanes(idx, _index_bits(flat.numel()))
+    bufs["sp_index"] = L.pack_bitplanes(idx, index_bits(flat.numel()))
     bufs["sp_values"] = flat.reshape(-1)[idx[0]].float().contiguous()
     n, k = flat.shape
     return PackedLinear._new(k, n, "value_aware", wq.bits, None, wq.symmetric, backend, bias,
                              **bufs), _rel_tol(scale_dtype)
 
 
-PACKERS = {DoReFaWeightQuantizer: _dorefa, DSQQuantizer: _dsq, TTQQuantizer: _ttq,
-           PolinoDifferentiableQuantizer: _polino, SoftToHardVQ: _soft_to_hard,
-           BucketUniformQuantizer: _bucket, DynamicFixedPointQuantizer: _dfp,
-           FixedPointQuantizer: _fixed,
-           FloatQuantizer: _float, FP8TrainingQuantizer: _fp8_training, S2FP8Quantizer: _s2fp8,
-           CalibratedQuantizer: _calibrated, ValueAwareQuantizer: _value_aware,
-           KMeansWeightQuantizer: _kmeans, LABWeightQuantizer: _lab,
-           ABCWeightQuantizer: _abc,
-           TWNQuantizer: _twn, BinaryWeightQuantizer: _xnor,
-           elq_quantizer.ELQWeightQuantizer: elq_quantizer.pack,
-           SharedWeightQuantizer: packed_sparse.pack}
+def _sparse_shared(wq, w, flat, bias, backend, scale_dtype):
+    """Deep Compression's :class:`~qtrain.nn.shared_weight_quantizer.SharedWeightQuantizer`
+    in the ``sparse_shared`` format (:mod:`qtrain.nn.packed_sparse`): exact (the decoded
+    weight is ``C[codes]`` on the mask)."""
+    bufs = packed_sparse.encode(wq.mask, wq.codebook_codes, wq.centroids, wq.index_bits)
+    n, k = flat.shape
+    cb = int(bufs["ss_meta"][4])
+    return PackedLinear._new(k, n, packed_sparse.FMT, cb, None, True, backend, bias,
+                             **bufs), None
 
 
-def has_packer(wq) -> bool:
-    return type(wq) in PACKERS
-
-
-def settings_error(wq) -> str | None:
+def _max_8_bits(wq) -> str | None:
     """Why ``wq``'s settings have no packed form (checked before training), else None."""
-    if isinstance(wq, SoftToHardVQ | BucketUniformQuantizer) and wq.bits > 8:
-        return f"bits={wq.bits} > 8"
-    return None
+    return f"bits={wq.bits} > 8" if wq.bits > 8 else None
+
+
+def _checked(m, wq, name, bias, backend, scale_dtype):
+    """Layer packer of the quantizers here: :func:`pack_weight` of the layer's weight."""
+    return pack_weight(m.weight, wq, name, bias, backend, scale_dtype)
+
+
+for _cls, _fn, _formats, _label, _check in (
+        (DoReFaWeightQuantizer, _dorefa, ("binary", "lut"), "DoReFa", None),
+        (DSQQuantizer, _dsq, ("lut",), "DSQ", None),
+        (TTQQuantizer, _ttq, ("lut",), "TTQ", None),
+        (PolinoDifferentiableQuantizer, _polino, ("lut", "bucketed"), "Polino differentiable",
+         None),
+        (SoftToHardVQ, _soft_to_hard, ("lut", "codebook"), "soft-to-hard VQ", _max_8_bits),
+        (BucketUniformQuantizer, _bucket, ("uniform", "bucketed"), "Polino bucketed",
+         _max_8_bits),
+        (DynamicFixedPointQuantizer, _dfp, ("uniform", "float"), "dynamic fixed point", None),
+        (FixedPointQuantizer, _fixed, ("uniform", "float"), "fixed point (Gupta)", None),
+        (FloatQuantizer, _float, ("float",), "float (fp16/bf16/fp8)", None),
+        (FP8TrainingQuantizer, _fp8_training, ("float",), "FP8 training", None),
+        (S2FP8Quantizer, _s2fp8, ("float",), "S2FP8", None),
+        (CalibratedQuantizer, _calibrated, ("uniform",), "calibrated uniform", None),
+        (ValueAwareQuantizer, _value_aware, ("value_aware",), "value-aware", None),
+        (KMeansWeightQuantizer, _kmeans, ("lut",), "scalar k-means (VQ)", None),
+        (LABWeightQuantizer, _lab, ("binary",), "LAB binary", None),
+        (ABCWeightQuantizer, _abc, ("lut",), "ABC-Net binary bases", None),
+        (TWNQuantizer, _twn, ("ternary",), "TWN ternary", None),
+        (BinaryWeightQuantizer, _xnor, ("binary",), "XNOR binary", None),
+        (elq_quantizer.ELQWeightQuantizer, elq_quantizer.pack, ("binary", "ternary"),
+         "ELQ binary / ternary", None),
+        (SharedWeightQuantizer, _sparse_shared, (packed_sparse.FMT,),
+         "Deep Compression (sparse_shared)", None)):
+    register_packer(Packer(_cls, _checked, _formats, _label, weight=_fn, check=_check))
 
 
 @torch.no_grad()
@@ -509,7 +435,7 @@ def pack_weight(weight: torch.Tensor, wq, name: str, bias=None, backend: str = "
     Raises a ValueError naming the layer if the quantizer's settings have no packed form,
     or if the packed weight differs from the quantizer's own output beyond the format's
     rounding (a guard against the two computations drifting apart)."""
-    fn = PACKERS[type(wq)]
+    fn = PACKERS[type(wq)].weight
     with _Nearest(wq):
         ref = _eval_weight(wq, weight)
         flat = weight.detach().float().reshape(weight.shape[0], -1)

@@ -10,21 +10,21 @@ the block size bs, ``bits`` = 8):
 backend ``y = sum_m codebook_linear(x, codes[m], centroids[m]) (+ bias once)`` -- M launches
 of the existing codebook kernel (:mod:`qtrain_kernels.codebook_matmul`), partial outputs
 summed in float32; with the torch backend ``F.linear(x, dequantize(), bias)``. The two agree
-up to float32 summation order. File size: ``8 * M * N * K / bs + 16 * M * n_centroids * bs``
-bits (+ bias), i.e. :func:`qtrain.nn.rq_layers.rq_storage_bits` exactly for K = 256.
+up to float32 summation order. Decoder, forward and load checks: the ``rq`` entry of
+:mod:`qtrain.nn.packed_codecs`; this module builds the layers. File size:
+``8 * M * N * K / bs + 16 * M * n_centroids * bs`` bits (+ bias), i.e. :func:`qtrain.nn.rq_layers.rq_storage_bits` exactly for K = 256.
 """
 
 from __future__ import annotations
 
 import torch
-from qtrain_kernels.codebook_matmul import codebook_linear
+
+from qtrain.nn.packed import PackedLinear
 
 
 def rq_layer(codes: torch.Tensor, centroids: torch.Tensor, bias=None, backend: str = "auto"):
     """``rq`` layer from ``codes`` (M, N, K / bs) in [0, n_centroids) and ``centroids``
     (M, n_centroids <= 256, bs)."""
-    from qtrain.nn.packed import PackedLinear
-
     if centroids.dim() != 3 or centroids.shape[1] > 256:
         raise ValueError(f"rq format: centroids must be (M, n_centroids <= 256, bs), got "
                          f"{tuple(centroids.shape)}")
@@ -45,38 +45,3 @@ def from_rq_module(m, bias=None, backend: str = "auto"):
     n = m.weight_shape[0]
     codes = m.stage_codes.reshape(m.n_stages, n, -1)
     return rq_layer(codes, m.stage_centroids, bias, backend)
-
-
-def dequantize(m) -> torch.Tensor:
-    """float32 weight (N, K): the sum over stages of the gathered centroids."""
-    books, codes = m.centroids.float(), m.codes.long()
-    stage = torch.arange(books.shape[0], device=codes.device)[:, None, None]
-    return books[stage, codes].sum(0).reshape(m.out_features, m.in_features)
-
-
-def linear(m, x: torch.Tensor, bias, use_kernel: bool) -> torch.Tensor:
-    if not use_kernel:
-        return torch.nn.functional.linear(x, dequantize(m).to(x.dtype), bias)
-    y = None
-    for s in range(m.codes.shape[0]):
-        part = codebook_linear(x, m.codes[s], m.centroids[s], bias if s == 0 else None).float()
-        y = part if y is None else y + part
-    return y.to(x.dtype)
-
-
-def validate(m, want) -> None:
-    """Shapes / dtypes / code range of a loaded ``rq`` layer (``want`` raises, naming it)."""
-    n, k, bs = m.out_features, m.in_features, m.group_size
-    if not isinstance(bs, int) or bs < 1 or k % bs:
-        raise ValueError(f"rq layer: block size (group_size) {bs!r} must divide K={k}")
-    stages = getattr(m, "n_stages", None)
-    cents = getattr(m, "centroids", None)
-    kc = cents.shape[1] if isinstance(cents, torch.Tensor) and cents.dim() == 3 else 0
-    if not 1 <= kc <= 256:
-        raise ValueError(f"rq layer: centroids {getattr(cents, 'shape', None)} must be "
-                         "(M, 1..256, bs)")
-    want("centroids", (torch.float16,), (stages, kc, bs))
-    want("codes", (torch.uint8,), (stages, n, k // bs))
-    if m.codes.numel() and int(m.codes.max()) >= kc:
-        raise ValueError(f"rq layer: code {int(m.codes.max())} out of range for {kc} centroids")
-

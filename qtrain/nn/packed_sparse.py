@@ -25,7 +25,9 @@ Decoding: ``pos = cumsum(z + 1) - 1``; entries with code K are fillers and are d
 on the mask. The tensors hold ``E (index_bits + code_bits) + 32 K + 32 bias`` bits (the run
 summary's ``shared_bits``) plus < 64 bits of word padding and the 192-bit ``ss_meta``.
 Torch path only: the weight is decoded to a dense float matrix at every forward (no Triton
-kernel for this format).
+kernel for this format). This module is the format's codec (registered in
+:mod:`qtrain.nn.packed_codecs`); the packer of ``SharedWeightQuantizer`` layers is in
+:mod:`qtrain.nn.packed_formats`.
 """
 
 from __future__ import annotations
@@ -161,15 +163,3 @@ def validate(m, want) -> None:
     if int((codes != k).sum()) != nnz:
         raise ValueError(f"{where}: stream holds {int((codes != k).sum())} non-filler entries; "
                          f"ss_meta says nnz={nnz}")
-
-
-# ------------------------------------------------------------------------------ packer
-def pack(wq, w, flat, bias, backend, scale_dtype):
-    """Packer for :class:`~qtrain.nn.shared_weight_quantizer.SharedWeightQuantizer`
-    (``packed_formats.PACKERS``): exact (the decoded weight is ``C[codes]`` on the mask)."""
-    from qtrain.nn.packed import PackedLinear
-
-    bufs = encode(wq.mask, wq.codebook_codes, wq.centroids, wq.index_bits)
-    n, k = flat.shape
-    cb = int(bufs["ss_meta"][4])
-    return PackedLinear._new(k, n, FMT, cb, None, True, backend, bias, **bufs), None

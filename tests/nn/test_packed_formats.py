@@ -1,6 +1,7 @@
 """qtrain.nn.packed_formats: lut / float / value_aware layers against hand-worked values and
 brute-force loops, float zero-points, the triton backend, and the packer's drift guard."""
 
+import dataclasses
 import math
 
 import pytest
@@ -101,6 +102,7 @@ def test_packer_guard_catches_a_drifting_computation(monkeypatch):
     q = TTQQuantizer()
     PF.pack_weight(lin.weight, q, "lin")  # right: no error (and initialises w_p, w_n)
     q.w_p.data.fill_(0.3)
-    monkeypatch.setitem(PF.PACKERS, TTQQuantizer, wrong)
+    monkeypatch.setitem(PF.PACKERS, TTQQuantizer,
+                        dataclasses.replace(PF.PACKERS[TTQQuantizer], weight=wrong))
     with pytest.raises(ValueError, match=r"lin \(TTQQuantizer\): packed weight differs"):
         PF.pack_weight(lin.weight, q, "lin")
