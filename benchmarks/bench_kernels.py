@@ -8,8 +8,15 @@ memory-bandwidth floor (bytes of weights + scales + activations / peak HBM bandw
 writes all rows to ``$OUT/bench_kernels.json`` (or ``--out``).
 
     python benchmarks/bench_kernels.py [--out results.json] [--shapes 4096x4096] [--ms 1,16]
+    python benchmarks/bench_kernels.py --table results*.json > results.md   # no GPU needed
 
 Autotuning happens in the warm-up before capture and is cached per GPU (qtrain_kernels.runtime).
+
+gemlite (mobiusml's Triton low-bit GEMM library, ``pip install gemlite``) is timed beside them
+in the same process when it imports: A16W8 / W4 / W2, group 128, fp16 scales and zero-points,
+built as ``shared/bench/kernel_anchors.py`` builds it. It needs a GPU at import (it reads the
+device's compute capability), so without one -- or without the package -- its methods are
+skipped with one ``{"kind": "note", "gemlite": ...}`` row saying why.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ METHODS = {
     "fp16_cublas": 16, "torch_int4_tinygemm": 4, "qtrain_int8_channel": 8,
     "qtrain_int4_g128": 4, "qtrain_int2_g128": 2, "qtrain_ternary": 2, "qtrain_binary": 1,
     "qtrain_pq_bs8_k256": 1, "qtrain_w8a8": 8,
+    "gemlite_a16w8": 8, "gemlite_a16w4": 4, "gemlite_a16w2": 2,
 }
+GEMLITE = {name: bits for name, bits in METHODS.items() if name.startswith("gemlite_")}
 
 
 def peak_bandwidth_gbs(gpu_name: str) -> float | None:
@@ -49,7 +58,8 @@ def bytes_moved(method: str, k: int, n: int, m: int) -> int:
     fp16 activations in and out."""
     wbits = METHODS[method]
     w = k * n * wbits // 8
-    if method in ("qtrain_int4_g128", "qtrain_int2_g128", "torch_int4_tinygemm"):
+    if method in ("qtrain_int4_g128", "qtrain_int2_g128", "torch_int4_tinygemm", *GEMLITE):
+        # per group: fp16 scale + zero-point (uint8 for qtrain, fp16 for tinygemm / gemlite)
         w += (k // GROUP) * n * (2 + (1 if method.startswith("qtrain") else 2))
     elif method == "qtrain_pq_bs8_k256":
         w += 256 * 8 * 2
@@ -75,6 +85,28 @@ def write_json(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of benchmark rows (one line per measurement, errors included; notes and
+    the environment above it), sorted by shape, M and ``METHODS`` order."""
+    order = {name: i for i, name in enumerate(METHODS)}
+    head = [f"- {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "kind")
+            for r in rows if r["kind"] in ("env", "note")]
+    meas = sorted((r for r in rows if r["kind"] in METHODS),
+                  key=lambda r: (r["K"], r["N"], r.get("M", 0), order[r["kind"]]))
+    lines = ["| K x N | M | method | us | x fp16 | % of floor | rel err |",
+             "|---|---|---|---|---|---|---|"]
+    for r in meas:
+        shape = f"{r['K']}x{r['N']}"
+        if "error" in r:
+            lines.append(f"| {shape} | {r.get('M', '-')} | {r['kind']} | error: "
+                         f"{r['error'][:80].replace('|', '/')} | | | |")
+            continue
+        err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+        lines.append(f"| {shape} | {r['M']} | {r['kind']} | {r['us']:.1f} | "
+                     f"{r['speedup_vs_fp16']:.2f} | {r.get('pct_of_floor', '-')} | {err} |")
+    return "\n".join([*head, "", *lines]) + "\n"
 
 
 def graph_us(fns, x) -> float:
@@ -110,33 +142,111 @@ def rel_error(f, x) -> float | None:
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def build_methods(k: int, n: int, dev: str) -> dict:
-    """COPIES callables per method, each with its own weights."""
-    from torch import nn
+def import_gemlite():
+    """``(gemlite module or None, note)``: None with the reason when it is not installed or
+    cannot be imported here (gemlite asks torch for the GPU's compute capability at import,
+    which raises without a CUDA driver)."""
+    try:
+        import gemlite
+    except Exception as e:  # noqa: BLE001 - any import failure means: skip gemlite, say why
+        return None, f"gemlite not benchmarked: {type(e).__name__}: {e}"[:300]
+    return gemlite, f"gemlite {getattr(gemlite, '__version__', '?')}"
+
+
+def plan_methods(wanted: list[str], gemlite_ok: bool) -> list[str]:
+    """The methods to time, in ``METHODS`` order: ``wanted`` without the gemlite ones when
+    gemlite is unavailable. Unknown names: ValueError naming them and the allowed ones."""
+    unknown = [w for w in wanted if w not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; allowed: {list(METHODS)}")
+    return [m for m in METHODS if m in wanted and (gemlite_ok or m not in GEMLITE)]
+
+
+def gemlite_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group: int = GROUP) -> torch.Tensor:
+    """gemlite's grouped asymmetric weight, ``W = (W_q - zeros) * scales`` per group of
+    ``group`` inputs (its ``dequantize``, W_group_mode 3/4), in fp32: codes (N, K),
+    scales / zeros (N, K / group)."""
+    return (codes.float() - zeros.float().repeat_interleave(group, 1)) * \
+        scales.float().repeat_interleave(group, 1)
+
+
+class GemliteLayer:
+    """A packed gemlite ``GemLiteLinear`` as the benchmark calls it, with its weight for
+    :func:`rel_error` (codes kept for the first copy only)."""
+
+    def __init__(self, gemlite, bits: int, k: int, n: int, dev: str, keep_codes: bool) -> None:
+        DType, GemLiteLinear = gemlite.DType, gemlite.GemLiteLinear  # noqa: N806
+        codes = torch.randint(0, 2 ** bits, (n, k), device=dev, dtype=torch.uint8)
+        scales = torch.rand(n, k // GROUP, device=dev, dtype=torch.float16) * 0.01
+        zeros = torch.full((n, k // GROUP), 2 ** (bits - 1), device=dev, dtype=torch.float16)
+        self.layer = GemLiteLinear(bits, group_size=GROUP, in_features=k, out_features=n,
+                                   input_dtype=DType.FP16, output_dtype=DType.FP16)
+        self.layer.pack(codes, scales, zeros, None)
+        self._w = (codes, scales, zeros) if keep_codes else None
+        if keep_codes:
+            self.dequantize = lambda: gemlite_weight(*self._w)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def _builders(dev: str) -> dict:
+    """One builder per non-gemlite method: ``(nn.Linear copy) -> callable``."""
     from torch.nn import functional as F
 
     from qtrain.nn.packed import PackedLinear
 
-    out: dict[str, list] = {name: [] for name in METHODS}
-    for _ in range(COPIES):
-        lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.float32)
-        w16 = lin.weight.detach().half()
-        out["fp16_cublas"].append(lambda x, w=w16: F.linear(x, w))
+    kw = {"backend": "triton"}
+
+    def tinygemm(lin):
+        n, k = lin.weight.shape
         wq = torch.randint(0, 16, (n, k), device=dev, dtype=torch.int32)
-        w4 = torch.ops.aten._convert_weight_to_int4pack((wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8), 8)
+        w4 = torch.ops.aten._convert_weight_to_int4pack(
+            (wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8), 8)
         sz = torch.randn(k // GROUP, n, 2, device=dev, dtype=torch.bfloat16)
-        out["torch_int4_tinygemm"].append(
-            lambda x, w4=w4, sz=sz: torch.ops.aten._weight_int4pack_mm(x.bfloat16(), w4, GROUP, sz))
-        kw = {"backend": "triton"}
-        out["qtrain_int8_channel"].append(PackedLinear.from_linear(lin, 8, None, True, **kw))
-        out["qtrain_int4_g128"].append(PackedLinear.from_linear(lin, 4, GROUP, False, **kw))
-        out["qtrain_int2_g128"].append(PackedLinear.from_linear(lin, 2, GROUP, False, **kw))
-        out["qtrain_ternary"].append(PackedLinear.from_linear_ternary(lin, **kw))
-        out["qtrain_binary"].append(PackedLinear.from_linear_binary(lin, **kw))
+        return lambda x: torch.ops.aten._weight_int4pack_mm(x.bfloat16(), w4, GROUP, sz)
+
+    def pq(lin):
+        n, k = lin.weight.shape
         codes = torch.randint(0, 256, (n, k // 8), device=dev, dtype=torch.uint8)
         cents = torch.randn(256, 8, device=dev, dtype=torch.float16) * 0.02
-        out["qtrain_pq_bs8_k256"].append(PackedLinear.from_codebook(codes, cents, **kw))
-        out["qtrain_w8a8"].append(PackedLinear.from_linear_w8a8(lin, **kw))
+        return PackedLinear.from_codebook(codes, cents, **kw)
+
+    def fp16(lin):
+        w16 = lin.weight.detach().half()
+        return lambda x: F.linear(x, w16)
+
+    return {
+        "fp16_cublas": fp16,
+        "torch_int4_tinygemm": tinygemm,
+        "qtrain_int8_channel": lambda lin: PackedLinear.from_linear(lin, 8, None, True, **kw),
+        "qtrain_int4_g128": lambda lin: PackedLinear.from_linear(lin, 4, GROUP, False, **kw),
+        "qtrain_int2_g128": lambda lin: PackedLinear.from_linear(lin, 2, GROUP, False, **kw),
+        "qtrain_ternary": lambda lin: PackedLinear.from_linear_ternary(lin, **kw),
+        "qtrain_binary": lambda lin: PackedLinear.from_linear_binary(lin, **kw),
+        "qtrain_pq_bs8_k256": pq,
+        "qtrain_w8a8": lambda lin: PackedLinear.from_linear_w8a8(lin, **kw),
+    }
+
+
+def build_methods(k: int, n: int, dev: str, methods, gemlite=None) -> dict:
+    """COPIES callables for each of ``methods``, each copy with its own weights. A method
+    whose layers fail to build maps to the exception (the others still run)."""
+    from torch import nn
+
+    builders = _builders(dev)
+    out: dict = {}
+    lins = [nn.Linear(k, n, bias=False, device=dev, dtype=torch.float32) for _ in range(COPIES)]
+    for name in methods:
+        try:
+            if name in GEMLITE:
+                out[name] = [GemliteLayer(gemlite, GEMLITE[name], k, n, dev, keep_codes=i == 0)
+                             for i in range(COPIES)]
+            else:
+                out[name] = [builders[name](lin) for lin in lins]
+        except Exception as e:  # noqa: BLE001 - one method's failure skips only its rows
+            out[name] = e
     return out
 
 
@@ -146,24 +256,42 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="print a markdown table of these result files and exit (no GPU)")
     args = ap.parse_args(argv)
+    if args.table:
+        rows = [r for path in args.table for r in json.loads(open(path).read())]
+        print(table(rows), end="")
+        return 0
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (no numbers on CPU)", file=sys.stderr)
         return 2
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    wanted = args.methods.split(",")
+    wanted = plan_methods(args.methods.split(","), gemlite_ok=True)
     gpu = torch.cuda.get_device_name()
     peak = peak_bandwidth_gbs(gpu)
+    gemlite, gl_note = import_gemlite() if any(m in GEMLITE for m in wanted) else (None, None)
     rows = [{"kind": "env", "gpu": gpu, "torch": torch.__version__, "peak_gbs": peak,
-             "copies": COPIES, "replays": REPLAYS}]
+             "copies": COPIES, "replays": REPLAYS, "gemlite": gl_note}]
     print(json.dumps(rows[0]), flush=True)
+    if gl_note and gemlite is None:
+        rows.append({"kind": "note", "gemlite": gl_note})
+        print(json.dumps(rows[-1]), flush=True)
+    wanted = plan_methods(wanted, gemlite_ok=gemlite is not None)
+    run = list(dict.fromkeys(["fp16_cublas", *wanted]))  # fp16: every row's baseline
     for k, n in shapes:
-        meths = {name: fns for name, fns in build_methods(k, n, "cuda").items() if name in wanted}
+        meths = build_methods(k, n, "cuda", run, gemlite)
+        for name, err in [(a, b) for a, b in meths.items() if isinstance(b, Exception)]:
+            rows.append({"kind": name, "K": k, "N": n, "error": repr(err)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            del meths[name]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = graph_us(meths["fp16_cublas"], x)
             for name, fns in meths.items():
+                if name not in wanted:
+                    continue
                 try:
                     us = base if name == "fp16_cublas" else graph_us(fns, x)
                     row = make_row(name, k, n, m, us, base, peak)

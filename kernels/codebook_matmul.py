@@ -98,10 +98,18 @@ _GEMV_CANDIDATES = [
     {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4}
     for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4, 8)
 ]
+# GEMM candidates fit at least two blocks per SM on sm_80 and sm_90 (compile_check --full;
+# benchmarks/kernel_occupancy.md). Dropped for occupancy (issue 17): the 8-warp 128x128x64
+# tile (176-216 registers x 256 threads: 1 block/SM on sm_80), kept as NAMED_CONFIGS.
 _GEMM_CANDIDATES = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": 3}
-    for bm, bn, w in ((16, 64, 4), (32, 128, 4), (64, 128, 4), (128, 128, 8)) for sk in (1, 2)
+    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+    for bm, bn in ((16, 64), (32, 128), (64, 128)) for sk in (1, 2)
 ]
+# Explicit launch configurations outside the autotune list (``config=NAMED_CONFIGS[name]``).
+NAMED_CONFIGS = {
+    "gemm_128x128x64_w8": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1,
+                           "num_warps": 8, "num_stages": 3},
+}
 
 
 def codebook_linear(

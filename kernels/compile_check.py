@@ -18,6 +18,12 @@ becomes a constant, pointers and ints divisible by 16 get the 16-divisibility at
 
 Limits per target (per block): sm_80 164 KiB and sm_90 228 KiB of shared memory (227 KiB
 usable by one block on sm_90; we use the issue's 228 KiB), 255 registers per thread.
+
+Occupancy (issue 17): every report also gives the resident blocks per SM its registers, shared
+memory and threads allow (:attr:`CompileReport.blocks_per_sm`); :func:`occupancy_problems`
+lists the launches that fit fewer than ``MIN_BLOCKS_PER_SM`` = 2 -- the GPU defaults and the
+autotune candidates must not (``--full`` checks both, ``--table`` writes the table,
+benchmarks/kernel_occupancy.md). These are compile-time numbers, not GPU measurements.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ from . import bitserial, codebook_matmul, lowbit_matmul, runtime, w8a8
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+# per SM (sm_80, sm_90 alike): 64K 32-bit registers, allocated per warp in units of 256;
+# 2048 threads; 32 resident blocks; 1 KiB of shared memory reserved by the driver per block
+# (Nsight Compute's "Driver Shared Memory")
+REGS_PER_SM, REG_UNIT, THREADS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 256, 2048, 32
+RESERVED_SHARED_PER_BLOCK = 1024
+MIN_BLOCKS_PER_SM = 2  # issue 17: candidates and defaults fit at least two blocks per SM
 _MODULES = (runtime, lowbit_matmul, codebook_matmul, w8a8, bitserial)
 _DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
           torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64"}
@@ -77,14 +89,16 @@ class CompileReport:
     @property
     def blocks_per_sm(self) -> int:
         """Resident blocks per SM allowed by registers (64K per SM, allocated per warp in
-        units of 256), shared memory (the SM's capacity: sm_80 164 KiB, sm_90 228 KiB) and
-        threads (2048 per SM)."""
+        units of 256), shared memory (the SM's capacity: sm_80 164 KiB, sm_90 228 KiB, each
+        block using its own plus 1 KiB reserved by the driver), threads (2048 per SM) and the
+        32-block limit: what CUDA's occupancy calculator gives for these resources."""
         if self.error:
             return 0
-        per_warp = -(-max(self.registers, 1) * 32 // 256) * 256
-        by_regs = 65536 // (per_warp * self.num_warps)
-        by_shared = SHARED_LIMIT[self.target] // max(self.shared_bytes, 1)
-        return max(0, min(by_regs, by_shared, 2048 // (32 * self.num_warps)))
+        per_warp = -(-max(self.registers, 1) * 32 // REG_UNIT) * REG_UNIT
+        by_regs = REGS_PER_SM // (per_warp * self.num_warps)
+        by_shared = SHARED_LIMIT[self.target] // (self.shared_bytes + RESERVED_SHARED_PER_BLOCK)
+        return max(0, min(by_regs, by_shared, THREADS_PER_SM // (32 * self.num_warps),
+                          MAX_BLOCKS_PER_SM))
 
     def line(self) -> str:
         head = f"sm_{self.target} {self.launch.name}"
@@ -213,6 +227,23 @@ def ok(report: CompileReport) -> bool:
     return report.error is None and not report.problems
 
 
+def occupancy_problems(reports: list[CompileReport],
+                       min_blocks: int = MIN_BLOCKS_PER_SM) -> list[str]:
+    """One line per compiled launch that fits fewer than ``min_blocks`` blocks per SM."""
+    return [f"{r.line()}  <- {r.blocks_per_sm} block(s)/SM < {min_blocks}"
+            for r in reports if r.error is None and r.blocks_per_sm < min_blocks]
+
+
+_CONFIG_KEYS = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "BLOCK_W": "BW",
+                "SPLIT_K": "SK", "num_warps": "W", "num_stages": "S"}
+
+
+def config_text(cfg: dict) -> str:
+    """Launch configuration in short form, e.g. ``BM16 BN64 BK128 SK1 W4 S3`` (the tables'
+    config column; other keys of ``cfg`` -- a launch's flags -- are left out)."""
+    return " ".join(f"{short}{cfg[k]}" for k, short in _CONFIG_KEYS.items() if k in cfg)
+
+
 # -- the launches to check ------------------------------------------------------------------
 
 def _lowbit_args(m: int, n: int, k: int, bits: int, group: int | None, zeros: str | None,
@@ -311,22 +342,85 @@ def default_launches() -> list[Launch]:
             + bitserial_launches())
 
 
-def candidate_launches() -> list[Launch]:
-    """Every autotune candidate of every kernel for one representative format each (the
-    fuller sweep): lowbit int4 g128 with uint8 zero-points, codebook bs 8, w8a8."""
+CANDIDATE_LISTS = ("lowbit_gemv", "lowbit_gemm", "codebook_gemv", "codebook_gemm", "w8a8")
+
+
+def _list_launches(kind: str, configs: list[dict]) -> list[Launch]:
+    """Launches of ``configs`` for the kernel of candidate list ``kind`` (CANDIDATE_LISTS):
+    lowbit int4 g128 with uint8 zero-points (the GEMM also int8 per channel, the format the
+    issue found at 255 registers), codebook bs 8, w8a8."""
+    int4 = {"int4-g128-u8zp-bias": LOWBIT_CASES["int4-g128-u8zp-bias"]}
+    both = {**int4, "int8-channel": LOWBIT_CASES["int8-channel"]}
     out: list[Launch] = []
-    case = {"int4-g128-u8zp-bias": LOWBIT_CASES["int4-g128-u8zp-bias"]}
-    for cfg in lowbit_matmul._GEMV_CANDIDATES:
-        out += lowbit_launches((1,), case, cfg)
-    for cfg in lowbit_matmul._GEMM_CANDIDATES:
-        out += lowbit_launches((64,), case, cfg)
-    for cfg in codebook_matmul._GEMV_CANDIDATES:
-        out += codebook_launches((1,), (8,), cfg)
-    for cfg in codebook_matmul._GEMM_CANDIDATES:
-        out += codebook_launches((64,), (8,), cfg)
-    for cfg in w8a8._CANDIDATES:
-        out += [la for la in w8a8_launches((64,), cfg) if la.fn is w8a8._w8a8_body]
+    for cfg in configs:
+        if kind == "lowbit_gemv":
+            out += lowbit_launches((1,), int4, cfg)
+        elif kind == "lowbit_gemm":
+            out += lowbit_launches((64,), both, cfg)
+        elif kind == "codebook_gemv":
+            out += codebook_launches((1,), (8,), cfg)
+        elif kind == "codebook_gemm":
+            out += codebook_launches((64,), (8,), cfg)
+        elif kind == "w8a8":
+            out += [la for la in w8a8_launches((64,), cfg) if la.fn is w8a8._w8a8_body]
+        else:
+            raise ValueError(f"candidate list {kind!r}; allowed: {list(CANDIDATE_LISTS)}")
     return out
+
+
+def candidate_lists() -> dict[str, list[dict]]:
+    """The autotune candidate lists as the kernels define them now."""
+    return {"lowbit_gemv": lowbit_matmul._GEMV_CANDIDATES,
+            "lowbit_gemm": lowbit_matmul._GEMM_CANDIDATES,
+            "codebook_gemv": codebook_matmul._GEMV_CANDIDATES,
+            "codebook_gemm": codebook_matmul._GEMM_CANDIDATES, "w8a8": w8a8._CANDIDATES}
+
+
+def candidate_launches(kinds=CANDIDATE_LISTS) -> list[Launch]:
+    """Every autotune candidate of the lists ``kinds`` (default all) for representative
+    formats (the fuller sweep; see ``_list_launches``)."""
+    lists = candidate_lists()
+    return [la for kind in kinds for la in _list_launches(kind, lists[kind])]
+
+
+def named_launches() -> list[Launch]:
+    """The explicit named configurations outside the autotune lists (``NAMED_CONFIGS``: the
+    large 8-warp tiles dropped for fitting one block per SM), same formats as the lists."""
+    return (_list_launches("lowbit_gemm", list(lowbit_matmul.NAMED_CONFIGS.values()))
+            + _list_launches("codebook_gemm", list(codebook_matmul.NAMED_CONFIGS.values()))
+            + _list_launches("w8a8", list(w8a8.NAMED_CONFIGS.values())))
+
+
+def markdown_table(reports: list[CompileReport], targets=(80, 90)) -> str:
+    """One row per launch: kernel, format, configuration, then per target registers per
+    thread, spilled (local) bytes per thread, shared bytes per block, resident blocks per SM."""
+    rows: dict[tuple, dict[int, CompileReport]] = {}
+    for r in reports:
+        key = (r.launch.fn.__name__, r.launch.label, config_text(r.launch.kwargs))
+        rows.setdefault(key, {})[r.target] = r
+    head = ["kernel", "format", "config"] + [
+        f"sm_{t} {c}" for t in targets for c in ("regs", "spill B", "shared B", "blocks/SM")]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (fn, label, cfg), per in rows.items():
+        cells = [fn, label, cfg]
+        for t in targets:
+            r = per.get(t)
+            if r is None:
+                cells += ["-"] * 4
+            elif r.error:
+                cells += ["error", "-", "-", "0"]
+            else:
+                cells += [str(r.registers), str(r.local_bytes), str(r.shared_bytes),
+                          str(r.blocks_per_sm)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    """Rows of the first table in ``text`` as dicts keyed by the header cells."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
 def _compile_one(job: tuple[Launch, int]) -> CompileReport:
@@ -334,7 +428,13 @@ def _compile_one(job: tuple[Launch, int]) -> CompileReport:
 
 
 def check(launches: list[Launch], targets=(80, 90), workers: int = 1) -> list[CompileReport]:
-    """Compile every launch for every target in ``workers`` fresh processes; one report each.
+    """Compile every launch for every target in ``workers`` fresh processes; one report each
+    (launch-major order)."""
+    return check_jobs([(la, t) for la in launches for t in targets], workers)
+
+
+def check_jobs(jobs: list[tuple[Launch, int]], workers: int = 1) -> list[CompileReport]:
+    """Compile each ``(launch, target)`` in ``workers`` fresh processes; reports in order.
 
     The compiling processes are spawned with ``TRITON_INTERPRET`` unset: in a process where it
     was set before import (the CPU test suite), every ``@triton.jit`` helper is an interpreted
@@ -342,7 +442,6 @@ def check(launches: list[Launch], targets=(80, 90), workers: int = 1) -> list[Co
     import concurrent.futures as cc_futures
     import multiprocessing as mp
 
-    jobs = [(la, t) for la in launches for t in targets]
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with cc_futures.ProcessPoolExecutor(max(1, workers),
@@ -354,23 +453,77 @@ def check(launches: list[Launch], targets=(80, 90), workers: int = 1) -> list[Co
             os.environ["TRITON_INTERPRET"] = saved
 
 
+TABLE_HEAD = """# Kernel registers, spills, shared memory and occupancy (compile-verified, not measured)
+
+Written by `{command}` ({when}; triton {triton}, its bundled ptxas; N = 256, K = 1024).
+Every number is from compiling for the named target on a CPU (`qtrain_kernels.compile_check`):
+registers per thread and spilled (local) bytes per thread from `cuobjdump -res-usage`, shared
+memory per block from Triton's metadata, blocks/SM = resident blocks per SM those allow
+(64K registers allocated per warp in units of 256, the SM's shared memory with 1 KiB reserved
+per block, 2048 threads, 32 blocks). No GPU ran these kernels: speed is not implied.
+Rule (issue 17): the GPU defaults and autotune candidates compile without spills and fit at
+least {min_blocks} blocks per SM on sm_80 and sm_90; the named large tiles below are outside
+the autotune lists (explicit `config=` only).
+"""
+
+
+def write_table(path: str, sections: dict[str, list[CompileReport]], command: str,
+                targets=(80, 90)) -> None:
+    import datetime
+
+    text = TABLE_HEAD.format(command=command, triton=triton.__version__,
+                             when=datetime.date.today().isoformat(),
+                             min_blocks=MIN_BLOCKS_PER_SM)
+    for title, reps in sections.items():
+        text += f"\n## {title}\n\n" + markdown_table(reps, targets)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+SECTIONS = {"defaults": "GPU default launch configurations",
+            "candidates": "Autotune candidates",
+            "named": "Named large tiles (explicit config only; not autotuned)"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m qtrain_kernels.compile_check [--full] [--target sm_80 sm_90] [--jobs N]``:
-    prints one line per compilation; exit status 1 on any error, spill or shared overflow."""
+    """``python -m qtrain_kernels.compile_check [--full] [--target sm_80 sm_90] [--jobs N]
+    [--table FILE]``: prints one line per compilation; exit status 1 on any error, spill or
+    shared overflow, or a default / autotune candidate fitting fewer than two blocks per SM."""
     import argparse
+    import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--full", action="store_true", help="every autotune candidate as well")
+    ap.add_argument("--full", action="store_true",
+                    help="every autotune candidate and named config as well")
     ap.add_argument("--target", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--table", help="write the markdown table of every compilation here")
     a = ap.parse_args(argv)
-    launches = default_launches() + (candidate_launches() if a.full else [])
-    reports = check(launches, [TARGETS[t] for t in a.target], a.jobs)
+    groups = {"defaults": default_launches()}
+    if a.full:
+        groups |= {"candidates": candidate_launches(), "named": named_launches()}
+    launches = [la for g in groups.values() for la in g]
+    targets = [TARGETS[t] for t in a.target]
+    reports = check(launches, targets, a.jobs)
+    by_group, i = {}, 0
+    for name, g in groups.items():
+        by_group[name] = reports[i:i + len(g) * len(targets)]
+        i += len(g) * len(targets)
     for r in reports:
         print(r.line(), flush=True)
-    bad = [r for r in reports if not ok(r)]
-    print(f"{len(reports)} compilations, {len(bad)} with problems")
-    return 1 if bad else 0
+    bad = [r.line() for r in reports if not ok(r)]
+    low = [ln for name in ("defaults", "candidates") for ln in
+           occupancy_problems(by_group.get(name, []))]
+    for ln in low:
+        print(ln)
+    if a.table:
+        cmd = "python -m qtrain_kernels.compile_check " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        write_table(a.table, {SECTIONS[k]: v for k, v in by_group.items()}, cmd.strip(),
+                    tuple(targets))
+    print(f"{len(reports)} compilations, {len(bad)} with problems, {len(low)} default / "
+          f"candidate launches under {MIN_BLOCKS_PER_SM} blocks per SM")
+    return 1 if bad or low else 0
 
 
 if __name__ == "__main__":

@@ -177,10 +177,15 @@ _GEMV_CANDIDATES = [
     {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4}
     for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 4)
 ]
-# GEMM candidates that compile without spills for sm_80 and sm_90 (compile_check --full,
-# int4 group 128 with zero-points). Dropped for spilling: 16x128x256 (32 B/thread on sm_90),
-# 32x128x128 (8 B, sm_90), 64x128x128 (152-160 B, sm_80), and at 8 warps 128x256x64 (136-392
-# B), 128x128x128 (208 B, sm_80), 256x128x64 (2.9 KB on sm_80).
+# GEMM candidates that compile without spills for sm_80 and sm_90 and fit at least two blocks
+# per SM on both (compile_check --full, int4 group 128 with zero-points and int8 per channel;
+# table: benchmarks/kernel_occupancy.md). Dropped for spilling: 16x128x256 (32 B/thread on
+# sm_90), 32x128x128 (8 B, sm_90), 64x128x128 (152-160 B, sm_80), and at 8 warps 128x256x64
+# (136-392 B), 128x128x128 (208 B, sm_80), 256x128x64 (2.9 KB on sm_80). Dropped for
+# occupancy (issue 17: fewer than two blocks per SM and no GPU measurement showing them
+# faster): the 8-warp 128x128x64 (232-255 registers x 256 threads, 1 block/SM on sm_80 and
+# sm_90) and 64x256x64 (209-250 registers, 1 block/SM) tiles; they stay reachable as
+# explicit configs, NAMED_CONFIGS.
 _GEMM_CANDIDATES = [
     *({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4,
        "num_stages": 3} for bn, bk in ((64, 128), (128, 128), (64, 256))
@@ -188,9 +193,19 @@ _GEMM_CANDIDATES = [
     *({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4,
        "num_stages": 3} for bm, bn, bk in ((32, 64, 128), (64, 64, 64), (64, 128, 64))
       for sk in (1, 2)),
-    *({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": 8,
-       "num_stages": 3} for bm, bn, bk in ((128, 128, 64), (64, 256, 64))),
 ]
+# Explicit launch configurations outside the autotune lists (``config=NAMED_CONFIGS[name]``):
+# large 8-warp GEMM tiles that fit one block per SM (see above); for a GPU comparison.
+NAMED_CONFIGS = {
+    f"gemm_{bm}x{bn}x{bk}_w8": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1,
+                                "num_warps": 8, "num_stages": 3}
+    for bm, bn, bk in ((128, 128, 64), (64, 256, 64))
+}
+# GPU GEMM default above M = 256: the kept M > 256 candidate with the most blocks per SM
+# (64x64x64, 4 warps: 3 blocks/SM on sm_80, 4 on sm_90); it was the 8-warp 128x128x64 tile
+# (NAMED_CONFIGS["gemm_128x128x64_w8"], 1 block/SM).
+LARGE_M_GEMM_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1,
+                        "num_warps": 4, "num_stages": 3}
 
 
 def lowbit_linear(
@@ -254,10 +269,9 @@ def lowbit_linear(
         per_config=per_config,
         name="lowbit", key_extra=f"b{c}|g{g}|{mode}",
         candidates=(_GEMV_CANDIDATES, _GEMM_CANDIDATES),
-        gemm_default=SMALL_M_GEMM_DEFAULT if m <= 16 else {
-            "BLOCK_M": 16 if m <= 32 else 64 if m <= 256 else 128, "BLOCK_N": 128,
-            "BLOCK_K": 128 if m <= 32 else 64, "SPLIT_K": 1,
-            "num_warps": 8 if m > 256 else 4, "num_stages": 3},
+        gemm_default=SMALL_M_GEMM_DEFAULT if m <= 16 else LARGE_M_GEMM_DEFAULT if m > 256 else {
+            "BLOCK_M": 16 if m <= 32 else 64, "BLOCK_N": 128,
+            "BLOCK_K": 128 if m <= 32 else 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3},
         config=config)
 
 

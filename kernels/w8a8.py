@@ -66,14 +66,24 @@ def _w8a8_body(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K,
 _quant_rows = dual_jit(_quant_rows_body)
 _w8a8 = dual_jit(_w8a8_body)
 
-# candidates that compile without spills for sm_80 and sm_90 (compile_check --full); dropped:
-# 128x256x128 and 256x128x128 at 8 warps (576-632 B per thread spilled on sm_80)
+# candidates that compile without spills for sm_80 and sm_90 and fit at least two blocks per
+# SM on both (compile_check --full; benchmarks/kernel_occupancy.md); dropped for spilling:
+# 128x256x128 and 256x128x128 at 8 warps (576-632 B per thread spilled on sm_80); dropped for
+# occupancy (issue 17): 128x128x128 at 8 warps (246 registers x 256 threads, 1 block/SM on
+# sm_80), kept as NAMED_CONFIGS.
 _CANDIDATES = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-    for bm, bn, bk, w, st in (
-        (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
-    )
+    for bm, bn, bk, w, st in ((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3))
 ]
+# Explicit launch configurations outside the autotune list (``config=NAMED_CONFIGS[name]``).
+NAMED_CONFIGS = {
+    "128x128x128_w8": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8,
+                       "num_stages": 3},
+}
+# GPU default (autotuning off, CUDA-graph capture): the kept candidate of the old default's
+# class (BLOCK_M >= 64) with the most blocks per SM: 64x128x128, 4 warps (2 blocks/SM on sm_80,
+# 3 on sm_90); it was NAMED_CONFIGS["128x128x128_w8"] (1 block/SM on sm_80).
+GPU_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 def quantize_rows_int8(x2: torch.Tensor, block_k: int | None = None):
@@ -111,8 +121,7 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
 
     if config is None:
         default = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32} if interpreting(dev) else
-                   {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8,
-                    "num_stages": 3})
+                   GPU_DEFAULT)
         config = choose_config(f"w8a8|M{m_bucket(m)}|N{n}|K{k}|{x.dtype}", dev, _CANDIDATES,
                                default, launch)
     return launch(config).reshape(*x.shape[:-1], n)

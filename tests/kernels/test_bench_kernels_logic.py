@@ -86,7 +86,107 @@ def test_gemm_candidates_follow_m():
 
     assert {c["BLOCK_M"] for c in gemm_candidates_for(16, _GEMM_CANDIDATES)} == {16}
     assert {c["BLOCK_M"] for c in gemm_candidates_for(64, _GEMM_CANDIDATES)} == {32, 64}
-    assert {c["BLOCK_M"] for c in gemm_candidates_for(1024, _GEMM_CANDIDATES)} == {64, 128}
+    # BLOCK_M 128 (8 warps) left the list for occupancy (1 block per SM, issue 17)
+    assert {c["BLOCK_M"] for c in gemm_candidates_for(1024, _GEMM_CANDIDATES)} == {64}
     assert all(len(gemm_candidates_for(m, _GEMM_CANDIDATES)) <= 12 for m in (9, 64, 1024))
     only_big = [{"BLOCK_M": 128}]
     assert gemm_candidates_for(16, only_big) == only_big  # none fits: keep them all
+
+
+# -- gemlite beside fp16 cuBLAS and tinygemm (issue 17, item 4) ------------------------------
+
+def test_gemlite_methods_and_bytes_hand_worked(bench):
+    assert bench.GEMLITE == {"gemlite_a16w8": 8, "gemlite_a16w4": 4, "gemlite_a16w2": 2}
+    # A16W4 group 128 at K = N = 8192, M = 1: codes K*N/2 B, fp16 scale + fp16 zero per group
+    # (64 groups per row), fp16 x in and y out
+    want = 8192 * 8192 // 2 + 64 * 8192 * (2 + 2) + 2 * 8192 * 2
+    assert bench.bytes_moved("gemlite_a16w4", 8192, 8192, 1) == want
+    assert bench.bytes_moved("gemlite_a16w8", 4096, 4096, 16) == (
+        4096 * 4096 + 32 * 4096 * 4 + 2 * 16 * 4096 * 2)
+
+
+def test_plan_methods_drops_gemlite_when_unavailable_and_names_unknown_methods(bench):
+    every = list(bench.METHODS)
+    assert bench.plan_methods(every, gemlite_ok=True) == every
+    without = bench.plan_methods(every, gemlite_ok=False)
+    assert without == [m for m in every if not m.startswith("gemlite_")]
+    assert "fp16_cublas" in without and "torch_int4_tinygemm" in without
+    # METHODS order, whatever the order asked
+    assert bench.plan_methods(["gemlite_a16w4", "fp16_cublas"], True) == [
+        "fp16_cublas", "gemlite_a16w4"]
+    with pytest.raises(ValueError, match=r"unknown \['gemlite_w4'\].*allowed.*gemlite_a16w4"):
+        bench.plan_methods(["fp16_cublas", "gemlite_w4"], True)
+
+
+def test_import_gemlite_without_it_gives_none_and_the_reason(bench, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gemlite", None)  # what Python does for a blocked import
+    mod, note = bench.import_gemlite()
+    assert mod is None
+    assert note.startswith("gemlite not benchmarked: ModuleNotFoundError")
+
+
+def test_import_gemlite_here(bench):
+    """On a machine without CUDA gemlite is absent or fails at import (it asks torch for the
+    GPU's compute capability): either way the benchmark skips it with a note, no exception."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: gemlite may import")
+    mod, note = bench.import_gemlite()
+    assert mod is None and note.startswith("gemlite not benchmarked: ")
+
+
+def test_gemlite_weight_hand_worked(bench):
+    import torch
+
+    codes = torch.tensor([[0, 15, 7, 8], [3, 3, 12, 1]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 2.0], [1.0, 0.25]], dtype=torch.float16)
+    zeros = torch.tensor([[8.0, 8.0], [2.0, 4.0]], dtype=torch.float16)
+    w = bench.gemlite_weight(codes, scales, zeros, group=2)
+    want = torch.tensor([[(0 - 8) * 0.5, (15 - 8) * 0.5, (7 - 8) * 2.0, (8 - 8) * 2.0],
+                         [(3 - 2) * 1.0, (3 - 2) * 1.0, (12 - 4) * 0.25, (1 - 4) * 0.25]])
+    assert torch.equal(w, want)
+
+
+def test_table_rows_errors_and_notes(bench, tmp_path):
+    rows = [{"kind": "env", "gpu": "NVIDIA H200", "gemlite": "gemlite 0.6.0.post2"},
+            {"kind": "note", "gemlite": "gemlite not benchmarked: x"},
+            bench.make_row("gemlite_a16w4", 8192, 8192, 1, 22.8, 38.7, 4800.0),
+            bench.make_row("fp16_cublas", 8192, 8192, 1, 38.7, 38.7, 4800.0),
+            bench.make_row("fp16_cublas", 4096, 4096, 16, 13.7, 13.7, None),
+            {"kind": "qtrain_w8a8", "K": 8192, "N": 8192, "M": 1, "error": "RuntimeError('a|b')"}]
+    rows[2]["rel_err"] = 1.5e-3
+    path = tmp_path / "r.json"
+    bench.write_json(rows, str(path))
+    assert bench.main(["--table", str(path)]) == 0  # no GPU needed
+    text = bench.table(rows)
+    body = [ln for ln in text.splitlines() if ln.startswith("| 4096") or ln.startswith("| 8192")]
+    # % of floor at 4.8 TB/s: fp16 (2*8192^2 + 2*2*8192) B / 4.8e6 B/us = 27.97 us of 38.7;
+    # gemlite W4 (8192^2/2 + 64*8192*4 + 2*2*8192) B = 7.43 us of 22.8
+    assert body == [
+        "| 4096x4096 | 16 | fp16_cublas | 13.7 | 1.00 | - | - |",
+        "| 8192x8192 | 1 | fp16_cublas | 38.7 | 1.00 | 72.3 | - |",
+        "| 8192x8192 | 1 | qtrain_w8a8 | error: RuntimeError('a/b') | | | |",
+        "| 8192x8192 | 1 | gemlite_a16w4 | 22.8 | 1.70 | 32.6 | 1.5e-03 |",
+    ]
+    assert "- note: gemlite=gemlite not benchmarked: x" in text
+    assert "gpu=NVIDIA H200" in text
+
+
+def test_gpu_session_runs_gemlite_beside_the_baselines_and_prepares_its_wheel(bench):
+    import re
+    import subprocess
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], check=True)
+    goals = re.search(r"^GOALS=(\S+)\n^GOALS=\$GOALS,(\S+)$", script, re.M)
+    methods = (goals.group(1) + "," + goals.group(2)).split(",")
+    assert bench.plan_methods(methods, True) == [m for m in bench.METHODS if m in methods]
+    assert {"fp16_cublas", "torch_int4_tinygemm", *bench.GEMLITE} <= set(methods)
+    for stage in re.findall(r'^bench \d+ \S+ (\S+) \w+$', script, re.M):
+        if stage != '"$GOALS"':
+            bench.plan_methods(stage.split(","), True)  # every stage names real methods
+    assert 'pip wheel --no-deps -q -w .whl "$GEMLITE_SPEC"' in script  # --prepare
+    assert "--target /tmp/site .whl/*.whl" in script  # the device run installs it

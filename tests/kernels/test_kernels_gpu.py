@@ -92,3 +92,50 @@ def test_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, y0)
+
+
+def test_named_large_tiles_gpu():
+    """The 8-warp tiles dropped from autotuning for occupancy (NAMED_CONFIGS) still run
+    right as explicit configs."""
+    from qtrain_kernels import codebook_matmul, lowbit_matmul, w8a8
+
+    n, k, g = 333, 1024, 128
+    x = torch.randn(300, k, device="cuda", dtype=torch.float16)
+    packed = pack_codes(torch.randint(0, 16, (n, k), device="cuda"), 4)
+    s = (torch.rand(n, k // g, device="cuda") * 0.01).half()
+    z = torch.randint(0, 16, (n, k // g), device="cuda", dtype=torch.uint8)
+    ref = lowbit_linear_reference(x, packed, s, z, bits=4, k=k)
+    for cfg in lowbit_matmul.NAMED_CONFIGS.values():
+        torch.testing.assert_close(lowbit_linear(x, packed, s, z, bits=4, k=k, config=cfg).float(),
+                                   ref.float(), rtol=2e-2, atol=5e-2)
+    codes = torch.randint(0, 256, (n, k // 8), device="cuda", dtype=torch.uint8)
+    cents = torch.randn(256, 8, device="cuda", dtype=torch.float16) * 0.05
+    for cfg in codebook_matmul.NAMED_CONFIGS.values():
+        torch.testing.assert_close(codebook_linear(x, codes, cents, config=cfg),
+                                   codebook_linear_reference(x, codes, cents), rtol=2e-2,
+                                   atol=2e-2)
+    qw = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    sw = torch.rand(n, device="cuda") * 0.01
+    for cfg in w8a8.NAMED_CONFIGS.values():
+        torch.testing.assert_close(w8a8_linear(x, qw, sw, config=cfg),
+                                   w8a8_linear_reference(x, qw, sw), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_gemlite_as_benchmarked_matches_its_weight(bits):
+    """benchmarks/bench_kernels.py's gemlite layer (when gemlite is installed): its output
+    is x @ W^T for W = (codes - zeros) * scales, so the benchmark times a correct call."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gemlite, note = bench.import_gemlite()
+    if gemlite is None:
+        pytest.skip(note)
+    layer = bench.GemliteLayer(gemlite, bits, 512, 256, "cuda", keep_codes=True)
+    for m in (1, 16, 64):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+        assert bench.rel_error(layer, x) < 1e-2
