@@ -179,10 +179,11 @@ def test_occupancy_table_lists_the_current_candidates_each_fitting_two_blocks():
 
 @pytest.mark.slow
 def test_a_spilling_configuration_fails_the_check():
-    """The GEMV at BLOCK_K = 512 with int4 group-128 zero-points (a former autotune
-    candidate) spills kilobytes per thread: the check must say so."""
+    """The GEMV at BLOCK_N = 64, BLOCK_K = 512 with int4 group-128 zero-points (a former
+    autotune candidate) spills kilobytes per thread (3080 B on sm_80 with triton 3.8; the
+    BLOCK_N = 32 one no longer spills: 206 registers): the check must say so."""
     case = {"int4-g128": cc.LOWBIT_CASES["int4-g128-u8zp-bias"]}
-    (la,) = cc.lowbit_launches((1,), case, {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1,
+    (la,) = cc.lowbit_launches((1,), case, {"BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 1,
                                             "num_warps": 4})
     (report,) = cc.check([la], (80,))
     assert report.error is None and report.local_bytes > 1000, report.line()
