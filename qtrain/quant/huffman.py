@@ -9,15 +9,17 @@ Bits are written most-significant first within a code, the stream is padded with
 whole bytes (``numpy.packbits`` order).
 
 File (:func:`write_dc_file` / :func:`read_dc_file`): ``b"QDCH"``, a little-endian uint32
-header length, a UTF-8 JSON header (``layers`` and the payload's ``crc32``, zlib), then the
-byte blobs its layers name by offset. Per layer:
+header length, a UTF-8 JSON header (one row per layer: name, shape, nnz, E, index_bits, K,
+the two streams' bit counts, whether a bias follows; and the payload's ``crc32``, zlib), then
+each layer's blobs in order, their sizes implied by the row. Per layer:
 its shape, ``nnz``, entries ``E`` (non-zeros + filler zeros), ``index_bits``, ``K``; the
 Huffman-coded weight-code stream (codes 0 .. K - 1, filler code K) and relative-index stream
-(:mod:`qtrain.quant.pruning`) with their (symbol, length) tables in the header; the fp32
-codebook and the fp32 bias as raw little-endian bytes. Parameters outside the compressed
+(:mod:`qtrain.quant.pruning`), each preceded by its code table (one byte per possible symbol:
+its code length, 0 if absent; K + 1 and 2^index_bits bytes); the fp32 codebook and the fp32
+bias as raw little-endian bytes. Parameters outside the compressed
 layers are not in the file (it holds the compressed layers only). Stream bits are exactly
 :func:`~qtrain.quant.size.huffman_bits` of each stream; the file adds < 1 byte of padding per
-stream plus the JSON header (code tables, shapes, offsets).
+stream, the code tables and the JSON header.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from qtrain.quant import pruning as P
 from qtrain.quant.size import code_histogram, huffman_code_lengths
 
 MAGIC = b"QDCH"
+HEAD_KEYS = ("shape", "nnz", "entries", "index_bits", "K", "weight_bits", "index_bits_total",
+             "bias")
 MAX_LEN = 57  # longest code the uint64 packing handles (Huffman of < 2^39 symbols stays below)
 
 
@@ -101,11 +105,21 @@ def layer_blobs(mask: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor
     book = centroids.detach().float().cpu().numpy().astype("<f4").tobytes()
     bb = b"" if bias is None else bias.detach().float().cpu().numpy().astype("<f4").tobytes()
     head = {"shape": list(mask.shape), "nnz": int(mask.sum()), "entries": int(gaps.numel()),
-            "index_bits": int(index_bits), "K": k,
-            "weight_bits": wn, "weight_table": sorted(wl.items()),
-            "index_bits_total": inb, "index_table": sorted(il.items()),
+            "index_bits": int(index_bits), "K": k, "weight_bits": wn, "index_bits_total": inb,
             "bias": bias is not None}
-    return head, [wb, ib, book, bb]
+    return head, [_lengths_bytes(wl, k + 1), _lengths_bytes(il, 1 << index_bits), wb, ib, book, bb]
+
+
+def _lengths_bytes(lengths: dict[int, int], n_symbols: int) -> bytes:
+    """Code table: one byte per symbol 0 .. n_symbols - 1, its code length (0: absent)."""
+    out = bytearray(n_symbols)
+    for sym, ln in lengths.items():
+        out[sym] = ln
+    return bytes(out)
+
+
+def _lengths_of(b: bytes) -> dict[int, int]:
+    return {s: ln for s, ln in enumerate(b) if ln}
 
 
 def write_dc_file(path, layers: dict[str, dict]) -> int:
@@ -113,19 +127,15 @@ def write_dc_file(path, layers: dict[str, dict]) -> int:
     index_bits, bias}}. Returns its size in bytes."""
     from qtrain.atomic_file import write_atomic
 
-    heads, blobs, off = {}, [], 0
+    heads, blobs = [], []
     for name, d in layers.items():
         head, parts = layer_blobs(d["mask"], d["codes"], d["centroids"], d["index_bits"],
                                   d.get("bias"), name)
-        head["offsets"] = []
-        for b in parts:
-            head["offsets"].append([off, len(b)])
-            blobs.append(b)
-            off += len(b)
-        heads[name] = head
+        heads.append([name] + [head[k] for k in HEAD_KEYS])
+        blobs.extend(parts)
     payload = b"".join(blobs)
-    js = json.dumps({"layers": heads, "crc32": zlib.crc32(payload)},
-                    separators=(",", ":")).encode()
+    js = json.dumps({"keys": ["name", *HEAD_KEYS], "layers": heads,
+                     "crc32": zlib.crc32(payload)}, separators=(",", ":")).encode()
     data = MAGIC + struct.pack("<I", len(js)) + js + payload
     write_atomic(data, path)
     return len(data)
@@ -142,18 +152,24 @@ def read_dc_file(path) -> dict[str, dict[str, torch.Tensor]]:
     (n,) = struct.unpack("<I", data[4:8])
     try:
         top = json.loads(data[8:8 + n])
-        heads = top["layers"]
-    except (ValueError, KeyError) as e:
+        heads = {row[0]: dict(zip(HEAD_KEYS, row[1:])) for row in top["layers"]}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise DataFileError(f"{path}: unreadable header ({e})") from None
     base = 8 + n
     if zlib.crc32(data[base:]) != top.get("crc32"):
         raise DataFileError(f"{path}: payload CRC-32 mismatch (truncated or corrupt file)")
-    out = {}
+    out, off = {}, base
     for name, h in heads.items():
-        wb, ib, book, bb = (data[base + o: base + o + ln] for o, ln in h["offsets"])
         e, k = h["entries"], h["K"]
-        sym = decode(wb, h["weight_bits"], {s: ln for s, ln in h["weight_table"]}, e)
-        gaps = decode(ib, h["index_bits_total"], {s: ln for s, ln in h["index_table"]}, e)
+        sizes = (k + 1, 1 << h["index_bits"], (h["weight_bits"] + 7) // 8,
+                 (h["index_bits_total"] + 7) // 8, 4 * k, 4 * h["shape"][0] if h["bias"] else 0)
+        parts = []
+        for ln in sizes:
+            parts.append(data[off: off + ln])
+            off += ln
+        wl, il, wb, ib, book, bb = parts
+        sym = decode(wb, h["weight_bits"], _lengths_of(wl), e)
+        gaps = decode(ib, h["index_bits_total"], _lengths_of(il), e)
         pos = torch.cumsum(gaps + 1, 0) - 1
         real = sym != k
         numel = int(np.prod(h["shape"]))
@@ -164,4 +180,6 @@ def read_dc_file(path) -> dict[str, dict[str, torch.Tensor]]:
         w[pos[real]] = centroids[sym[real]]
         bias = torch.from_numpy(np.frombuffer(bb, dtype="<f4").copy()) if h["bias"] else None
         out[name] = {"weight": w.reshape(h["shape"]), "bias": bias}
+    if off != len(data):
+        raise DataFileError(f"{path}: {len(data) - off} bytes after the last layer")
     return out

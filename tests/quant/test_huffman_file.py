@@ -66,10 +66,12 @@ def test_file_roundtrip_sizes_and_corruption(tmp_path):
     assert r.fillers > 0
     raw = path.read_bytes()
     (n,) = struct.unpack("<I", raw[4:8])
-    head = json.loads(raw[8:8 + n])["layers"]["fc"]
+    top = json.loads(raw[8:8 + n])
+    head = dict(zip(top["keys"], top["layers"][0]))
     assert (head["weight_bits"], head["index_bits_total"]) == (r.huffman_weight_bits,
                                                                r.huffman_index_bits)
-    payload = (r.huffman_weight_bits + 7) // 8 + (r.huffman_index_bits + 7) // 8 + 4 * (31 + 30)
+    payload = (r.huffman_weight_bits + 7) // 8 + (r.huffman_index_bits + 7) // 8 + 4 * (31 + 30) \
+        + 32 + 32  # code tables: K + 1 = 32 weight symbols, 2^5 index symbols, a byte each
     assert size == len(raw) == 8 + n + payload
     (tmp_path / "bad.dch").write_bytes(b"XXXX" + raw[4:])
     with pytest.raises(DataFileError, match="magic"):
