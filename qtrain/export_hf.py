@@ -84,8 +84,11 @@ import torch
 from torch import nn
 
 from qtrain.atomic_file import write_atomic
-from qtrain.errors import ConfigError, MissingFileError
+from qtrain.errors import ConfigError, MissingFileError, run_cli
 from qtrain.export_check import unexportable_layers
+from qtrain.export_load import load_run
+from qtrain.export_pack import pack_model
+from qtrain.export_spec import run_info
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
 
@@ -283,8 +286,6 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str = "pack-qua
     compressed-tensors form."""
     from safetensors.torch import save
 
-    from qtrain.export import pack_model
-
     if fmt not in FORMATS:
         raise ConfigError(f"Hugging Face export: format={fmt!r}; allowed: {FORMATS}")
     was_training = model.training
@@ -401,8 +402,6 @@ def preflight(model: nn.Module) -> None:
     """Raise :func:`check_exportable`'s error for ``model`` (a fake-quant model after the
     method's conversion) before training: a copy with every quantizer enabled (a float
     phase may still have them off) is packed and checked."""
-    from qtrain.export import pack_model
-
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, Quantizer):
@@ -432,8 +431,6 @@ def _check_batch(out_dir: str, vocab_size: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
-    from qtrain.export import load_run, run_info
-
     p = argparse.ArgumentParser(prog="python -m qtrain.export_hf",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="run directory of `train.py ... export=true` "
@@ -457,6 +454,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from qtrain.errors import run_cli
-
     run_cli(main)

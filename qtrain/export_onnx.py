@@ -90,12 +90,16 @@ from qtrain_kernels import layout as L
 from torch import nn
 
 from qtrain.atomic_file import write_atomic
-from qtrain.errors import ConfigError
+from qtrain.errors import ConfigError, run_cli
 from qtrain.export_check import unexportable_layers
+from qtrain.export_load import load_packed, load_run
+from qtrain.export_pack import pack_model
+from qtrain.export_spec import run_info
 from qtrain.nn.calibrated_quantizer import CalibratedQuantizer
 from qtrain.nn.learned_quantizers import _EPS, DoReFaActQuantizer, LSQQuantizer, PACTQuantizer
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.nn.quantizer_base import Quantizer
+from qtrain.nn.rq_layers import is_rq
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 from qtrain.quant import uniform as U
 
@@ -174,8 +178,6 @@ def _raise(bad: list[str], before: str = "ONNX export", after: str = "") -> None
 def _is_layer(m: nn.Module) -> bool:
     """What :func:`qtrain.export.pack_model` packs: fake-quant layers (a ``weight_quantizer``),
     PQ layers (``centroids`` + ``assignments``), residual-quantized layers."""
-    from qtrain.nn.rq_layers import is_rq
-
     return (hasattr(m, "weight_quantizer") or is_rq(m)
             or all(hasattr(m, a) for a in ("centroids", "assignments", "block_size")))
 
@@ -193,8 +195,6 @@ def preflight(model: nn.Module) -> None:
     :class:`ConfigError` names every layer the ONNX export cannot represent and what it
     supports. A layer that cannot be packed before training (state the method builds
     during the run) is left to the check after training (logged)."""
-    from qtrain.export import pack_model
-
     bad, seen = [], set()
     for name, m in model.named_modules():
         if id(m) in seen or not _is_layer(m):
@@ -594,8 +594,6 @@ def export_run(run_dir: str, dm, module, run: dict | None = None,
     loaded back (:func:`qtrain.export.load_run`), exported to ``<run dir>/model.onnx`` with
     the first test batch as the example input, and run by onnxruntime on that batch: the
     largest absolute difference from the packed model's outputs goes into the summary."""
-    from qtrain.export import load_packed
-
     dm.setup("test")
     batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
     x = _inputs(module.split_batch(batch)[0])  # a tensor, or a batch dict (HF models)
@@ -652,8 +650,6 @@ def _example_from_run(cfg, shape: str | None) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
-    from qtrain.export import load_run, run_info
-
     p = argparse.ArgumentParser(prog="python -m qtrain.export_onnx", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("source", help="run directory of `train.py ... export=true`, or its "
@@ -684,6 +680,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from qtrain.errors import run_cli
-
     run_cli(main)
