@@ -17,9 +17,11 @@ second run can never write into a directory in use. In a multirun (``-m``) a fai
 writes its ``FAILED`` and the sweep goes on with the next job (see
 :mod:`qtrain.sweep_status`); a stopping signal stops the whole sweep.
 
-The config is checked (:func:`qtrain.validation.check_config`, :mod:`qtrain.config_schema`)
-before torch and the training code are imported: a bad value costs well under a second, not
-the seconds of ``import torch``. This module imports neither at import time.
+The config is checked (:func:`qtrain.validation.check_config`, :mod:`qtrain.config_schema`),
+with the optional packages it needs (:func:`qtrain.optional.check_config`) and a dataset folder
+that is not there (:func:`qtrain.data.preflight.check_data_root`), before torch and the
+training code are imported: bad input costs well under a second, not the seconds of
+``import torch`` and Lightning. This module imports neither at import time.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from qtrain import validation
+from qtrain import optional, validation
+from qtrain.data.preflight import check_data_root
 from qtrain.errors import ConfigError, QtrainError
 
 LOCK = "RUNNING"
@@ -173,6 +176,8 @@ def run_or_report(cfg: DictConfig):
     lock = None
     try:
         validation.check_config(cfg)  # before torch is imported: a bad value fails in < 1 s
+        optional.check_config(cfg)  # every optional package the run needs is installed
+        check_data_root(cfg)  # a dataset folder that is not there (no download)
         bad = None
     except Exception as e:  # reported below as always (lock, FAILED); bad input: torch-free
         bad = e
