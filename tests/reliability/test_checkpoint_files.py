@@ -4,11 +4,10 @@ run's metadata verified on load; ckpt_path=last / <run dir> resolution."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 from datetime import timedelta
@@ -25,10 +24,11 @@ from qtrain.checkpointing import (
     read_checkpoint,
     resolve_ckpt_path,
     run_metadata,
+    write_checkpoint,
 )
 from qtrain.errors import ConfigError, DataFileError
 from tests.callbacks.tiny_lightning import TinyCNN, image_loader, trainer
-from tests.hydra_helpers import CONF, compose_cfg, run
+from tests.hydra_helpers import compose_cfg, run
 
 
 def _meta(tmp_path, *overrides):
@@ -197,29 +197,36 @@ def test_file_without_qtrain_block_or_with_code_is_refused(ckpt, tmp_path):
     assert not marker.exists()
 
 
-_WRITER = """
-import sys, torch
-from qtrain.checkpointing import write_checkpoint
-path = sys.argv[1]
-for i in range(10**6):
-    write_checkpoint({"w": torch.full((2_000_000,), float(i)), "i": i}, path)
-    print(i, flush=True)
-"""
+def _write_forever(path: str, ready_fd: int) -> None:
+    """The writer: rewrites an 8 MB checkpoint in a loop; one byte on ``ready_fd`` after the
+    first complete write."""
+    for i in range(10**6):
+        write_checkpoint({"w": torch.full((2_000_000,), float(i)), "i": i}, path)
+        if i == 0:
+            os.write(ready_fd, b"1")
 
 
 def test_kill9_while_writing_never_leaves_a_broken_file(tmp_path):
-    """A writer rewriting an 8 MB checkpoint in a loop is SIGKILLed at random moments
-    (mostly mid-write): the file is always a complete, verified checkpoint."""
+    """A writer process rewriting an 8 MB checkpoint in a loop is SIGKILLed at random moments
+    (mostly mid-write): the file is always a complete, verified checkpoint. The writer is
+    forked from this process (a real process, a real SIGKILL), so it does not pay a fresh
+    interpreter's ~10 s CPU of torch + Lightning imports per kill."""
     path = tmp_path / "last.ckpt"
     rng = random.Random(1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fork = multiprocessing.get_context("fork")
     for _ in range(2):
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
-                             text=True, env=env, cwd=CONF.parent)
-        assert p.stdout.readline()  # one full write done
+        ready, done = os.pipe()
+        p = fork.Process(target=_write_forever, args=(str(path), done), daemon=True)
+        p.start()
+        os.close(done)
+        try:
+            assert os.read(ready, 1) == b"1"  # one full write done
+        finally:
+            os.close(ready)
         time.sleep(rng.uniform(0.01, 0.3))
-        p.send_signal(signal.SIGKILL)
-        assert p.wait() == -signal.SIGKILL
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(timeout=60)
+        assert p.exitcode == -signal.SIGKILL
         c = read_checkpoint(path)
         assert torch.equal(c["w"], torch.full((2_000_000,), float(c["i"])))
 

@@ -3,9 +3,9 @@ checkpoint equals an uninterrupted run's bitwise (model, optimizer, scheduler, m
 callbacks' states, RNG states), with data augmentation on (CIFAR smoke files in the real
 pickle format, RandomCrop + flip) and ``trainer.deterministic=true``, seed fixed.
 
-Default suite: one CIFAR QAT run killed mid-epoch (resumed with 2 data-loader workers
-against a reference without workers). ``-m slow``: every recipe family, killed mid-epoch
-and at an epoch boundary at a step drawn by a seeded RNG.
+Default suite: one CIFAR QAT run killed mid-epoch (resumed in the test process with 2
+data-loader workers against a reference without workers). ``-m slow``: every recipe family,
+killed mid-epoch and at an epoch boundary at a step drawn by a seeded RNG.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ CIFAR = ["data.batch_size=16", "trainer.max_epochs=3"]
 
 
 def _kill_and_resume(tmp_path, recipe: str, extra: list[str], kill_step: int,
-                     resume_extra: list[str] = ()) -> tuple[dict, dict, list[str]]:
-    """(uninterrupted final state, resumed final state, names that differ)."""
+                     resume_extra: list[str] = (), resume_in_process: bool = False
+                     ) -> tuple[dict, dict, list[str]]:
+    """(uninterrupted final state, resumed final state, names that differ). The killed run is
+    always a ``python train.py`` subprocess; the resume is one too, or with
+    ``resume_in_process`` the same ``qtrain.run.train`` in this process (as the reference),
+    which spares a fresh interpreter's ~10 s CPU of imports."""
     common = [f"recipe={recipe}", "debug=smoke", *extra]
     runs = tmp_path / "runs"
     run(common, tmp_path / "reference")
@@ -32,20 +36,27 @@ def _kill_and_resume(tmp_path, recipe: str, extra: list[str], kill_step: int,
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = sorted(p.name for p in (runs / "1_killed" / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts, ckpts  # checkpoints exist while the run is going
-    resumed = train_py(common + list(resume_extra) + ["ckpt_path=last",
-                                                      f"hydra.run.dir={runs}/2_resumed"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if resume_in_process:  # ckpt_path=last: the newest checkpoint of the sibling run dirs
+        summary = run(common + list(resume_extra) + ["ckpt_path=last"], runs / "2_resumed")
+        assert summary["global_step"] > kill_step
+    else:
+        resumed = train_py(common + list(resume_extra) + ["ckpt_path=last",
+                                                          f"hydra.run.dir={runs}/2_resumed"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = final_state(tmp_path / "reference" / "checkpoints" / "last.ckpt")
     res = final_state(runs / "2_resumed" / "checkpoints" / "last.ckpt")
     return ref, res, differing(ref, res)
 
 
 def test_kill9_mid_epoch_then_resume_is_bitwise_cifar_qat(tmp_path):
-    """Checkpoints every 2 steps; killed at the start of step 6 (last checkpoint: step 4,
-    one batch into epoch 2); resumed with 2 worker processes."""
+    """Checkpoints every 2 steps; killed (a ``python train.py`` subprocess) at the start of
+    step 6 (last checkpoint: step 4, one batch into epoch 2); resumed with ``ckpt_path=last``
+    and 2 worker processes in this process, through ``qtrain.run.train`` as ``train.py``
+    calls it (``-m slow``: every family, and the SIGUSR1 test of test_signals.py, resume
+    through a ``train.py`` subprocess)."""
     ref, res, diff = _kill_and_resume(
         tmp_path, "qat_int8_resnet20_cifar10", CIFAR + ["callbacks.checkpoint.every_n_train_steps=2"],
-        kill_step=5, resume_extra=["data.num_workers=2"])
+        kill_step=5, resume_extra=["data.num_workers=2"], resume_in_process=True)
     assert ref["global_step"] == 9 and len(ref) > 100
     assert any(k.startswith("rng_states") for k in ref)
     assert diff == []
