@@ -21,7 +21,6 @@ PNG_DRAWN_BY = {
     "inq_resnet18_imagenet": "inq_resnet20_cifar10",
     "ipq_resnet50_imagenet": "ipq_roberta",
     "merolla_distortions_lenet300_mnist": "merolla_distortions_digits",
-    "ptq_int8_resnet50_imagenet": "ptq_int8_resnet18_imagenet",
     "qat_int4_resnet18_imagenet": "qat_int4_digits",
     "qat_int8_resnet20_cifar10": "intqat_int8_digits",
     "qbert_minilm_sst2": "qbert_sst2",
