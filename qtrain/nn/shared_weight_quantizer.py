@@ -18,8 +18,8 @@ class SharedWeightQuantizer(Quantizer):
     mask, 0 elsewhere. Codes (0 .. K - 1; K = the filler code), mask and centroids are plain
     attributes (not buffers), so the layer's state-dict keys do not change. ``bits`` =
     ``ceil(log2(K + 1))``. ``storage_bits`` = relative indices + codes + fp32 codebook;
-    ``codes()`` = the stored weight-code stream (fillers = code K included) that the run
-    summary Huffman-codes; exported as ``sparse_shared`` (:mod:`qtrain.nn.packed_sparse`)."""
+    ``codes()`` = the stored weight-code stream (fillers = code K included);
+    ``huffman_storage_bits`` = both streams Huffman-coded (the run summary's Huffman column); exported as ``sparse_shared`` (:mod:`qtrain.nn.packed_sparse`)."""
 
     min_bits, max_bits = 1, 16
 
@@ -37,6 +37,13 @@ class SharedWeightQuantizer(Quantizer):
     def storage_bits(self, weight: torch.Tensor) -> int:
         return P.sparse_layer_size(self.mask, self.codebook_codes, self.centroids.numel(),
                                    self.index_bits).shared_bits
+
+    def huffman_storage_bits(self, weight: torch.Tensor) -> int:
+        """Both streams Huffman-coded (the weight codes and the relative indices, Deep
+        Compression sec. 4) + the fp32 codebook: what the run summary's Huffman column counts
+        (code tables not included, as in the paper)."""
+        return P.sparse_layer_size(self.mask, self.codebook_codes, self.centroids.numel(),
+                                   self.index_bits).huffman_bits
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return P.weight_symbols(self.mask, self.codebook_codes, self.centroids.numel(),

@@ -203,10 +203,18 @@ def _codes_of(m: nn.Module):
 
 
 def model_huffman_bits(model: nn.Module) -> StorageReport:
-    """:func:`model_storage_bits` with each layer's dense codes Huffman-coded."""
+    """:func:`model_storage_bits` with each layer's dense codes Huffman-coded. A weight
+    quantizer with several streams (a sparse layer's codes *and* relative indices, Deep
+    Compression sec. 4) reports its own entropy-coded size through
+    ``huffman_storage_bits(weight)``, which replaces its ``storage_bits(weight)``."""
 
     def bits(name, m):
         dense = m.storage_bits()
+        wq = getattr(m, "weight_quantizer", None)
+        if wq is not None and getattr(wq, "enabled", True) and callable(
+                getattr(wq, "huffman_storage_bits", None)):
+            w = m.weight.detach()
+            return dense - wq.storage_bits(w) + wq.huffman_storage_bits(w)
         got = _codes_of(m)
         if got is None:
             return dense
