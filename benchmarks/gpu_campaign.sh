@@ -65,8 +65,7 @@ if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
     fi
     "$PY" -c "import hydra, omegaconf" || { log "no hydra/omegaconf: carry .whl (prepare)"; exit 2; }
 fi
-mkdir -p /tmp/qtrain_path && ln -sfn "$PWD/kernels" /tmp/qtrain_path/qtrain_kernels
-export PYTHONPATH="$PWD:/tmp/qtrain_path:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
 
 { date -u; uname -a; getconf _NPROCESSORS_ONLN; nvidia-smi 2>&1 | head -20; } > "$OUT/machine.txt" 2>&1
 # one import of torch (seconds): versions into machine.txt, the device's name into MACHINE

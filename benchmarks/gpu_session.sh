@@ -14,7 +14,7 @@
 # other two shapes <= 75 s each, the other formats <= 55 s (about 590 s at most). gemlite adds
 # ~1-2 s of its own autotuning per bit width and M (the anchors' tune_s), timed in the warm-up.
 # The repo is made importable without installing it: qtrain from the checkout root and
-# qtrain_kernels as a link to kernels/ (what pyproject's package mapping does).
+# qtrain_kernels (both top-level folders of the checkout).
 set -uo pipefail
 GEMLITE_SPEC=${GEMLITE_SPEC:-gemlite==0.6.0.post2}
 if [ "${1:-}" = "--prepare" ]; then
@@ -28,8 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional carried wheels (see the devic
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-mkdir -p /tmp/qtrain_path && ln -sfn "$PWD/kernels" /tmp/qtrain_path/qtrain_kernels
-export PYTHONPATH="$PWD:/tmp/qtrain_path:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # $OUT holds 8 files at most (the device tool brings back no more): session.log (machine,
 # GPU tests), compile_check.log, bench_kernels.log, 4 benchmark JSONs and bench_kernels.md
 (nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"

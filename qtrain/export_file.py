@@ -10,7 +10,6 @@ import json
 import os
 
 import torch
-from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
@@ -19,6 +18,7 @@ from qtrain.atomic_file import write_atomic
 from qtrain.errors import DataFileError
 from qtrain.export_spec import packed_specs
 from qtrain.nn.packers import has_codebook
+from qtrain_kernels.layout import FORMAT_VERSION, LAYOUT
 
 
 def storage_bits(model: nn.Module) -> int:

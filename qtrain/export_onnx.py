@@ -86,7 +86,6 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from qtrain_kernels import layout as L
 from torch import nn
 
 from qtrain.atomic_file import write_atomic
@@ -102,6 +101,7 @@ from qtrain.nn.quantizer_base import Quantizer
 from qtrain.nn.rq_layers import is_rq
 from qtrain.nn.uniform_quantizer import UniformQuantizer
 from qtrain.quant import uniform as U
+from qtrain_kernels import layout as L
 
 log = logging.getLogger("qtrain")
 

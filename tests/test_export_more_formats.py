@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from qtrain_kernels import layout as L
 from safetensors import safe_open
 from torch import nn
 
@@ -38,6 +37,7 @@ from qtrain.nn.learned_quantizers import (
 )
 from qtrain.nn.packed import PackedConv2d, PackedEmbedding, PackedLinear
 from qtrain.quant.size import model_storage_bits
+from qtrain_kernels import layout as L
 
 
 class Net(nn.Module):

@@ -1,6 +1,6 @@
 """Packed low-bit inference layers running on :mod:`qtrain_kernels`.
 
-A packed layer stores only the compressed weight (layout: ``kernels/layout.py``) and
+A packed layer stores only the compressed weight (layout: ``qtrain_kernels/layout.py``) and
 computes ``y = x W_hat^T + b`` with
 
 * ``backend="triton"``: the fused Triton kernel (CPU tensors run it in Triton's interpreter),
@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from qtrain_kernels import layout as L
-from qtrain_kernels.lowbit_matmul import lowbit_linear
 from torch import nn
 
 from qtrain.nn.fake_quant import input_scale, scaled_output
@@ -47,6 +45,8 @@ from qtrain.nn.packed_codecs import pow2_values as pow2_values  # re-exported (i
 from qtrain.nn.packed_registry import FORMATS
 from qtrain.quant import pow2
 from qtrain.quant import uniform as U
+from qtrain_kernels import layout as L
+from qtrain_kernels.lowbit_matmul import lowbit_linear
 
 BACKENDS = ("auto", "triton", "torch")
 SCALE_DTYPES = (torch.float16, torch.float32)

@@ -1,7 +1,7 @@
 """Decoders, own forwards and load checks of every packed format, registered in
 :data:`qtrain.nn.packed_registry.FORMATS` (the formats themselves: :mod:`qtrain.nn.packed`,
 :mod:`qtrain.nn.packed_formats`, :mod:`qtrain.nn.packed_rq`, :mod:`qtrain.nn.packed_sparse`;
-bit layout: ``kernels/layout.py``).
+bit layout: ``qtrain_kernels/layout.py``).
 
 Everything here reads a packed layer duck-typed (its ``fmt``, sizes and buffers), so this
 module sits below :mod:`qtrain.nn.packed`, which imports it: every format is registered
@@ -19,12 +19,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from qtrain_kernels import layout as L
-from qtrain_kernels.codebook_matmul import codebook_linear
-from qtrain_kernels.w8a8 import w8a8_linear, w8a8_linear_reference
 
 from qtrain.nn import packed_sparse
 from qtrain.nn.packed_registry import Format, register_format
+from qtrain_kernels import layout as L
+from qtrain_kernels.codebook_matmul import codebook_linear
+from qtrain_kernels.w8a8 import w8a8_linear, w8a8_linear_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
                 torch.int16, torch.int32)

@@ -3,7 +3,7 @@ their decoders and load checks in :mod:`qtrain.nn.packed_codecs`), and the packe
 those trained fake-quant weights into :class:`qtrain.nn.packed.PackedLinear` layers, each
 registered once in :data:`qtrain.nn.packed_registry.PACKERS` with the formats it writes.
 
-Formats (bit layout: ``kernels/layout.py``; the first two also run on the Triton kernel):
+Formats (bit layout: ``qtrain_kernels/layout.py``; the first two also run on the Triton kernel):
 
 * ``uniform`` with float ``zeros``: Polino bucketed min-max quantization (Polino et al. 2018 eq. (2)-(3):
   ``W = alpha u / (s - 1) + beta`` when the bucket size divides K, one bucket = one group;
@@ -66,7 +66,6 @@ containers, and vector soft-to-hard VQ stores uint8 codes and fp16 centroids.
 from __future__ import annotations
 
 import torch
-from qtrain_kernels import layout as L
 
 from qtrain.nn import elq_quantizer, packed_sparse
 from qtrain.nn import polino_quantizer as polino_q
@@ -100,6 +99,7 @@ from qtrain.quant import binary, fixed_point, floats, ternary
 from qtrain.quant import bucketed as B
 from qtrain.quant import uniform as U
 from qtrain.quant import value_aware as VA
+from qtrain_kernels import layout as L
 
 
 # ------------------------------------------------------------------------------ formats

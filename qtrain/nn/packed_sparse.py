@@ -17,7 +17,7 @@ Per layer (weight flattened row-major to ``(N, K)``, a conv weight to ``(out, in
 Bit streams: value ``i`` of a ``w``-bit stream occupies stream bits ``[i w, (i + 1) w)``,
 stream bit ``j`` being bit ``j % 32`` of word ``j // 32`` (little-endian, least significant
 bit first, a value may straddle two words; the padding after ``E w`` bits is 0). For
-``w`` in 1 / 2 / 4 / 8 these are exactly the words of ``kernels/layout.py``'s ``pack_codes``
+``w`` in 1 / 2 / 4 / 8 these are exactly the words of ``qtrain_kernels/layout.py``'s ``pack_codes``
 of one row; :func:`pack_bits` packs every width 1..16.
 
 Decoding: ``pos = cumsum(z + 1) - 1``; entries with code K are fillers and are dropped;
@@ -33,9 +33,9 @@ kernel for this format). This module is the format's codec (registered in
 from __future__ import annotations
 
 import torch
-from qtrain_kernels import layout as L
 
 from qtrain.quant import pruning as P
+from qtrain_kernels import layout as L
 
 FMT = "sparse_shared"
 BUFFERS = ("ss_index", "ss_codes", "ss_codebook", "ss_meta")

@@ -17,6 +17,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from qtrain_kernels import codebook_matmul, lowbit_matmul, w8a8
 from qtrain_kernels import compile_check as cc
 from qtrain_kernels.runtime import dual_jit

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from qtrain_kernels.codebook_matmul import codebook_linear, codebook_linear_reference
 from qtrain_kernels.layout import pack_codes
 from qtrain_kernels.lowbit_matmul import lowbit_linear, lowbit_linear_reference

@@ -9,6 +9,7 @@ fp16 output rounding and fp32 summation order differ).
 
 import pytest
 import torch
+
 from qtrain_kernels.bitserial import bitserial_matmul
 from qtrain_kernels.codebook_matmul import codebook_linear
 from qtrain_kernels.layout import container_bits, pack_bitplanes, pack_codes

@@ -9,6 +9,7 @@ Tolerances as in test_lowbit_kernels.py (fp32 1e-4, fp16 1e-2 relative to max|y|
 
 import pytest
 import torch
+
 from qtrain_kernels.layout import container_bits, dequantize_uniform, pack_codes
 from qtrain_kernels.lowbit_matmul import group_span, lowbit_linear
 

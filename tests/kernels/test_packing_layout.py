@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qtrain_kernels.layout import (
     container_bits,
     dequantize_uniform,

@@ -10,6 +10,8 @@ The outputs are checked against the torch reference at every M.
 import numpy as np
 import pytest
 import torch
+from triton.runtime import interpreter
+
 from qtrain_kernels import (
     codebook_linear,
     codebook_linear_reference,
@@ -17,7 +19,6 @@ from qtrain_kernels import (
     lowbit_linear_reference,
     pack_codes,
 )
-from triton.runtime import interpreter
 
 
 class _WordReads:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qtrain_kernels import layout as L
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -20,6 +19,7 @@ from qtrain.nn.fake_quant import QuantConv2d, QuantLinear
 from qtrain.nn.packed import PackedConv2d, PackedLinear
 from qtrain.quant import kmeans as KM
 from qtrain.quant import pruning as P
+from qtrain_kernels import layout as L
 from tests.callbacks.test_deep_compression import TinyMLP, _loader, _trainer
 from tests.callbacks.tiny_lightning import TinyCNN, image_loader
 

@@ -1,6 +1,6 @@
 """qtrain_kernels: fused low-bit Triton kernels, the packed bit layout and torch references.
 
-Installed from the repository folder ``kernels/`` as the import package ``qtrain_kernels``
+The repository folder ``qtrain_kernels/``, the import package ``qtrain_kernels``
 (never ``kernels``, which is an unrelated PyPI package). Imports nothing from ``qtrain``.
 CPU tensors run the same kernels through Triton's interpreter (see ``runtime``).
 Needs triton: the default (CUDA) torch wheel on Linux brings it; with the CPU wheel,
