@@ -48,14 +48,21 @@ def check_dfp_bits(bits: int) -> int:
 
 
 def shared_exponent(x: torch.Tensor, bits: int) -> int:
-    """E = floor(log2 max|x|) + 1 - (b - 1); an all-zero tensor gets E = 0."""
+    """E = floor(log2 max|x|) + 1 - (b - 1); an all-zero tensor gets E = 0. E is kept >= the
+    exponent of the smallest subnormal of x's dtype (2^-149 for float32), so the step 2^E is
+    representable: for a tensor of subnormals the formula gives a step that underflows to 0
+    (x = 2.9e-44, 7 bits: E = -150 -> every value quantized to 0)."""
     check_dfp_bits(bits)
     amax = x.detach().abs().max().item()
     if not math.isfinite(amax):
         raise ValueError(f"dynamic fixed point: tensor contains non-finite value (max {amax})")
     if amax == 0:
         return 0
-    return math.floor(math.log2(amax)) + 1 - (bits - 1)
+    e = math.floor(math.log2(amax)) + 1 - (bits - 1)
+    if x.is_floating_point():
+        fi = torch.finfo(x.dtype)
+        e = max(e, round(math.log2(fi.tiny * fi.eps)))
+    return e
 
 
 class _DFP(torch.autograd.Function):

@@ -30,6 +30,16 @@ def test_dfp_codes_in_range_and_half_step(bits, data):
     assert (err <= step).all()
 
 
+def test_dfp_subnormal_tensor_keeps_a_representable_step():
+    """Found by the property test above on a CI run: a tensor of float32 subnormals got E = -150
+    (2^E underflows to 0 in float32) and quantized to 0; E stops at 2^-149 (worked by hand:
+    2.94e-44 = 21 * 2^-149, exact)."""
+    x = torch.tensor([2.942726775082116e-44])
+    q, e = dfp_codes(x, 7)
+    assert e == -149 and q.item() == 21
+    assert torch.equal(fake_dfp(x, 7), x)
+
+
 @settings(max_examples=60, deadline=None)
 @given(fmt=st.sampled_from(sorted(FORMATS)), data=vectors)
 def test_float_rounding_within_half_ulp(fmt, data):
